@@ -1,0 +1,117 @@
+"""Sample images: prior export -> token grids -> tokenizer export -> PNG grid + single PNGs + tokens.npy.
+
+``python sample.py --checkpoint runs/vqvae/export --checkpoint_t runs/prior/export --num_samples 16``
+Deterministic for a fixed ``--seed`` (same device and dtype).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_export
+from .errors import CheckpointError, ConfigError
+from .fsutil import atomic_write_bytes
+from .prior import Prior
+from .sampling import generate, save_image_grid
+from .vqvae import VQVAE
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--num_samples", type=int, default=16, help="number of images to generate")
+    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0 = greedy)")
+    g.add_argument("--top_k", type=int, default=None, help="keep only the k most likely tokens")
+    g.add_argument("--top_p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
+    g.add_argument("--cfg_scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
+    g.add_argument("--class_label", type=int, default=None,
+                   help="class to generate (conditional priors; default: cycle through all classes)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same samples)")
+    g.add_argument("--sample_batch_size", "--batch_size", dest="sample_batch_size", type=int, default=64,
+                   help="samples generated at once")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype on GPU")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sample.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="tokenizer export folder (stage 1)")
+    p.add_argument("--checkpoint_t", required=True, help="prior export folder (stage 3)")
+    p.add_argument("--output_dir", default="samples", help="where grid.png, images/ and tokens.npy go")
+    add_sampling_arguments(p)
+    return p
+
+
+def load_pair(tokenizer_path: str, prior_path: str) -> tuple[VQVAE, Prior]:
+    """Load both exports and refuse a prior trained on another tokenizer's codes."""
+    tok_exp = load_export(tokenizer_path, expected_kind="vqvae")
+    prior_exp = load_export(prior_path, expected_kind="prior")
+    want = prior_exp.meta.get("tokenizer_sha256")
+    if want and want != tok_exp.sha256:
+        raise CheckpointError(
+            f"the prior {prior_path} was trained on codes of tokenizer {want[:12]}..., but --checkpoint "
+            f"{tokenizer_path} is tokenizer {tok_exp.sha256[:12]}...; pass the tokenizer the prior was trained with "
+            f"(recorded path: {prior_exp.meta.get('tokenizer_path')})")
+    tok, prior = VQVAE.from_export(tok_exp), Prior.from_export(prior_exp)
+    if prior.config.vocab_size != tok.config.num_embeddings or \
+            (prior.config.latent_h, prior.config.latent_w) != tuple(tok.config.latent_size):
+        raise CheckpointError(
+            f"prior vocabulary {prior.config.vocab_size} / grid {prior.config.latent_h}x{prior.config.latent_w} does "
+            f"not match the tokenizer's codebook {tok.config.num_embeddings} / grid {tok.config.latent_size}")
+    return tok.eval(), prior.eval()
+
+
+def class_labels(prior: Prior, n: int, class_label: int | None) -> torch.Tensor | None:
+    k = prior.config.num_classes
+    if class_label is not None:
+        if k == 0:
+            raise ConfigError("--class_label given, but this prior is unconditional (its shards had no labels)")
+        if not 0 <= class_label < k:
+            raise ConfigError(f"--class_label {class_label} is out of range: this prior knows classes 0..{k - 1}")
+        return torch.full((n,), class_label, dtype=torch.long)
+    return torch.arange(n) % k if k else None
+
+
+def main(args: argparse.Namespace) -> Path:
+    if args.num_samples <= 0 or args.sample_batch_size <= 0:
+        raise ConfigError("--num_samples and --batch_size must be > 0")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tok, prior = load_pair(args.checkpoint, args.checkpoint_t)
+    tok, prior = tok.to(device), prior.to(device)
+    labels = class_labels(prior, args.num_samples, args.class_label)
+    if labels is not None:
+        labels = labels.to(device)
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        tokens = generate(prior, args.num_samples, labels=labels, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, cfg_scale=args.cfg_scale, generator=g, batch_size=args.sample_batch_size)
+        images = torch.cat([tok.decode_indices(t).float().clamp(-1, 1).cpu()
+                            for t in tokens.split(args.sample_batch_size)])
+    out = Path(args.output_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        save_image_grid(img[None], out / "images" / f"{i:05d}.png", nrow=1)
+    np_tokens = tokens.cpu().numpy().astype(np.int32)
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np_tokens)
+    atomic_write_bytes(out / "tokens.npy", buf.getvalue())
+    if labels is not None:
+        buf = io.BytesIO()
+        np.save(buf, labels.cpu().numpy())
+        atomic_write_bytes(out / "labels.npy", buf.getvalue())
+    grid = out / "grid.png"
+    save_image_grid(images, grid, nrow=int(math.ceil(math.sqrt(len(images)))))
+    print(f"wrote {len(images)} samples: {grid} (+ {out / 'images'}/, {out / 'tokens.npy'})", flush=True)
+    return grid

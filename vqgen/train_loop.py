@@ -1,0 +1,431 @@
+"""The one accelerate training loop both trainers share (stage 1 VQ-VAE, stage 3 prior).
+
+A stage supplies a :class:`StageTask` (its model, data stream per epoch, loss, validation, export); this module
+owns everything else: the Accelerator, gradient accumulation, mixed precision, clipping, skipping non-finite
+steps, the progress bar, tracker logging, ``checkpoint-{step}`` folders, exact mid-epoch ``--resume`` and
+preemption signals.
+
+Exact resume: the data stream of an epoch is a pure function of (seed, epoch, rank, world_size) (see
+:func:`epoch_indices`), the checkpoint stores (epoch, micro-batches done) next to the model/optimizer/
+scheduler/RNG state from ``accelerator.save_state``, and a resumed run rebuilds the same stream and skips what
+was done. On CPU in fp32 a killed-and-resumed run ends with bitwise the same weights as an uninterrupted one
+(tests/test_train_vqvae.py checks it).
+
+Adapted from: the diffusers accelerate example scripts (checkpoint-{step} folders, total limit, banner).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterable, Protocol
+
+import torch
+from torch import nn
+
+from .checkpoint import checkpoint_dirs, resolve_resume
+from .errors import CheckpointError, ConfigError, TrainingAborted
+from .fsutil import atomic_write_json, fsync_dir
+
+STATE_FILE = "vqgen_state.json"
+RUN_FILE = "run_config.json"
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, *, lr_flag: str = "--lr", epochs_flag: str = "--n_epochs",
+                           default_lr: float = 2e-4, default_epochs: int = 100) -> None:
+    """Flags every trainer shares (the seed's names where it had them)."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--output_dir", required=True, help="run folder: checkpoints/, export/, samples/, metrics")
+    g.add_argument("--batch_size", type=int, default=128, help="batch size per process (global = this x processes x accumulation)")
+    g.add_argument(epochs_flag, dest="n_epochs", type=int, default=default_epochs, help="number of training epochs")
+    g.add_argument(lr_flag, dest="lr", type=float, default=default_lr, help="peak learning rate (AdamW)")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps before the cosine decay")
+    g.add_argument("--lr_schedule", choices=["constant", "cosine"], default="constant",
+                   help="learning-rate schedule after warm-up")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0 disables)")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="autocast precision (default: what `accelerate config`/launch says, else no)")
+    g.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes per rank")
+    g.add_argument("--seed", type=int, default=0, help="seed for init, data order and sampling")
+    g.add_argument("--checkpointing_steps", type=int, default=0,
+                   help="save a training checkpoint every N optimizer steps (0: at the end of every epoch only)")
+    g.add_argument("--checkpoints_total_limit", type=int, default=3, help="keep only the newest N checkpoints")
+    g.add_argument("--resume", default=None, help="'latest' or a checkpoint folder: continue exactly where it stopped")
+    g.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds another run")
+    g.add_argument("--max_bad_steps", type=int, default=20,
+                   help="stop after this many consecutive steps with a non-finite loss (each is skipped)")
+    g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: run all epochs)")
+    g.add_argument("--sample_and_save_freq", type=int, default=5,
+                   help="every N epochs: validate, write an image grid, log metrics")
+    g.add_argument("--no_wandb", action="store_true", help="disable Weights & Biases logging")
+    g.add_argument("--wandb_project", default="vqgen", help="wandb project name")
+    g.add_argument("--timeout_minutes", type=int, default=30,
+                   help="process-group timeout: a rank that dies makes the others fail instead of hanging forever")
+
+
+def check_training_args(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "n_epochs", "gradient_accumulation_steps", "checkpoints_total_limit",
+                 "sample_and_save_freq", "max_bad_steps"):
+        if getattr(args, name) <= 0:
+            raise ConfigError(f"--{name} must be > 0, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise ConfigError(f"learning rate must be > 0, got {args.lr}")
+    for name in ("warmup_steps", "num_workers", "checkpointing_steps", "max_steps"):
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {getattr(args, name)}")
+
+
+def epoch_indices(n: int, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool = True) -> list[int]:
+    """This rank's sample indices for one epoch: a pure function of its arguments.
+
+    One global permutation per (seed, epoch); rank r takes positions r, r+W, r+2W... of its first
+    ``(n // W) * W`` entries, so every rank gets the same count (DDP needs equal batch counts), and the k-th
+    global batch (all ranks' k-th batches together) holds the same samples whatever the world size: a run on 2
+    processes sees the same global batches as a run on 1 process with twice the per-process batch.
+    """
+    if shuffle:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g).tolist()
+    else:
+        perm = list(range(n))
+    per_rank = n // world_size
+    return perm[rank: per_rank * world_size: world_size]
+
+
+class StageTask(Protocol):
+    """What a stage plugs into :class:`TrainLoop`."""
+
+    name: str  # "vqvae" | "prior"
+    model: nn.Module
+
+    def batches_per_epoch(self, world_size: int) -> int:
+        """Micro-batches each rank runs per epoch (equal on every rank)."""
+
+    def epoch_batches(self, epoch: int, skip_batches: int, rank: int, world_size: int) -> Iterable:
+        """The epoch's batches for this rank, the first ``skip_batches`` left out; deterministic."""
+
+    def compute_loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss to backpropagate and scalars to log. ``model`` is the wrapped (DDP/DeepSpeed) model."""
+
+    def evaluate(self, loop: "TrainLoop", epoch: int) -> dict[str, float]:
+        """Validation metrics and image grids (every rank calls it; write files on the main process only)."""
+
+    def export(self, loop: "TrainLoop") -> None:
+        """Write ``<output_dir>/export`` from ``loop.unwrapped_model`` (main process only)."""
+
+
+@dataclass
+class LoopState:
+    """Position in training, saved in every checkpoint as vqgen_state.json."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_done: int = 0  # micro-batches done in `epoch` on each rank
+    world_size: int = 1
+    batch_size: int = 0
+    bad_steps_total: int = 0
+    finished: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def build_accelerator(args: argparse.Namespace, log_with: str | None):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs"))
+    kwargs = {}
+    if args.mixed_precision is not None:
+        kwargs["mixed_precision"] = args.mixed_precision
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with=log_with,
+        project_config=project,
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=args.timeout_minutes))],
+        **kwargs,
+    )
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup: int, total: int):
+    """Linear warm-up then constant or cosine to 10% of the peak. Stepped once per optimizer step."""
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "cosine" and total > warmup:
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class _SignalFlag:
+    """SIGUSR1/SIGTERM (Slurm preemption, `scancel --signal`) -> save a checkpoint at the next step and stop."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGUSR1, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not in the main thread
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class TrainLoop:
+    def __init__(self, args: argparse.Namespace, task: StageTask, run_config: dict):
+        check_training_args(args)
+        self.args, self.task = args, task
+        self.output_dir = Path(args.output_dir)
+        self.resume_dir = self._check_output_dir(json.loads(json.dumps(run_config)))
+        log_with = None if args.no_wandb else "wandb"
+        self.accelerator = build_accelerator(args, log_with)
+        acc = self.accelerator
+        self.world_size, self.rank = acc.num_processes, acc.process_index
+        self.state = LoopState(world_size=self.world_size, batch_size=args.batch_size)
+        self.run_config = json.loads(json.dumps(run_config))  # tuples -> lists, as saved
+
+        model = task.model
+        decay, no_decay = [], []
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = acc.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95 if task.name == "prior" else 0.999),
+                                      **({"fused": True} if fused else {}))
+        steps_per_epoch = math.ceil(task.batches_per_epoch(self.world_size) / args.gradient_accumulation_steps)
+        self.total_steps = steps_per_epoch * args.n_epochs
+        if args.max_steps:
+            self.total_steps = min(self.total_steps, args.max_steps)
+        self.scheduler = make_scheduler(optimizer, args.lr_schedule, args.warmup_steps, self.total_steps)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        # Not prepared: accelerate would step a prepared scheduler num_processes times per call.
+        acc.register_for_checkpointing(self.scheduler)
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.output_dir / RUN_FILE, run_config)
+        if log_with:
+            acc.init_trackers(args.wandb_project, config=_flat_config(run_config),
+                              init_kwargs={"wandb": {"dir": str(self.output_dir), "name": self.output_dir.name}})
+
+    # ------------------------------------------------------------------ setup helpers
+    def _check_output_dir(self, run_config: dict) -> Path | None:
+        """Refuse to mix two runs in one folder; resolve --resume."""
+        args, out = self.args, Path(self.args.output_dir)
+        previous = out / RUN_FILE
+        has_run = previous.exists() or bool(checkpoint_dirs(out)) or (out / "export").exists()
+        resume_dir = resolve_resume(out, args.resume) if args.resume else None
+        if has_run and not args.resume and not args.overwrite:
+            raise ConfigError(f"{out} already holds a run; pass --resume latest to continue it, --overwrite to "
+                              f"start over, or choose another --output_dir")
+        if args.resume and previous.exists():
+            old = json.loads(previous.read_text())
+            if old.get("model") != run_config.get("model"):
+                raise CheckpointError(f"--resume: {out} was trained with another model config:\n  saved:   "
+                                      f"{old.get('model')}\n  flags:   {run_config.get('model')}")
+        if args.overwrite and not args.resume and has_run and _is_main_launch():
+            for sub in ("checkpoints", "export", "samples"):
+                shutil.rmtree(out / sub, ignore_errors=True)
+            for f in (RUN_FILE, "metrics.jsonl"):
+                with contextlib.suppress(FileNotFoundError):
+                    (out / f).unlink()
+        return resume_dir
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def print(self, *a) -> None:
+        self.accelerator.print(*a, flush=True)
+
+    def log(self, values: dict[str, float], step: int | None = None) -> None:
+        step = self.state.global_step if step is None else step
+        self.accelerator.log(values, step=step)
+        if self.is_main:
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "epoch": self.state.epoch, **values}) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        root = self.output_dir / "checkpoints"
+        final = root / f"checkpoint-{self.state.global_step}"
+        tmp = root / f".checkpoint-{self.state.global_step}.tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))  # every rank: DeepSpeed shards optimizer state per rank
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            atomic_write_json(tmp / STATE_FILE, dataclasses.asdict(self.state))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync_dir(root)
+            for old in checkpoint_dirs(self.output_dir)[:-self.args.checkpoints_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def _load_checkpoint(self, path: Path) -> None:
+        saved = LoopState(**json.loads((path / STATE_FILE).read_text()))
+        self.accelerator.load_state(str(path))
+        old_global = saved.batch_size * saved.world_size
+        new_global = self.args.batch_size * self.world_size
+        if saved.batches_done and (saved.batches_done * old_global) % new_global:
+            raise CheckpointError(
+                f"cannot resume {path} mid-epoch with {self.world_size} processes x batch {self.args.batch_size}: it "
+                f"was saved with {saved.world_size} x {saved.batch_size} after {saved.batches_done} batches, which is "
+                f"not a whole number of the new global batches. Resume with the old world size/batch, or from an "
+                f"epoch-end checkpoint.")
+        saved.batches_done = saved.batches_done * old_global // new_global
+        saved.world_size, saved.batch_size = self.world_size, self.args.batch_size
+        self.state = saved
+        self.print(f"resumed from {path}: step {saved.global_step}, epoch {saved.epoch}, "
+                   f"{saved.batches_done} batches into the epoch")
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> LoopState:
+        args, acc, task = self.args, self.accelerator, self.task
+        if self.resume_dir is not None:
+            self._load_checkpoint(self.resume_dir)
+        elif args.resume:
+            self.print(f"--resume {args.resume}: no checkpoint in {self.output_dir}, starting from scratch")
+        n_batches = task.batches_per_epoch(self.world_size)
+        if n_batches == 0:
+            raise ConfigError(f"the dataset gives no full batch per process ({self.world_size} processes x batch "
+                              f"{args.batch_size}); lower --batch_size")
+        self.print(f"***** training {task.name} *****\n"
+                   f"  processes = {self.world_size}, device = {acc.device}, mixed precision = {acc.mixed_precision}\n"
+                   f"  batch per process = {args.batch_size}, accumulation = {args.gradient_accumulation_steps}, "
+                   f"global batch = {args.batch_size * self.world_size * args.gradient_accumulation_steps}\n"
+                   f"  epochs = {args.n_epochs}, batches/epoch/process = {n_batches}, optimizer steps = {self.total_steps}\n"
+                   f"  parameters = {sum(p.numel() for p in self.unwrapped_model.parameters()):,}")
+        from accelerate.utils import send_to_device
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not acc.is_local_main_process,
+                   desc=task.name, dynamic_ncols=True)
+        consecutive_bad = 0
+        stop_reason = None
+        with _SignalFlag() as sig:
+            while self.state.epoch < args.n_epochs and stop_reason is None:
+                epoch = self.state.epoch
+                self.model.train()
+                t0, seen = time.perf_counter(), 0
+                batches = task.epoch_batches(epoch, self.state.batches_done, self.rank, self.world_size)
+                for batch in batches:
+                    batch = send_to_device(batch, acc.device)
+                    with acc.accumulate(self.model):
+                        with acc.autocast():
+                            loss, logs = task.compute_loss(self.model, batch)
+                        finite = bool(acc.reduce(torch.isfinite(loss.detach()).float().reshape(1), "min").item())
+                        if finite:
+                            acc.backward(loss)
+                            if acc.sync_gradients and args.max_grad_norm > 0:
+                                logs["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm))
+                            self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    self.state.batches_done += 1
+                    seen += _batch_len(batch)
+                    if not finite:
+                        consecutive_bad += 1
+                        self.state.bad_steps_total += 1
+                        self.print(f"warning: non-finite loss at step {self.state.global_step} (skipped; "
+                                   f"{consecutive_bad} in a row)")
+                        if consecutive_bad >= args.max_bad_steps:
+                            raise TrainingAborted(
+                                f"{consecutive_bad} consecutive non-finite losses: stopping. The last good checkpoint "
+                                f"is kept in {self.output_dir / 'checkpoints'}; try a lower --lr, --mixed_precision "
+                                f"bf16 instead of fp16, or a smaller --max_grad_norm")
+                        continue
+                    consecutive_bad = 0
+                    if not acc.sync_gradients:
+                        continue
+                    self.scheduler.step()
+                    self.state.global_step += 1
+                    bar.update(1)
+                    logs.update(loss=float(loss.detach()), lr=self.scheduler.get_last_lr()[0], epoch=epoch)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "perplexity", "bpt")})
+                    if self.state.global_step % 10 == 0 or self.state.global_step == 1:
+                        logs["samples_per_s"] = seen * self.world_size / max(1e-9, time.perf_counter() - t0)
+                        self.log(logs)
+                    if args.checkpointing_steps and self.state.global_step % args.checkpointing_steps == 0:
+                        self.save_checkpoint()
+                    if args.max_steps and self.state.global_step >= args.max_steps:
+                        stop_reason = "max_steps"
+                    if sig.signum is not None:
+                        stop_reason = f"signal {signal.Signals(sig.signum).name}"
+                    if stop_reason:
+                        break
+                if stop_reason is None:  # epoch finished
+                    self.state.epoch += 1
+                    self.state.batches_done = 0
+                    last = self.state.epoch == args.n_epochs
+                    if last or self.state.epoch % args.sample_and_save_freq == 0:
+                        self.model.eval()
+                        metrics = task.evaluate(self, epoch)
+                        self.log(metrics)
+                        self.print(f"epoch {epoch + 1}/{args.n_epochs} step {self.state.global_step}: " +
+                                   ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+                    self.save_checkpoint()
+        bar.close()
+        if stop_reason and stop_reason.startswith("signal"):
+            path = self.save_checkpoint()
+            self.print(f"{stop_reason}: saved {path}; rerun with --resume latest to continue")
+            acc.end_training()
+            return self.state
+        if stop_reason == "max_steps":
+            self.save_checkpoint()
+        self.state.finished = self.state.epoch >= args.n_epochs or stop_reason == "max_steps"
+        if acc.is_main_process:
+            task.export(self)
+        acc.wait_for_everyone()
+        acc.end_training()
+        return self.state
+
+
+def _batch_len(batch) -> int:
+    first = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return int(first.shape[0]) if hasattr(first, "shape") else 0
+
+
+def _flat_config(cfg: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict):
+            out.update(_flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
+    return out
+
+
+def _is_main_launch() -> bool:
+    """Main process before the Accelerator exists (RANK from torchrun/accelerate launch, else single process)."""
+    return int(os.environ.get("RANK", "0")) == 0

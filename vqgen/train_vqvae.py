@@ -1,0 +1,113 @@
+"""Stage 1: train the VQ-VAE tokenizer (``accelerate launch train_vqvae.py --dataset ...``).
+
+Writes ``<output_dir>/checkpoints/checkpoint-{step}/`` (training state), ``samples/recon_epoch*.png``
+(inputs on top, reconstructions below), ``metrics.jsonl`` and finally ``export/`` for stages 2 and 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from .data import add_data_arguments, build_dataset
+from .errors import ConfigError
+from .metrics import ReconstructionMeter
+from .sampling import save_image_grid
+from .train_loop import TrainLoop, add_training_arguments, epoch_indices
+from .vqvae import VQVAE, add_vqvae_arguments, vqvae_config_from_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train_vqvae.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_data_arguments(p)
+    add_vqvae_arguments(p)
+    add_training_arguments(p)
+    g = p.add_argument_group("stage 1")
+    g.add_argument("--recon_loss", choices=["mse", "l1"], default="mse", help="reconstruction loss")
+    g.add_argument("--val_images", type=int, default=2048, help="validation images per evaluation (test split)")
+    g.add_argument("--grid_images", type=int, default=32, help="images in each reconstruction grid")
+    return p
+
+
+class VQVAETask:
+    """Stage-1 plug-in for :class:`TrainLoop`."""
+
+    name = "vqvae"
+
+    def __init__(self, args, model: VQVAE, train_ds, val_ds, info):
+        self.args, self.model, self.train_ds, self.val_ds, self.info = args, model, train_ds, val_ds, info
+        self.last_metrics: dict[str, float] = {}
+
+    def batches_per_epoch(self, world_size: int) -> int:
+        return math.ceil((len(self.train_ds) // world_size) / self.args.batch_size)
+
+    def epoch_batches(self, epoch: int, skip_batches: int, rank: int, world_size: int):
+        idx = epoch_indices(len(self.train_ds), self.args.seed, epoch, rank, world_size)
+        idx = idx[skip_batches * self.args.batch_size:]
+        return DataLoader(Subset(self.train_ds, idx), batch_size=self.args.batch_size, shuffle=False,
+                          num_workers=self.args.num_workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=False)
+
+    def compute_loss(self, model, batch):
+        x, _ = batch
+        out = model(x)
+        recon = out.recon.float()
+        rec = F.mse_loss(recon, x) if self.args.recon_loss == "mse" else F.l1_loss(recon, x)
+        loss = rec + out.vq_loss
+        return loss, {"recon_loss": float(rec.detach()), "vq_loss": float(out.vq_loss.detach()),
+                      "perplexity": float(out.perplexity)}
+
+    @torch.no_grad()
+    def evaluate(self, loop: TrainLoop, epoch: int) -> dict[str, float]:
+        if not loop.is_main:
+            return {}
+        model = loop.unwrapped_model.eval()
+        n = min(len(self.val_ds), self.args.val_images)
+        dl = DataLoader(Subset(self.val_ds, range(n)), batch_size=self.args.batch_size, shuffle=False,
+                        num_workers=self.args.num_workers)
+        meter = ReconstructionMeter(model.config.num_embeddings)
+        grid_x = grid_r = None
+        for x, _ in dl:
+            x = x.to(loop.accelerator.device)
+            with loop.accelerator.autocast():
+                out = model(x)
+            recon = out.recon.float().clamp(-1, 1)
+            meter.update(x, recon, out.indices)
+            if grid_x is None:
+                grid_x, grid_r = x[: self.args.grid_images], recon[: self.args.grid_images]
+        metrics = {f"val/{k}": v for k, v in meter.compute().items()}
+        path = Path(self.args.output_dir) / "samples" / f"recon_epoch{epoch + 1:04d}.png"
+        save_image_grid(torch.cat([grid_x, grid_r]).cpu(), path, nrow=max(1, grid_x.shape[0]))
+        self.last_metrics = metrics
+        return metrics
+
+    def export(self, loop: TrainLoop) -> None:
+        model = loop.unwrapped_model
+        meta = {"dataset": dataclasses.asdict(self.info), "stage": "vqvae", "step": loop.state.global_step,
+                "metrics": self.last_metrics}
+        model.export_to(Path(self.args.output_dir) / "export", meta=meta)
+        loop.print(f"export written to {Path(self.args.output_dir) / 'export'}")
+
+
+def main(args: argparse.Namespace) -> TrainLoop:
+    from accelerate.utils import set_seed
+
+    if args.val_images <= 0 or args.grid_images <= 0:
+        raise ConfigError("--val_images and --grid_images must be > 0")
+    train_ds, info = build_dataset(args.dataset, "train", args.data_dir, args.image_size)
+    val_ds, _ = build_dataset(args.dataset, "test", args.data_dir, args.image_size)
+    config = vqvae_config_from_args(args, in_channels=info.channels, image_size=info.image_size)
+    set_seed(args.seed)  # identical initial weights on every rank
+    model = VQVAE(config)
+    run_config = {"stage": "vqvae", "model": dataclasses.asdict(config), "dataset": dataclasses.asdict(info),
+                  "args": {k: v for k, v in vars(args).items() if k != "resume"}}
+    loop = TrainLoop(args, VQVAETask(args, model, train_ds, val_ds, info), run_config)
+    loop.fit()
+    return loop
