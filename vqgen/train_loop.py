@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -71,6 +72,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, *, lr_flag: str = "-
                    help="every N epochs: validate, write an image grid, log metrics")
     g.add_argument("--no_wandb", action="store_true", help="disable Weights & Biases logging")
     g.add_argument("--wandb_project", default="vqgen", help="wandb project name")
+    g.add_argument("--stop_file", default=None,
+                   help="if this file appears (default <output_dir>/STOP), save a checkpoint and exit; the Slurm "
+                        "scripts create it on preemption, then requeue")
     g.add_argument("--timeout_minutes", type=int, default=30,
                    help="process-group timeout: a rank that dies makes the others fail instead of hanging forever")
 
@@ -197,6 +201,7 @@ class TrainLoop:
         check_training_args(args)
         self.args, self.task = args, task
         self.output_dir = Path(args.output_dir)
+        self.stop_file = args.stop_file or str(self.output_dir / "STOP")
         self.resume_dir = self._check_output_dir(json.loads(json.dumps(run_config)))
         log_with = None if args.no_wandb else "wandb"
         self.accelerator = build_accelerator(args, log_with)
@@ -310,9 +315,16 @@ class TrainLoop:
         self.print(f"resumed from {path}: step {saved.global_step}, epoch {saved.epoch}, "
                    f"{saved.batches_done} batches into the epoch")
 
+    def _stop_requested(self, sig: "_SignalFlag") -> bool:
+        return sig.signum is not None or os.path.exists(self.stop_file)
+
     # ------------------------------------------------------------------ the loop
     def fit(self) -> LoopState:
         args, acc, task = self.args, self.accelerator, self.task
+        if self.is_main:  # a stop file left by an earlier, preempted run must not stop this one
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.stop_file)
+        acc.wait_for_everyone()
         if self.resume_dir is not None:
             self._load_checkpoint(self.resume_dir)
         elif args.resume:
@@ -331,7 +343,7 @@ class TrainLoop:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not acc.is_local_main_process,
-                   desc=task.name, dynamic_ncols=True)
+                   desc=task.name, dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
         consecutive_bad = 0
         stop_reason = None
         with _SignalFlag() as sig:
@@ -345,7 +357,12 @@ class TrainLoop:
                     with acc.accumulate(self.model):
                         with acc.autocast():
                             loss, logs = task.compute_loss(self.model, batch)
-                        finite = bool(acc.reduce(torch.isfinite(loss.detach()).float().reshape(1), "min").item())
+                        # One tiny all-reduce decides, identically on every rank, whether this step is skipped
+                        # (non-finite loss somewhere) and whether a stop was requested (signal / stop file).
+                        flags = torch.stack([(~torch.isfinite(loss.detach())).float().reshape(()),
+                                             torch.tensor(float(self._stop_requested(sig)), device=loss.device)])
+                        flags = acc.reduce(flags, "sum")
+                        finite, stop_now = bool(flags[0] == 0), bool(flags[1] > 0)
                         if finite:
                             acc.backward(loss)
                             if acc.sync_gradients and args.max_grad_norm > 0:
@@ -380,8 +397,8 @@ class TrainLoop:
                         self.save_checkpoint()
                     if args.max_steps and self.state.global_step >= args.max_steps:
                         stop_reason = "max_steps"
-                    if sig.signum is not None:
-                        stop_reason = f"signal {signal.Signals(sig.signum).name}"
+                    if stop_now:
+                        stop_reason = "stop requested (signal or stop file)"
                     if stop_reason:
                         break
                 if stop_reason is None:  # epoch finished
@@ -396,7 +413,10 @@ class TrainLoop:
                                    ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
                     self.save_checkpoint()
         bar.close()
-        if stop_reason and stop_reason.startswith("signal"):
+        if stop_reason and stop_reason.startswith("stop requested"):
+            with contextlib.suppress(FileNotFoundError):
+                if self.is_main:
+                    Path(self.stop_file).unlink()
             path = self.save_checkpoint()
             self.print(f"{stop_reason}: saved {path}; rerun with --resume latest to continue")
             acc.end_training()
