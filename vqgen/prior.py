@@ -1,0 +1,315 @@
+"""Autoregressive prior over VQ-VAE token grids: a decoder-only, pre-norm Transformer.
+
+The grid ``[h, w]`` is read in raster order as a sequence of ``T = h*w`` tokens. Input position 0 holds a
+class embedding (the start token; the last of its ``num_classes + 1`` rows is the "null" class used by
+unconditional models and by classifier-free guidance), input position ``i > 0`` holds token ``i - 1``; the
+output at position ``i`` predicts token ``i``. Attention is ``F.scaled_dot_product_attention`` (``is_causal``
+in training); sampling uses a preallocated :class:`KVCache` per layer.
+
+Adapted from: nanoGPT (config dataclass + module), gpt-fast / LlamaGen (``KVCache``, ``setup_caches``,
+``prefill``, ``decode_one_token``, class token + CFG null class).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .checkpoint import Export, load_export, save_export
+from .errors import CheckpointError, ConfigError
+
+EXPORT_KIND = "prior"
+
+
+@dataclass
+class PriorConfig:
+    vocab_size: int                 # codebook size of the tokenizer
+    latent_h: int
+    latent_w: int
+    dim: int = 96
+    depth: int = 12
+    heads: int = 8
+    dropout: float = 0.0            # attention-probability and residual dropout (training only)
+    num_classes: int = 0            # 0 = unconditional
+    class_dropout: float = 0.1      # P(label -> null class) in training: enables classifier-free guidance
+    mlp_ratio: float = 4.0
+
+    @property
+    def seq_len(self) -> int:
+        return self.latent_h * self.latent_w
+
+    @property
+    def null_class(self) -> int:
+        """Index of the unconditional ("null") row of the class/start embedding."""
+        return self.num_classes
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PriorConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown prior config keys {unknown} (written by a newer vqgen?)")
+        missing = sorted(f.name for f in dataclasses.fields(cls)
+                         if f.default is dataclasses.MISSING and f.name not in d)
+        if missing:
+            raise ConfigError(f"prior config lacks required keys {missing}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"prior config: {msg}")
+        need(isinstance(self.vocab_size, int) and self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
+        need(self.latent_h >= 1 and self.latent_w >= 1, f"latent grid must be >= 1x1, got {self.latent_h}x{self.latent_w}")
+        need(self.dim >= 1 and self.depth >= 1 and self.heads >= 1,
+             f"dim/depth/heads must be >= 1, got {self.dim}/{self.depth}/{self.heads}")
+        need(self.dim % self.heads == 0,
+             f"attn_layers_dim ({self.dim}) must be divisible by attn_layers_heads ({self.heads})")
+        need(0.0 <= self.dropout < 1.0, f"attn_dropout must be in [0, 1), got {self.dropout}")
+        need(0.0 <= self.class_dropout < 1.0, f"class_dropout must be in [0, 1), got {self.class_dropout}")
+        need(self.num_classes >= 0, f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
+        need(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+
+
+def add_prior_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Seed-compatible prior flags (GenerativeZoo VQVAE_T.py) plus dropout knobs."""
+    g = parser.add_argument_group("prior (transformer)")
+    g.add_argument("--attn_layers_dim", type=int, default=96, help="transformer width (embedding dimension)")
+    g.add_argument("--attn_layers_depth", type=int, default=12, help="number of transformer blocks")
+    g.add_argument("--attn_layers_heads", type=int, default=8, help="attention heads (must divide the width)")
+    g.add_argument("--attn_dropout", type=float, default=0.0,
+                   help="dropout on attention probabilities and residual branches during training")
+    g.add_argument("--class_dropout", type=float, default=0.1,
+                   help="probability of replacing a label by the null class in training (enables --cfg_scale)")
+    return parser
+
+
+def prior_config_from_args(args: argparse.Namespace, vocab_size: int, latent_h: int, latent_w: int,
+                           num_classes: int) -> PriorConfig:
+    cfg = PriorConfig(vocab_size=int(vocab_size), latent_h=int(latent_h), latent_w=int(latent_w),
+                      dim=args.attn_layers_dim, depth=args.attn_layers_depth, heads=args.attn_layers_heads,
+                      dropout=args.attn_dropout, num_classes=max(int(num_classes), 0),
+                      class_dropout=args.class_dropout)
+    cfg.validate()
+    return cfg
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values of one attention layer: ``(max_batch, heads, max_seq_len, head_dim)``."""
+
+    def __init__(self, max_batch: int, max_seq_len: int, heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        super().__init__()
+        shape = (max_batch, heads, max_seq_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k, v (B, heads, t, head_dim)`` at positions ``[start, start+t)``; return the filled prefix
+        ``(B, heads, start+t, head_dim)`` (a view: no copy, no mask needed over unused slots)."""
+        b, _, t, _ = k.shape
+        end = start + t
+        if b > self.k_cache.shape[0] or end > self.k_cache.shape[2]:
+            raise RuntimeError(f"KV cache too small: need batch {b} x len {end}, have {tuple(self.k_cache.shape)}")
+        self.k_cache[:b, :, start:end] = k
+        self.v_cache[:b, :, start:end] = v
+        return self.k_cache[:b, :, :end], self.v_cache[:b, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.heads, cfg.dim // cfg.heads
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)   # one fused matmul: fewer ops per decode step
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.dropout = cfg.dropout
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, heads, t, hd)
+        if start is None:                       # full sequence, no cache (training / reference path)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:
+            if self.kv_cache is None:
+                raise RuntimeError("call Prior.setup_caches(...) before prefill/decode_one_token")
+            k, v = self.kv_cache.update(start, k, v)            # (B, heads, start+t, hd)
+            k, v = k.to(q.dtype), v.to(q.dtype)                 # cache dtype may differ under autocast
+            if t == 1:                                          # one query sees the whole prefix: no mask
+                y = F.scaled_dot_product_attention(q, k, v)
+            elif start == 0:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:                                               # a chunk after a prefix: explicit mask
+                mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(diagonal=start)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).reshape(b, t, d)                  # (B, t, dim)
+        return self.proj(y)
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(ln(x)); x + mlp(ln(x))."""
+
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        hidden = int(cfg.dim * cfg.mlp_ratio)
+        self.ln1 = nn.LayerNorm(cfg.dim)
+        self.attn = Attention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.dim)
+        self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, cfg.dim))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, start: int | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), start))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class Prior(nn.Module):
+    def __init__(self, config: PriorConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        d = config.dim
+        self.tok_emb = nn.Embedding(config.vocab_size, d)
+        self.cls_emb = nn.Embedding(config.num_classes + 1, d)       # start token; last row = null class
+        self.pos_emb = nn.Parameter(torch.zeros(1, config.seq_len, d))  # learned absolute, raster order
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, config.vocab_size, bias=False)       # untied: the input table also holds no BOS
+        self.export_meta: dict = {}
+        self.apply(self._init_weights)
+        nn.init.normal_(self.pos_emb, std=0.02)
+        for name, p in self.named_parameters():               # GPT-2: scale residual projections by depth
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.depth))
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    # ---- inputs -------------------------------------------------------------------------------------------
+    def resolve_labels(self, labels: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+        """``None`` or ``-1`` -> the null class; class ids are checked against ``num_classes``."""
+        null = self.config.null_class
+        if labels is None:
+            return torch.full((batch,), null, dtype=torch.long, device=device)
+        labels = torch.as_tensor(labels, device=device).long().reshape(-1)
+        if labels.numel() != batch:
+            raise ConfigError(f"got {labels.numel()} labels for a batch of {batch}")
+        labels = torch.where(labels < 0, torch.full_like(labels, null), labels)
+        if bool((labels > null).any()):
+            raise ConfigError(f"labels must be -1 or in [0, {self.config.num_classes}) for this prior "
+                              f"(num_classes={self.config.num_classes}); got {labels.tolist()}")
+        return labels
+
+    def _embed(self, prefix: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``[start(labels)] + prefix`` -> embeddings ``(B, 1 + n, dim)`` with positions ``0..n``."""
+        x = self.cls_emb(labels).unsqueeze(1)                       # (B, 1, dim)
+        if prefix.shape[1]:
+            x = torch.cat([x, self.tok_emb(prefix)], dim=1)         # (B, 1 + n, dim)
+        return self.drop(x + self.pos_emb[:, : x.shape[1]])
+
+    def _logits(self, x: torch.Tensor, start: int | None) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, start)
+        return self.head(self.ln_f(x))
+
+    # ---- training -----------------------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``tokens (B, T) long`` (raster order, T = h*w; or (B, h, w)) -> logits ``(B, T, vocab)``."""
+        tokens = tokens.reshape(tokens.shape[0], -1)
+        b, t = tokens.shape
+        if t > self.config.seq_len:
+            raise ConfigError(f"sequence of {t} tokens is longer than the prior's {self.config.seq_len}")
+        labels = self.resolve_labels(labels, b, tokens.device)
+        if self.training and self.config.class_dropout > 0 and self.config.num_classes > 0:
+            drop = torch.rand(b, device=tokens.device) < self.config.class_dropout   # torch RNG: reproducible
+            labels = labels.masked_fill(drop, self.config.null_class)
+        return self._logits(self._embed(tokens[:, :-1], labels), None)
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean cross-entropy in nats per token."""
+        tokens = tokens.reshape(tokens.shape[0], -1).long()
+        logits = self(tokens, labels)
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+
+    # ---- inference ----------------------------------------------------------------------------------------
+    def logits_for_prefix(self, prefix: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``(B, vocab)`` after ``prefix (B, n)``, recomputing everything (no cache)."""
+        x = self._embed(prefix, labels)
+        for block in self.blocks:
+            x = block(x, None)
+        return self.head(self.ln_f(x[:, -1]))
+
+    def setup_caches(self, max_batch: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None,
+                     device: torch.device | str | None = None) -> None:
+        """Allocate (or reuse, when large enough and alike) one :class:`KVCache` per layer."""
+        max_seq_len = max_seq_len or self.config.seq_len
+        ref = self.pos_emb
+        dtype, device = dtype or ref.dtype, torch.device(device) if device is not None else ref.device
+        c = self.blocks[0].attn.kv_cache
+        if (c is not None and c.k_cache.shape[0] >= max_batch and c.k_cache.shape[2] >= max_seq_len
+                and c.k_cache.dtype == dtype and c.k_cache.device == device
+                # inference-mode tensors cannot be written outside inference mode
+                and (torch.is_inference_mode_enabled() or not c.k_cache.is_inference())):
+            return
+        for block in self.blocks:
+            a = block.attn
+            a.kv_cache = KVCache(max_batch, max_seq_len, a.heads, a.head_dim, dtype, device)
+
+    def clear_caches(self) -> None:
+        for block in self.blocks:
+            block.attn.kv_cache = None
+
+    def prefill(self, prefix: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Fill the caches with ``[start(labels)] + prefix (B, n)``; return next-token logits ``(B, vocab)``."""
+        x = self._embed(prefix, labels)
+        for block in self.blocks:
+            x = block(x, 0)
+        return self.head(self.ln_f(x[:, -1]))
+
+    def decode_one_token(self, token: torch.Tensor, input_pos: int) -> torch.Tensor:
+        """Feed ``token (B,)`` at input position ``input_pos`` (= its raster index + 1); logits ``(B, vocab)``."""
+        x = self.drop(self.tok_emb(token.reshape(-1, 1)) + self.pos_emb[:, input_pos: input_pos + 1])  # (B,1,dim)
+        for block in self.blocks:
+            x = block(x, input_pos)
+        return self.head(self.ln_f(x[:, -1]))
+
+    # ---- exports ------------------------------------------------------------------------------------------
+    def export_to(self, out_dir: str | os.PathLike, meta: dict | None = None) -> str:
+        """Write ``out_dir/{config.json, model.safetensors}``; returns the export sha256."""
+        return save_export(out_dir, EXPORT_KIND, asdict(self.config), self.state_dict(), meta or {})
+
+    @classmethod
+    def from_export(cls, path_or_export: str | os.PathLike | Export) -> "Prior":
+        """Rebuild in eval mode from an export dir (or a loaded :class:`Export`); ``export_meta`` holds its meta."""
+        if isinstance(path_or_export, Export):
+            exp = path_or_export
+            if exp.kind != EXPORT_KIND:
+                raise CheckpointError(f"{exp.path} is a '{exp.kind}' export, but a '{EXPORT_KIND}' export is needed")
+        else:
+            exp = load_export(path_or_export, expected_kind=EXPORT_KIND)
+        try:
+            cfg = PriorConfig.from_dict(dict(exp.config))
+        except (ConfigError, TypeError) as e:
+            raise CheckpointError(f"{exp.path}: bad prior config: {e}") from None
+        model = cls(cfg)
+        try:
+            model.load_state_dict(exp.state_dict, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"{exp.path}: weights do not fit the prior config: {e}") from None
+        model.export_meta = dict(exp.meta)
+        return model.eval()

@@ -1,0 +1,183 @@
+"""Token generation from a :class:`~vqgen.prior.Prior` and decoding to images.
+
+``generate`` -> ``decode_n_tokens`` -> (``Prior.prefill`` | ``Prior.decode_one_token``) -> ``sample_logits``.
+The KV-cache path and the full-recompute reference path (``use_cache=False``) draw their random numbers in the
+same order (one ``torch.multinomial`` call per step), so with the same ``torch.Generator`` they give the same
+tokens. Classifier-free guidance runs the conditional and the null-class rows as one batch (cond ‖ null) and
+combines them as ``uncond + scale * (cond - uncond)``.
+
+Adapted from: gpt-fast / LlamaGen ``generate.py`` (prefill, decode_n_tokens, CFG as one batch).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+from .fsutil import atomic_write_bytes
+from .prior import Prior
+
+
+# ---- logits filters -------------------------------------------------------------------------------------
+def top_k_filter(logits: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Keep the ``k`` largest logits per row (ties with the k-th are kept), set the rest to ``-inf``."""
+    if k is None or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]              # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability mass is >= ``p``."""
+    if p is None or p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs                        # mass of strictly more likely tokens
+    remove = mass_before >= p
+    remove[..., 0] = False                                            # always keep the most likely token
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None, cfg_scale: float) -> None:
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k must be >= 1 (or unset), got {top_k}")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise ConfigError(f"top_p must be in (0, 1] (or unset), got {top_p}")
+    if not math.isfinite(cfg_scale):
+        raise ConfigError(f"cfg_scale must be finite, got {cfg_scale}")
+
+
+def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``logits (B, vocab)`` -> tokens ``(B,)``. Greedy (no random draw) when ``temperature == 0``."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)   # one uniform per row: same order always
+
+
+def apply_cfg(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """``logits (2B, vocab)`` ordered (cond ‖ null) -> guided ``(B, vocab)``."""
+    cond, uncond = logits.float().chunk(2, dim=0)
+    return uncond + cfg_scale * (cond - uncond)
+
+
+# ---- generation ---------------------------------------------------------------------------------------
+def decode_n_tokens(prior: Prior, labels: torch.Tensor, n: int, use_cfg: bool, cfg_scale: float,
+                    use_cache: bool, sample_kw: dict) -> torch.Tensor:
+    """Generate ``n`` tokens for one batch; ``labels`` already holds (cond ‖ null) when ``use_cfg``.
+
+    Returns ``(B, n)`` long where ``B = len(labels) // 2`` with CFG, else ``len(labels)``.
+    """
+    rows = labels.shape[0]
+    b = rows // 2 if use_cfg else rows
+    out = torch.empty(b, n, dtype=torch.long, device=labels.device)
+    empty = out[:, :0].repeat(2, 1) if use_cfg else out[:, :0]
+    logits = prior.prefill(empty, labels) if use_cache else prior.logits_for_prefix(empty, labels)
+    for i in range(n):
+        tok = sample_logits(apply_cfg(logits, cfg_scale) if use_cfg else logits, **sample_kw)   # (B,)
+        out[:, i] = tok
+        if i == n - 1:
+            break
+        if use_cache:
+            logits = prior.decode_one_token(tok.repeat(2) if use_cfg else tok, i + 1)
+        else:                                                  # reference: recompute the whole prefix
+            prefix = out[:, : i + 1]
+            logits = prior.logits_for_prefix(prefix.repeat(2, 1) if use_cfg else prefix, labels)
+    return out
+
+
+def _labels_tensor(prior: Prior, labels, num_samples: int) -> torch.Tensor:
+    """None / int / sequence / tensor -> ``(N,)`` long on CPU with -1 mapped to the null class."""
+    if labels is None:
+        lab = torch.full((num_samples,), -1, dtype=torch.long)
+    elif isinstance(labels, int):
+        lab = torch.full((num_samples,), labels, dtype=torch.long)
+    else:
+        lab = torch.as_tensor(labels, dtype=torch.long).reshape(-1).cpu()
+    if lab.numel() != num_samples:
+        raise ConfigError(f"got {lab.numel()} labels for num_samples={num_samples}")
+    return prior.resolve_labels(lab, num_samples, torch.device("cpu"))
+
+
+def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch.Tensor | None = None,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             cfg_scale: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True,
+             batch_size: int | None = None, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Sample ``num_samples`` token grids -> LongTensor ``(N, latent_h, latent_w)`` on the CPU.
+
+    labels: None (unconditional / null class), one class id for all, or N ids (-1 = null class).
+    cfg_scale: classifier-free guidance; 1 = plain conditional sampling (the null half is skipped). It has no
+        effect on an unconditional prior (cond and null rows are the same), so it is skipped there too.
+    generator: a ``torch.Generator`` on the prior's device, for reproducible samples.
+    use_cache: False recomputes the full prefix every step (slow reference path, same tokens).
+    autocast_dtype: e.g. ``torch.bfloat16`` to run under ``torch.autocast`` (KV cache in that dtype).
+    """
+    check_sampling_args(temperature, top_k, top_p, cfg_scale)
+    if num_samples < 1:
+        raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
+    cfg = prior.config
+    device = next(prior.parameters()).device
+    labels_all = _labels_tensor(prior, labels, num_samples)
+    use_cfg = cfg_scale != 1.0 and cfg.num_classes > 0
+    bs = min(batch_size or num_samples, num_samples)
+    sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    was_training = prior.training
+    prior.eval()
+    chunks = []
+    try:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16,
+                                                    enabled=autocast_dtype is not None):
+            for s in range(0, num_samples, bs):
+                lab = labels_all[s: s + bs].to(device)
+                if use_cfg:
+                    lab = torch.cat([lab, torch.full_like(lab, cfg.null_class)])   # (cond ‖ null)
+                if use_cache:
+                    prior.setup_caches(lab.shape[0], cfg.seq_len, autocast_dtype or next(prior.parameters()).dtype,
+                                       device)
+                toks = decode_n_tokens(prior, lab, cfg.seq_len, use_cfg, cfg_scale, use_cache, sample_kw)
+                chunks.append(toks.cpu())
+    finally:
+        prior.train(was_training)
+    return torch.cat(chunks).reshape(num_samples, cfg.latent_h, cfg.latent_w)
+
+
+# ---- images ---------------------------------------------------------------------------------------------
+def decode_to_images(tokenizer, tokens: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """``tokens (N, h, w)`` -> images ``(N, C, H, W)`` in [-1, 1] on the CPU, via ``tokenizer.decode_indices``."""
+    device = next(tokenizer.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for s in range(0, tokens.shape[0], max(int(batch_size), 1)):
+            imgs = tokenizer.decode_indices(tokens[s: s + batch_size].to(device).long())
+            out.append(imgs.float().clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
+    """Save ``images (N, C, H, W)`` in [-1, 1] as one grid image, atomically (temp file + rename)."""
+    from PIL import Image
+    from torchvision.utils import save_image
+
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"cannot tell the image format of {path} (use .png)")
+    nrow = nrow or max(1, math.ceil(math.sqrt(images.shape[0])))
+    buf = io.BytesIO()
+    save_image(((images.detach().float().cpu() + 1) / 2).clamp(0, 1), buf, nrow=nrow, format=fmt)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
