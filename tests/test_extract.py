@@ -1,0 +1,264 @@
+"""Stage 2 (vqgen.extract): round trip, exactly-once over ranks, resume after SIGKILL, refusals, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vqgen import shards
+from vqgen.cli import run_cli
+from vqgen.errors import ShardError
+from vqgen.extract import build_parser, extract_split, main, tokenizer_header
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FakeTokenizer(torch.nn.Module):
+    """Pools pixels into a 4x4 grid and quantises the mean to K levels (cheap, deterministic)."""
+
+    def __init__(self, k: int = 16, image_size: int = 16, latent: int = 4):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(num_embeddings=k, latent_size=(latent, latent), image_size=image_size,
+                                      in_channels=1)
+
+    def encode_to_indices(self, x):
+        p = F.adaptive_avg_pool2d(x.float().mean(1, keepdim=True), self.config.latent_size)[:, 0]  # (B, h, w)
+        return ((p.clamp(-1, 1) + 1) / 2 * (self.config.num_embeddings - 1)).round().long()
+
+
+class ImageSet(torch.utils.data.Dataset):
+    """n deterministic images [1, 16, 16] in [-1, 1] with labels i % 10."""
+
+    def __init__(self, n: int, size: int = 16):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.rand(n, 1, size, size, generator=g) * 2 - 1
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], i % 10
+
+
+def run_extract(model, ds, out, rank=0, world_size=1, **kw):
+    kw = {"batch_size": 4, "shard_size": 10, "progress": False, **kw}
+    return extract_split(model, ds, out, split="train", tokenizer_sha256="f" * 64, dataset_name="fake", rank=rank,
+                         world_size=world_size, device="cpu", **kw)
+
+
+def merge(model, out, world_size, n, hflip=False):
+    header = tokenizer_header(model, "f" * 64, {}, None, 10, "fake")
+    return shards.merge_manifest(out, "train", world_size, header, {"transforms": {}, "hflip": hflip},
+                                 expected_total=n)
+
+
+def stored(out: Path, split="train") -> dict[int, dict]:
+    """key -> raw sample, asserting every key appears once."""
+    found: dict[int, dict] = {}
+    for s in shards.read_manifest(out)["splits"][split]["shards"]:
+        for sample in shards.iter_shard(out / s["name"], s["count"]):
+            k = int(sample["__key__"])
+            assert k not in found, f"sample {k} stored twice"
+            found[k] = sample
+    return found
+
+
+def npy(b: bytes) -> np.ndarray:
+    import io
+    return np.load(io.BytesIO(b))
+
+
+def test_roundtrip_fake_and_hflip(tmp_path):
+    model, ds = FakeTokenizer(), ImageSet(23)
+    run_extract(model, ds, tmp_path, hflip=True)
+    man = merge(model, tmp_path, 1, 23, hflip=True)
+    assert man["codebook_size"] == 16 and (man["latent_h"], man["latent_w"]) == (4, 4)
+    got = stored(tmp_path)
+    assert sorted(got) == list(range(23))
+    want = model.encode_to_indices(ds.x)
+    want_flip = model.encode_to_indices(ds.x.flip(-1))
+    for k, s in got.items():
+        t = npy(s["tokens.npy"])
+        assert t.dtype == np.uint16 and t.shape == (4, 4)
+        assert np.array_equal(t, want[k].numpy()) and np.array_equal(npy(s["tokens_flip.npy"]), want_flip[k].numpy())
+        assert int(s["cls"]) == k % 10 and s["__key__"] == f"{k:09d}"
+
+
+def tiny_vqvae(seed=0, k=32):
+    from vqgen.vqvae import VQVAE, VQVAEConfig
+    torch.manual_seed(seed)
+    cfg = VQVAEConfig(in_channels=1, image_size=16, num_channels=(8, 8), num_res_channels=(8, 8), num_res_layers=1,
+                      downsample_parameters=((2, 4, 1, 1), (2, 4, 1, 1)),
+                      upsample_parameters=((2, 4, 1, 1, 0), (2, 4, 1, 1, 0)), num_embeddings=k, embedding_dim=4)
+    return VQVAE(cfg).eval()
+
+
+def test_roundtrip_real_vqvae(tmp_path):
+    model, ds = tiny_vqvae(), ImageSet(12)
+    run_extract(model, ds, tmp_path, batch_size=5)
+    merge(model, tmp_path, 1, 12)
+    want = model.encode_to_indices(ds.x)  # the encoder's argmin codes
+    got = stored(tmp_path)
+    assert all(np.array_equal(npy(s["tokens.npy"]), want[k].numpy()) for k, s in got.items())
+
+
+def test_two_ranks_exactly_once(tmp_path):
+    model, ds = FakeTokenizer(), ImageSet(27)
+    for rank in (0, 1):
+        run_extract(model, ds, tmp_path, rank=rank, world_size=2)
+    man = merge(model, tmp_path, 2, 27)
+    names = [s["name"] for s in man["splits"]["train"]["shards"]]
+    assert names == ["train-r000-000000.tar", "train-r000-000001.tar", "train-r001-000000.tar",
+                     "train-r001-000001.tar"]
+    assert sorted(stored(tmp_path)) == list(range(27))
+    with pytest.raises(ShardError, match="rank 2 did not finish"):
+        merge(model, tmp_path, 3, 27)
+
+
+KILLER = """
+import os, signal, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+from test_extract import FakeTokenizer, ImageSet, run_extract
+
+class Killed(FakeTokenizer):
+    calls = 0
+    def encode_to_indices(self, x):
+        Killed.calls += 1
+        if Killed.calls > {kill_after}:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().encode_to_indices(x)
+
+run_extract(Killed(), ImageSet({n}), {out!r}, rank={rank}, world_size=2)
+"""
+
+
+def test_resume_after_sigkill(tmp_path):
+    n, out, ref = 101, tmp_path / "out", tmp_path / "ref"
+    model, ds = FakeTokenizer(), ImageSet(n)
+    # rank 0 owns 51 samples -> shards of 10 (batches 4,4,2) x5 + 1; SIGKILL in encoder call 14. The writer
+    # thread lags by at most 4 queued batches, so shards 0-1 are surely committed and a later one is open.
+    script = KILLER.format(root=str(ROOT), tests=str(ROOT / "tests"), kill_after=13, n=n, out=str(out), rank=0)
+    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    complete = sorted(p.name for p in out.glob("train-*.tar"))
+    assert complete[:2] == ["train-r000-000000.tar", "train-r000-000001.tar"] and len(complete) < 6
+    assert list(out.glob(".train-r000-*.tar.tmp"))  # the shard being written when killed
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.tar")}
+    for rank in (0, 1):
+        run_extract(model, ds, out, rank=rank, world_size=2)
+    man = merge(model, out, 2, n)
+    assert sorted(stored(out)) == list(range(n))  # every sample exactly once
+    assert not list(out.glob(".*.tmp"))
+    for name, st in before.items():  # complete shards were kept, not rewritten
+        assert ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == st
+    for rank in (0, 1):  # an uninterrupted run writes byte-identical shards
+        run_extract(model, ds, ref, rank=rank, world_size=2)
+    assert man == {**merge(model, ref, 2, n)}
+    # rerunning a finished extraction is a no-op
+    run_extract(model, ds, out, rank=0, world_size=2)
+    assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.tar")}.items() >= before.items()
+
+
+def test_exception_mid_shard_leaves_no_partial(tmp_path):
+    class Boom(FakeTokenizer):
+        calls = 0
+
+        def encode_to_indices(self, x):
+            Boom.calls += 1
+            if Boom.calls == 5:
+                raise RuntimeError("boom")
+            return super().encode_to_indices(x)
+
+    ds = ImageSet(30)
+    with pytest.raises(RuntimeError):
+        run_extract(Boom(), ds, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".parts", "train-r000-000000.tar"]
+    run_extract(FakeTokenizer(), ds, tmp_path)
+    merge(FakeTokenizer(), tmp_path, 1, 30)
+    assert sorted(stored(tmp_path)) == list(range(30))
+
+
+def test_changed_settings_refused(tmp_path):
+    ds = ImageSet(12)
+    run_extract(FakeTokenizer(), ds, tmp_path)
+    with pytest.raises(ShardError, match="shard_size"):
+        run_extract(FakeTokenizer(), ds, tmp_path, shard_size=5)
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    d = tmp_path_factory.mktemp("exports")
+    a, b = tiny_vqvae(0), tiny_vqvae(1)
+    return a.export_to(d / "a"), d / "a", b.export_to(d / "b"), d / "b"
+
+
+def cli(*argv) -> int:
+    return run_cli(main, build_parser(), [str(a) for a in argv])
+
+
+def test_cli_digits_both_splits_and_refusals(tmp_path, exports, capsys):
+    sha_a, exp_a, sha_b, exp_b = exports
+    out = tmp_path / "shards"
+    base = ["--checkpoint", exp_a, "--dataset", "digits", "--data_dir", tmp_path / "data", "--output", out,
+            "--batch_size", 128, "--shard_size", 400, "--no_progress"]
+    assert cli(*base, "--split", "train") == 0
+    assert cli(*base, "--split", "test", "--hflip") == 0  # merges into the same manifest
+    man = shards.read_manifest(out)
+    assert man["tokenizer"]["sha256"] == sha_a and man["dataset"] == "digits" and man["num_classes"] == 10
+    assert man["splits"]["train"]["total"] == 1500 and man["splits"]["test"]["total"] == 297
+    assert man["splits"]["test"]["hflip"] and not man["splits"]["train"]["hflip"]
+    assert man["splits"]["train"]["transforms"] and man["tokenizer"]["config"]["num_embeddings"] == 32
+    shards.verify_shards(out, "train")
+    shards.check_tokenizer(man, sha_a)
+    capsys.readouterr()
+    # another tokenizer into the same folder: refused (exit 2, clear message) unless --overwrite
+    base_b = [*base[:1], exp_b, *base[2:]]
+    assert cli(*base_b, "--split", "test") == 2
+    err = capsys.readouterr().err
+    assert "another tokenizer" in err and sha_a[:12] in err and "--overwrite" in err
+    assert cli(*base_b, "--split", "test", "--overwrite") == 0
+    man = shards.read_manifest(out)
+    assert man["tokenizer"]["sha256"] == sha_b and set(man["splits"]) == {"test"}
+    # tokens equal the encoder's codes for the same images
+    from vqgen.data import build_dataset
+    from vqgen.vqvae import VQVAE
+    ds, _ = build_dataset("digits", "test", str(tmp_path / "data"), image_size=16)
+    want = VQVAE.from_export(exp_b).encode_to_indices(torch.stack([ds[i][0] for i in range(len(ds))]))
+    got = stored(out, "test")
+    assert all(np.array_equal(npy(s["tokens.npy"]), want[k].numpy()) for k, s in got.items())
+
+
+@pytest.mark.distributed
+def test_accelerate_launch_two_processes(tmp_path, exports):
+    if shutil.which("accelerate", path=str(Path(sys.executable).parent)) is None:
+        pytest.skip("accelerate CLI not installed")
+    _, exp_a, _, _ = exports
+    out = tmp_path / "shards"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           "29517", str(ROOT / "extract_codes.py"), "--checkpoint", str(exp_a), "--dataset", "digits", "--split",
+           "test", "--data_dir", str(tmp_path / "data"), "--output", str(out), "--batch_size", "64",
+           "--shard_size", "50", "--no_progress"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    man = shards.read_manifest(out)
+    names = [s["name"] for s in man["splits"]["test"]["shards"]]
+    assert {n.split("-")[1] for n in names} == {"r000", "r001"}  # both ranks wrote shards
+    assert sorted(stored(out, "test")) == list(range(297))
+    assert json.loads((out / ".parts" / "test-r001.json").read_text())["complete"]

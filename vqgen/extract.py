@@ -1,0 +1,295 @@
+"""Stage 2: encode a dataset into VQ token shards (``python extract_codes.py`` or ``accelerate launch``).
+
+Each rank encodes ``shards.rank_indices(n, rank, world_size)`` (strided) in batches that never straddle a shard
+boundary (so a resumed run batches, and therefore encodes, exactly like an uninterrupted one) and writes its own
+shards through :class:`vqgen.shards.RankShardWriter`; the main process merges the per-rank parts into
+``manifest.json`` once every rank is done. ``--hflip`` stores the tokens of the mirrored image in the same sample
+as ``tokens_flip.npy`` (one sample per source image, so "every sample exactly once" keeps its meaning).
+Adapted from: LlamaGen ``extract_codes_c2i.py`` and open-muse ``pre_encode.py`` (plus resume and a manifest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import queue
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import shards
+from .checkpoint import load_export
+from .cli import positive_int
+from .errors import ConfigError
+
+AUTOCAST_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="extract_codes.py", description=__doc__.split("\n")[0])
+    try:
+        from .data import add_data_arguments
+        add_data_arguments(p)  # --dataset, --data_dir, --image_size ... (owned by vqgen.data)
+    except ImportError:
+        pass
+    have = p._option_string_actions
+    if "--dataset" not in have:
+        p.add_argument("--dataset", required=True, help="dataset name (see vqgen.data.DATASETS), e.g. digits")
+    if "--data_dir" not in have:
+        p.add_argument("--data_dir", default="data", help="where datasets are stored/downloaded")
+    if "--image_size" not in have:
+        p.add_argument("--image_size", type=int, default=None, help="image size (default: the tokenizer's)")
+    p.add_argument("--checkpoint", required=True, help="stage-1 VQ-VAE export folder (runs/<name>/export)")
+    p.add_argument("--split", nargs="+", default=["train"], choices=list(shards.SPLITS),
+                   help="split(s) to extract; each merges into the same manifest")
+    p.add_argument("--output", default=None, help="shard folder (default: shards/<dataset>)")
+    p.add_argument("--batch_size", type=positive_int, default=256, help="images per encoder batch (per process)")
+    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers per process")
+    p.add_argument("--shard_size", type=positive_int, default=1000, help="samples per shard (and resume granularity)")
+    p.add_argument("--mixed_precision", default="no", choices=list(AUTOCAST_DTYPES),
+                   help="autocast dtype for the encoder (the quantizer's argmin stays fp32)")
+    p.add_argument("--hflip", action="store_true",
+                   help="also store the tokens of the horizontally mirrored image as tokens_flip.npy")
+    p.add_argument("--overwrite", action="store_true",
+                   help="discard everything vqgen wrote into --output before (all splits) and start fresh")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _json(obj):
+    """JSON-normalised copy (tuples -> lists) so stored and fresh settings compare equal."""
+    return json.loads(json.dumps(obj))
+
+
+class ShardAlignedBatches(torch.utils.data.Sampler):
+    """Batches of source indices cut at every ``shard_size`` boundary of ``indices`` (lazy: constant memory)."""
+
+    def __init__(self, indices: range, shard_size: int, batch_size: int):
+        self.indices, self.shard_size, self.batch_size = indices, shard_size, batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for s in range(0, len(self.indices), self.shard_size):
+            shard = self.indices[s: s + self.shard_size]
+            for b in range(0, len(shard), self.batch_size):
+                yield list(shard[b: b + self.batch_size])
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.indices), self.shard_size)
+        return full * -(-self.shard_size // self.batch_size) + -(-rest // self.batch_size)
+
+
+def _labels(y, n: int) -> list[int]:
+    if y is None:
+        return [-1] * n
+    return [int(v) for v in (y.tolist() if torch.is_tensor(y) else y)]
+
+
+def iter_batches(dataset, rank: int, world_size: int, done: int, shard_size: int, batch_size: int,
+                 num_workers: int = 0) -> Iterator[tuple[list[int], torch.Tensor, list[int]]]:
+    """``(source indices, images [B,C,H,W], labels)`` for this rank's samples after the first ``done``."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        # Streamed input (no len): keep i % world_size == rank, batch by hand, same shard-aligned cuts.
+        keys, imgs, labels, own = [], [], [], 0
+        for i, (x, y) in enumerate(dataset):
+            if i % world_size != rank:
+                continue
+            own += 1
+            if own <= done:
+                continue
+            keys.append(i), imgs.append(x), labels.append(int(y))
+            if len(keys) == batch_size or (own % shard_size == 0):
+                yield keys, torch.stack(imgs), labels
+                keys, imgs, labels = [], [], []
+        if keys:
+            yield keys, torch.stack(imgs), labels
+        return
+    sampler = ShardAlignedBatches(shards.rank_indices(len(dataset), rank, world_size)[done:], shard_size, batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                                         pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    for keys, (x, y) in zip(sampler, loader):
+        yield keys, x, _labels(y, len(keys))
+
+
+@torch.no_grad()
+def encode(model, x: torch.Tensor, device: torch.device, mixed_precision: str = "no", hflip: bool = False):
+    """Token maps ``[B, h, w]`` (and of the mirrored images, or None) as CPU int64."""
+    x = x.to(device, non_blocking=True)
+    if hflip:
+        x = torch.cat([x, x.flip(-1)])  # one encoder call for both: (2B, C, H, W)
+    dtype = AUTOCAST_DTYPES[mixed_precision]
+    with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        codes = model.encode_to_indices(x)
+    codes = codes.to("cpu", torch.int64)
+    if hflip:
+        b = codes.shape[0] // 2
+        return codes[:b], codes[b:]
+    return codes, None
+
+
+class BackgroundWriter:
+    """Serialises batches into shards on a thread, so tar writing (~50 us/sample of Python) overlaps the next
+    encoder call (which releases the GIL). A bounded queue keeps memory constant; errors surface in the caller."""
+
+    def __init__(self, writer: shards.RankShardWriter, max_batches: int = 4, threaded: bool = True):
+        self.writer, self.error = writer, None
+        self.queue: queue.Queue = queue.Queue(maxsize=max_batches)
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True) if threaded else None
+        if self.thread is not None:
+            self.thread.start()
+
+    def _write(self, keys, codes, labels, flips) -> None:
+        codes = codes.numpy().astype(self.writer.dtype)  # (B, h, w)
+        flips = flips.numpy().astype(self.writer.dtype) if flips is not None else None
+        for j, key in enumerate(keys):
+            self.writer.write(key, codes[j], labels[j], flips[j] if flips is not None else None)
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # keep draining so the producer never blocks
+            try:
+                self._write(*item)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the producer thread
+                self.error = e
+
+    def put(self, keys, codes, labels, flips) -> None:
+        if self.thread is None:
+            return self._write(keys, codes, labels, flips)
+        if self.error is not None:
+            raise self.error
+        self.queue.put((keys, codes, labels, flips))
+
+    def finish(self, raise_error: bool = True) -> None:
+        if self.thread is None:
+            return
+        self.queue.put(None)
+        self.thread.join()
+        if raise_error and self.error is not None:
+            raise self.error
+
+
+def tokenizer_header(model, sha256: str, config: dict, path, num_classes: int, dataset: str) -> dict:
+    """Format-level manifest fields (everything that ties the shards to their tokenizer and dataset)."""
+    h, w = (int(v) for v in model.config.latent_size)
+    k = int(model.config.num_embeddings)
+    return _json({"tokenizer": {"sha256": sha256, "config": config, "path": str(path) if path else None},
+                  "codebook_size": k, "latent_h": h, "latent_w": w, "dtype": shards.token_dtype(k).name,
+                  "num_classes": int(num_classes), "dataset": dataset})
+
+
+def extract_split(model, dataset, out_dir, *, split: str, tokenizer_sha256: str, dataset_name: str,
+                  transforms: dict | None = None, rank: int = 0, world_size: int = 1, batch_size: int = 256,
+                  num_workers: int = 0, shard_size: int = 1000, hflip: bool = False, mixed_precision: str = "no",
+                  device: torch.device | str | None = None, progress: bool = True,
+                  writer_thread: bool = True) -> dict:
+    """Encode this rank's part of ``dataset`` into ``out_dir`` (resuming a killed run); returns the part record.
+
+    ``model``: eval-mode tokenizer with ``encode_to_indices`` and ``config.num_embeddings/latent_size``.
+    ``writer_thread``: serialise shards on a background thread (overlaps the encoder; see BackgroundWriter).
+    Call on every rank, then :func:`vqgen.shards.merge_manifest` on the main process after a barrier.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    n = None if isinstance(dataset, torch.utils.data.IterableDataset) else len(dataset)
+    k = int(model.config.num_embeddings)
+    settings = _json({"tokenizer_sha256": tokenizer_sha256, "dataset": dataset_name, "split": split,
+                      "num_samples": n, "world_size": world_size, "shard_size": shard_size, "hflip": bool(hflip),
+                      "dtype": shards.token_dtype(k).name, "mixed_precision": mixed_precision,
+                      "transforms": transforms or {}})
+    writer = shards.RankShardWriter(out_dir, split, rank, settings, shard_size, tuple(model.config.latent_size),
+                                    shards.token_dtype(k))
+    done = writer.resume()
+    if writer.complete:
+        return writer.close()
+    own = len(shards.rank_indices(n, rank, world_size)) if n is not None else None
+    bar = tqdm(total=own, initial=done, unit="img", desc=f"extract {split}", disable=not progress, dynamic_ncols=True)
+    sink = BackgroundWriter(writer, threaded=writer_thread)
+    try:
+        for keys, x, labels in iter_batches(dataset, rank, world_size, done, shard_size, batch_size, num_workers):
+            codes, flips = encode(model, x, device, mixed_precision, hflip)
+            sink.put(keys, codes, labels, flips)
+            bar.update(len(keys))
+        sink.finish()
+        part = writer.close()
+    except BaseException:
+        sink.finish(raise_error=False)
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    return part
+
+
+def start_processes():
+    """``accelerate.PartialState`` that also forms the process group of a CPU launch.
+
+    PartialState joins a gloo group on CPU only when asked (``cpu=True``); Accelerator reads that from
+    ACCELERATE_USE_CPU, so do the same. A launch whose processes still end up alone is refused: each would
+    believe it is rank 0 of 1 and they would write the same shards.
+    """
+    import os
+
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and state.num_processes != launched:
+        raise ConfigError(f"launched as {launched} processes but accelerate formed a group of {state.num_processes}; "
+                          f"on CPU set ACCELERATE_USE_CPU=true (see DESIGN.md, 'Running distributed')")
+    return state
+
+
+def main(args: argparse.Namespace) -> dict | None:
+    """Extract every ``--split``; returns the manifest on the main process (None elsewhere)."""
+    from .data import build_dataset
+    from .vqvae import VQVAE
+
+    if args.num_workers < 0:
+        raise ConfigError("--num_workers must be >= 0")
+    state = start_processes()
+    export = load_export(args.checkpoint, expected_kind="vqvae")
+    model = VQVAE.from_export(export).to(state.device).eval()
+    cfg = model.config
+    if args.image_size not in (None, cfg.image_size):
+        raise ConfigError(f"--image_size {args.image_size} differs from the tokenizer's image size {cfg.image_size}; "
+                          f"leave it out to use the tokenizer's")
+    out = Path(args.output or Path("shards") / args.dataset)
+    if args.overwrite:
+        if state.is_main_process:
+            shards.clear_output(out)
+    else:
+        shards.check_output(out, export.sha256, args.dataset)  # every rank: a failure must not leave others waiting
+    state.wait_for_everyone()
+
+    manifest = None
+    for split in args.split:
+        kw = {"channels": cfg.in_channels} if "channels" in inspect.signature(build_dataset).parameters else {}
+        dataset, info = build_dataset(args.dataset, split, args.data_dir, image_size=cfg.image_size, **kw)
+        if info.channels != cfg.in_channels or info.image_size != cfg.image_size:
+            raise ConfigError(f"dataset {args.dataset} gives {info.channels}x{info.image_size}px images, the tokenizer "
+                              f"expects {cfg.in_channels}x{cfg.image_size}px")
+        if state.is_main_process:
+            print(f"extracting {args.dataset}/{split} with tokenizer {export.sha256[:12]} on {state.num_processes} "
+                  f"process(es) -> {out}", flush=True)
+        extract_split(model, dataset, out, split=split, tokenizer_sha256=export.sha256, dataset_name=args.dataset,
+                      transforms=info.transforms, rank=state.process_index, world_size=state.num_processes,
+                      batch_size=args.batch_size, num_workers=args.num_workers, shard_size=args.shard_size,
+                      hflip=args.hflip, mixed_precision=args.mixed_precision, device=state.device,
+                      progress=state.is_local_main_process and not args.no_progress)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            header = tokenizer_header(model, export.sha256, export.config, export.path, info.num_classes, args.dataset)
+            n = None if isinstance(dataset, torch.utils.data.IterableDataset) else len(dataset)
+            manifest = shards.merge_manifest(out, split, state.num_processes, header,
+                                             _json({"transforms": info.transforms, "hflip": bool(args.hflip)}),
+                                             expected_total=n)
+            sizes = [s["bytes"] for s in manifest["splits"][split]["shards"]]
+            print(f"{split}: {manifest['splits'][split]['total']} samples in {len(sizes)} shards "
+                  f"({sum(sizes) / 1e6:.2f} MB) -> {out / shards.MANIFEST_NAME}", flush=True)
+        state.wait_for_everyone()
+    return manifest
