@@ -14,6 +14,7 @@ import argparse
 import inspect
 import json
 import queue
+import re
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -258,7 +259,7 @@ def main(args: argparse.Namespace) -> dict | None:
     if args.image_size not in (None, cfg.image_size):
         raise ConfigError(f"--image_size {args.image_size} differs from the tokenizer's image size {cfg.image_size}; "
                           f"leave it out to use the tokenizer's")
-    out = Path(args.output or Path("shards") / args.dataset)
+    out = Path(args.output or Path("shards") / re.sub(r"[^A-Za-z0-9_.-]+", "_", args.dataset).strip("._"))
     if args.overwrite:
         if state.is_main_process:
             shards.clear_output(out)
