@@ -152,13 +152,92 @@ def build_accelerator(args: argparse.Namespace, log_with: str | None):
     kwargs = {}
     if args.mixed_precision is not None:
         kwargs["mixed_precision"] = args.mixed_precision
-    return Accelerator(
+    acc = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=log_with,
         project_config=project,
         kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=args.timeout_minutes))],
+        cpu=_cpu_only_launch(),
         **kwargs,
     )
+    _fix_deepspeed_cpu_ranks(acc)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and acc.num_processes != launched:
+        raise ConfigError(f"launched as {launched} processes but accelerate formed a group of {acc.num_processes}: "
+                          f"each process would train alone and overwrite the others' checkpoints. On a CPU-only "
+                          f"machine set ACCELERATE_USE_CPU=true (see docs/CLUSTER.md)")
+    return acc
+
+
+def _fix_deepspeed_cpu_ranks(acc) -> None:
+    """DeepSpeed on CPU (DS_ACCELERATOR=cpu, used to test the ZeRO path without GPUs): deepspeed.comm forms the
+    gloo group of all ranks, but accelerate (1.x) finds no GPU backend and records every process as "rank 0 of 1"
+    (all would write the same checkpoint files and read the same data). Correct accelerate's shared state from
+    the process group that really exists. No effect on GPUs, where accelerate reports the ranks itself."""
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.DEEPSPEED or not dist.is_initialized():
+        return
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if acc.num_processes == world:
+        return
+    fix = {"num_processes": world, "process_index": rank,
+           "local_process_index": int(os.environ.get("LOCAL_RANK", rank))}
+    PartialState._shared_state.update(fix)
+    AcceleratorState._shared_state.update(fix)
+
+
+def _fill_deepspeed_config(acc, args: argparse.Namespace) -> torch.dtype | None:
+    """Under DeepSpeed the trainer's flags decide batch, accumulation and clipping (not the yaml's values).
+
+    accelerate infers ``train_micro_batch_size_per_gpu`` only from dataloaders passed to ``prepare``; the loop
+    builds its own deterministic per-rank batches, so it must be set here, or ``prepare`` raises. Returns the
+    dtype floating inputs must be cast to: DeepSpeed bf16/fp16 casts the model itself (no autocast), so float32
+    images would meet bf16 conv weights.
+    """
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return None
+    cfg = plugin.deepspeed_config
+    cfg["train_micro_batch_size_per_gpu"] = args.batch_size
+    cfg["gradient_accumulation_steps"] = args.gradient_accumulation_steps
+    cfg["gradient_clipping"] = float(args.max_grad_norm)  # 0: no clipping
+    cfg.pop("train_batch_size", None)  # recomputed by accelerate from the three values above
+    acc.gradient_accumulation_steps = args.gradient_accumulation_steps
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if str(cfg.get(key, {}).get("enabled", False)).lower() == "true":
+            return dtype
+    return None
+
+
+def _cast_floats(batch, dtype: torch.dtype | None):
+    if dtype is None:
+        return batch
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_cast_floats(b, dtype) for b in batch)
+    return batch.to(dtype) if torch.is_tensor(batch) and batch.is_floating_point() else batch
+
+
+def _cpu_only_launch() -> bool:
+    """True for a multi-process launch on a machine without an accelerator (or when ACCELERATE_USE_CPU is set).
+
+    ``accelerate launch`` exports ACCELERATE_USE_CPU only from its single-process launcher: with a multi-process
+    config (``distributed_type: MULTI_GPU`` + ``use_cpu: true``, as in accelerate_configs/cpu_2proc.yaml) each
+    worker would otherwise see no GPU, skip the gloo process group and run as "rank 0 of 1". Never under
+    DeepSpeed: ``cpu=True`` switches accelerate's DeepSpeed integration off (DeepSpeed on CPU uses DS_ACCELERATOR).
+    """
+    from accelerate.utils import parse_flag_from_env
+
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return False
+    if parse_flag_from_env("ACCELERATE_USE_CPU"):
+        return True
+    has_accel = torch.cuda.is_available()
+    if not has_accel and hasattr(torch, "accelerator"):
+        has_accel = torch.accelerator.is_available()
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accel
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup: int, total: int):
@@ -224,6 +303,7 @@ class TrainLoop:
         if args.max_steps:
             self.total_steps = min(self.total_steps, args.max_steps)
         self.scheduler = make_scheduler(optimizer, args.lr_schedule, args.warmup_steps, self.total_steps)
+        self.input_dtype = _fill_deepspeed_config(acc, args)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         # Not prepared: accelerate would step a prepared scheduler num_processes times per call.
         acc.register_for_checkpointing(self.scheduler)
@@ -260,6 +340,10 @@ class TrainLoop:
     @property
     def unwrapped_model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
+
+    def cast_inputs(self, batch):
+        """Floating tensors of ``batch`` in the dtype the model computes in (bf16/fp16 under DeepSpeed)."""
+        return _cast_floats(batch, self.input_dtype)
 
     @property
     def is_main(self) -> bool:
@@ -353,7 +437,7 @@ class TrainLoop:
                 t0, seen = time.perf_counter(), 0
                 batches = task.epoch_batches(epoch, self.state.batches_done, self.rank, self.world_size)
                 for batch in batches:
-                    batch = send_to_device(batch, acc.device)
+                    batch = _cast_floats(send_to_device(batch, acc.device), self.input_dtype)
                     with acc.accumulate(self.model):
                         with acc.autocast():
                             loss, logs = task.compute_loss(self.model, batch)
@@ -366,7 +450,9 @@ class TrainLoop:
                         if finite:
                             acc.backward(loss)
                             if acc.sync_gradients and args.max_grad_norm > 0:
-                                logs["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm))
+                                norm = acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+                                if norm is not None:  # DeepSpeed clips inside its step: None before the first
+                                    logs["grad_norm"] = float(norm)
                             self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     self.state.batches_done += 1

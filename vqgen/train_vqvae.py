@@ -77,7 +77,7 @@ class VQVAETask:
         for x, _ in dl:
             x = x.to(loop.accelerator.device)
             with loop.accelerator.autocast():
-                out = model(x)
+                out = model(loop.cast_inputs(x))
             recon = out.recon.float().clamp(-1, 1)
             meter.update(x, recon, out.indices)
             if grid_x is None:
