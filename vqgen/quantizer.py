@@ -1,0 +1,267 @@
+"""Vector quantiser with an EMA codebook (VQ-VAE-2 / Sonnet ``VectorQuantizerEMA``), made robust for training.
+
+Adapted from: Sonnet v2 ``VectorQuantizerEMA`` and MONAI ``EMAQuantizer`` (EMA update with Laplace smoothing),
+OpenAI Jukebox ``vqvae/bottleneck.py`` (codebook initialised from encoder outputs, dead codes restarted from
+random encoder outputs, EMA usage threshold), EnCodec ``quantization/core_vq.py`` (k-means initialisation on the
+first batch).
+
+What this adds over MONAI's quantizer:
+
+* **fp32 always.** Distances, the EMA statistics and the codebook are fp32 even under ``torch.autocast`` (autocast
+  is disabled inside and inputs are ``.float()``-ed) and even after ``model.half()``/``.bfloat16()`` (the codebook
+  buffers refuse to be cast, see :meth:`VectorQuantizerEMA._apply`).
+* **Data initialisation.** On the first training forward the codebook is set from that batch's encoder outputs:
+  ``K`` distinct random vectors refined by ``init_kmeans_iters`` Lloyd iterations (k-means-lite). A randomly
+  initialised codebook far from the encoder's output range is the classic cause of codebook collapse (one or a few
+  codes win everything); starting on the data avoids it. Under torch.distributed rank 0 computes it and
+  broadcasts, so every rank starts identical.
+* **Identical codebooks on every rank.** Per-batch counts and sums are all-reduced before the EMA update; the
+  restart candidates are drawn on rank 0 and ride in the same all_reduce (other ranks add zeros): one collective
+  per training step.
+* **No host syncs in the training step** (after the one-off initialisation): the restart decision is a device-side
+  mask, so the step stays torch.compile / CUDA-graph friendly and never stalls the GPU queue.
+* **Dead-code restart.** Every ``restart_every`` training steps, codes whose EMA usage (``cluster_size``, in
+  assignments per step) is below ``dead_code_threshold`` are moved to random encoder outputs of the current batch,
+  and their EMA statistics are reset to a fresh, light cluster (size = threshold) so they adapt quickly.
+* **Usage/perplexity.** ``usage`` counts assignments since :meth:`reset_usage` (training mode only, global over
+  ranks); perplexity is ``exp(entropy)`` of the batch's average code distribution.
+
+Eval mode is purely functional: no buffer changes, no collectives.
+Under torch.distributed every rank must run the same number of *training* forwards (they all-reduce).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+class QuantizerOutput(NamedTuple):
+    quantized: torch.Tensor   # (B, D, H, W) straight-through: forward = codes, backward = identity to z
+    loss: torch.Tensor        # scalar fp32: commitment_cost * mse(z, sg(q))
+    indices: torch.Tensor     # (B, H, W) long
+    perplexity: torch.Tensor  # scalar fp32, this (local) batch
+    counts: torch.Tensor      # (K,) long, this (local) batch's assignments per code
+
+
+def _dist_world() -> int:
+    """World size when torch.distributed is initialised, else 1."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _is_rank0() -> bool:
+    return _dist_world() == 1 or dist.get_rank() == 0
+
+
+def _broadcast_(t: torch.Tensor) -> torch.Tensor:
+    if _dist_world() > 1:
+        dist.broadcast(t, src=0)
+    return t
+
+
+class VectorQuantizerEMA(nn.Module):
+    """EMA vector quantiser. Input ``z`` (B, D, H, W) → :class:`QuantizerOutput`.
+
+    Buffers (all fp32 unless noted; persistent ones are part of exports):
+        ``embedding`` (K, D) the codebook; ``cluster_size`` (K,) EMA of assignments per step; ``embed_sum`` (K, D)
+        EMA of summed assigned vectors; ``initialized`` (bool); ``step`` (long, training forwards so far);
+        ``usage`` (K,) non-persistent assignment counts since :meth:`reset_usage`; ``restarts`` (long,
+        non-persistent) total dead-code restarts, for logging.
+    """
+
+    _FP32_BUFFERS = ("embedding", "cluster_size", "embed_sum", "usage")
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25, decay: float = 0.99,
+                 epsilon: float = 1e-5, dead_code_threshold: float = 1.0, restart_every: int = 10,
+                 init_kmeans_iters: int = 10):
+        super().__init__()
+        self.num_embeddings = int(num_embeddings)
+        self.embedding_dim = int(embedding_dim)
+        self.commitment_cost = float(commitment_cost)
+        self.decay = float(decay)
+        self.epsilon = float(epsilon)
+        self.dead_code_threshold = float(dead_code_threshold)
+        self.restart_every = int(restart_every)
+        self.init_kmeans_iters = int(init_kmeans_iters)
+        K, D = self.num_embeddings, self.embedding_dim
+        # Placeholder codebook until the first training batch initialises it (also what an untrained model uses).
+        self.register_buffer("embedding", torch.randn(K, D))
+        self.register_buffer("cluster_size", torch.ones(K))
+        self.register_buffer("embed_sum", self.embedding.clone())
+        # (1,)-shaped rather than 0-dim: export_fingerprint views every tensor as bytes, which 0-dim tensors refuse.
+        self.register_buffer("initialized", torch.zeros(1, dtype=torch.bool))
+        self.register_buffer("step", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("usage", torch.zeros(K), persistent=False)
+        self.register_buffer("restarts", torch.zeros(1, dtype=torch.long), persistent=False)  # total, for logging
+        # Host-side mirror of `initialized` so the hot path never syncs with the device (re-read after loading).
+        self._host_initialized: bool | None = None
+
+    def extra_repr(self) -> str:
+        return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
+                f"commitment_cost={self.commitment_cost}, decay={self.decay}, "
+                f"dead_code_threshold={self.dead_code_threshold}, restart_every={self.restart_every}")
+
+    # ---- keep the codebook fp32 whatever the module is cast to ------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        before = {n: self._buffers[n] for n in self._FP32_BUFFERS if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if new.dtype != torch.float32:  # e.g. model.half(): keep the fp32 values, follow only the device
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_initialized = None
+
+    # ---- lookups (no state change) ---------------------------------------------------------------------------
+    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest code for each row of ``flat`` (N, D), in fp32. Ties → lowest index."""
+        with torch.autocast(device_type=flat.device.type, enabled=False):
+            return self._nearest_to(flat.float(), self.embedding)
+
+    def indices_of(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) → (B, H, W) long code indices. Never touches the EMA state."""
+        B, D, H, W = z.shape
+        flat = z.detach().permute(0, 2, 3, 1).reshape(-1, D)
+        return self.nearest(flat).view(B, H, W)
+
+    def embed(self, indices: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) long → (B, D, H, W) fp32 codes (a channels-last view: no copy)."""
+        return F.embedding(indices, self.embedding).permute(0, 3, 1, 2)
+
+    # ---- usage ------------------------------------------------------------------------------------------------
+    def usage_fraction(self) -> float:
+        """Fraction of codes used at least once (training forwards) since the last :meth:`reset_usage`."""
+        return float((self.usage > 0).float().mean())
+
+    def reset_usage(self) -> None:
+        self.usage.zero_()
+
+    @staticmethod
+    def perplexity_from_counts(counts: torch.Tensor) -> torch.Tensor:
+        """exp(entropy) of the average code distribution; equals K for a uniform assignment over K codes."""
+        p = counts.float() / counts.sum().clamp_min(1).float()
+        return torch.exp(torch.special.entr(p).sum())
+
+    # ---- forward ---------------------------------------------------------------------------------------------
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        if z.dim() != 4 or z.shape[1] != self.embedding_dim:
+            raise ValueError(f"quantizer expects (B, {self.embedding_dim}, H, W), got {tuple(z.shape)}")
+        B, D, H, W = z.shape
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            zf = z.float()
+            flat = zf.detach().permute(0, 2, 3, 1).reshape(-1, D)  # (N, D); a view when z is channels-last
+            if self.training and not self._is_initialized():
+                self.init_codebook(flat)
+            idx = self.nearest(flat)                               # (N,)
+            # (K,) local counts; index_add_ rather than bincount, which syncs with the GPU to size its output.
+            counts = torch.zeros(self.num_embeddings, dtype=torch.long, device=idx.device).index_add_(
+                0, idx, torch.ones_like(idx))
+            q = F.embedding(idx, self.embedding).view(B, H, W, D).permute(0, 3, 1, 2)  # pre-update codes
+            if self.training:
+                self._train_update(flat, idx, counts)
+            loss = self.commitment_cost * F.mse_loss(zf, q)        # q carries no grad: sg(q)
+            q_st = zf + (q - zf).detach()                           # straight-through estimator
+            perplexity = self.perplexity_from_counts(counts)
+        return QuantizerOutput(q_st.to(z.dtype), loss, idx.view(B, H, W), perplexity, counts)
+
+    # ---- training-only state updates -------------------------------------------------------------------------
+    @torch.compiler.disable
+    def _read_initialized(self) -> bool:
+        return bool(self.initialized)
+
+    def _is_initialized(self) -> bool:
+        if self._host_initialized is None:
+            self._host_initialized = self._read_initialized()
+        return self._host_initialized
+
+    @torch.compiler.disable  # one-off, data-dependent (k-means loop); runs eagerly under torch.compile
+    @torch.no_grad()
+    def init_codebook(self, flat: torch.Tensor) -> None:
+        """Set the codebook from encoder outputs ``flat`` (N, D): K random rows + k-means-lite (rank 0, broadcast)."""
+        K = self.num_embeddings
+        emb = torch.empty_like(self.embedding)
+        size = torch.empty_like(self.cluster_size)
+        if _is_rank0():
+            flat = flat.float()
+            emb.copy_(self._sample_rows(flat, K))
+            for _ in range(self.init_kmeans_iters):
+                idx = self._nearest_to(flat, emb)
+                n = torch.bincount(idx, minlength=K).float()
+                sums = torch.zeros_like(emb).index_add_(0, idx, flat)
+                keep = n > 0  # empty clusters keep their previous centre
+                emb[keep] = sums[keep] / n[keep, None]
+            idx = self._nearest_to(flat, emb)
+            size.copy_(torch.bincount(idx, minlength=K).float().clamp_min(1.0))
+        _broadcast_(emb)
+        _broadcast_(size)
+        self.embedding.copy_(emb)
+        self.cluster_size.copy_(size)
+        self.embed_sum.copy_(emb * size[:, None])
+        self.initialized.fill_(True)
+        self._host_initialized = True
+
+    @staticmethod
+    def _nearest_to(flat: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        # argmin ||x - e||^2 = argmin (||e||^2 - 2 x.e): ||x||^2 is constant per row.   (N, K) -> (N,)
+        return torch.addmm((emb * emb).sum(1), flat, emb.t(), beta=1.0, alpha=-2.0).argmin(1)
+
+    @staticmethod
+    def _sample_rows(flat: torch.Tensor, n: int) -> torch.Tensor:
+        """``n`` random rows of ``flat``: distinct when possible, else with replacement plus tiny noise."""
+        N, D = flat.shape
+        if N >= n:
+            return flat[torch.randperm(N, device=flat.device)[:n]].clone()
+        rows = flat[torch.randint(N, (n,), device=flat.device)]
+        std = flat.std().clamp_min(1e-3) * 0.01 if N > 1 else torch.tensor(0.01, device=flat.device)
+        return rows + torch.randn_like(rows) * std
+
+    @torch.no_grad()
+    def _train_update(self, flat: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> None:
+        """EMA update from this step's (all-reduced) statistics, then the periodic dead-code restart.
+
+        No host syncs and no data-dependent shapes (torch.compile / CUDA-graph friendly): the restart decision
+        is a device-side mask, and the candidate vectors (K random encoder outputs, drawn on rank 0) ride in the
+        same all_reduce as the statistics (other ranks contribute zeros), so every rank gets rank 0's draw.
+        """
+        K, D = self.num_embeddings, self.embedding_dim
+        restarts = self.dead_code_threshold > 0
+        # (K, D | 1 | D): summed vectors, counts, restart candidates — one collective per step.
+        stats = torch.zeros(K, 2 * D + 1 if restarts else D + 1, device=flat.device, dtype=torch.float32)
+        stats[:, :D].index_add_(0, idx, flat)
+        stats[:, D] = counts.float()
+        if restarts and _is_rank0():
+            stats[:, D + 1:] = self._sample_rows(flat, K)
+        if _dist_world() > 1:
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+        batch_sum, batch_counts = stats[:, :D], stats[:, D]
+
+        self.cluster_size.mul_(self.decay).add_(batch_counts, alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(batch_sum, alpha=1 - self.decay)
+        # Laplace smoothing keeps the division finite for (nearly) unused codes.
+        n = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.epsilon) / (n + K * self.epsilon) * n
+        self.embedding.copy_(self.embed_sum / smoothed[:, None])
+        self.usage.add_(batch_counts)
+        self.step.add_(1)
+
+        if restarts:
+            # Dead = EMA usage below the threshold, checked every `restart_every` steps. A restarted code sits on
+            # a random encoder output with a light cluster (size = threshold) so it moves fast; it survives the
+            # next check only if it wins about `threshold` vectors per step.
+            due = (self.step % self.restart_every) == 0                         # (1,) bool
+            dead = (self.cluster_size < self.dead_code_threshold) & due         # (K,)
+            new = stats[:, D + 1:]
+            c = max(self.dead_code_threshold, self.epsilon)
+            self.cluster_size.copy_(torch.where(dead, torch.full_like(self.cluster_size, c), self.cluster_size))
+            self.embed_sum.copy_(torch.where(dead[:, None], new * c, self.embed_sum))
+            self.embedding.copy_(torch.where(dead[:, None], new, self.embedding))
+            self.restarts.add_(dead.sum())
