@@ -443,10 +443,16 @@ class TrainLoop:
                             loss, logs = task.compute_loss(self.model, batch)
                         # One tiny all-reduce decides, identically on every rank, whether this step is skipped
                         # (non-finite loss somewhere) and whether a stop was requested (signal / stop file).
-                        flags = torch.stack([(~torch.isfinite(loss.detach())).float().reshape(()),
-                                             torch.tensor(float(self._stop_requested(sig)), device=loss.device)])
+                        # The same all-reduce carries the loss, so the logged loss is the global-batch mean
+                        # (ranks hold equal batch sizes), not rank 0's share: comparable across world sizes.
+                        local = loss.detach().float().reshape(())
+                        ok = torch.isfinite(local)
+                        flags = torch.stack([(~ok).float(),
+                                             torch.tensor(float(self._stop_requested(sig)), device=loss.device),
+                                             torch.where(ok, local, torch.zeros_like(local))])
                         flags = acc.reduce(flags, "sum")
                         finite, stop_now = bool(flags[0] == 0), bool(flags[1] > 0)
+                        global_loss = float(flags[2]) / self.world_size
                         if finite:
                             acc.backward(loss)
                             if acc.sync_gradients and args.max_grad_norm > 0:
@@ -474,8 +480,8 @@ class TrainLoop:
                     self.scheduler.step()
                     self.state.global_step += 1
                     bar.update(1)
-                    logs.update(loss=float(loss.detach()), lr=self.scheduler.get_last_lr()[0], epoch=epoch)
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "perplexity", "bpt")})
+                    logs.update(loss=global_loss, lr=self.scheduler.get_last_lr()[0], epoch=epoch)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "perplexity", "bpt")}, refresh=False)
                     if self.state.global_step % 10 == 0 or self.state.global_step == 1:
                         logs["samples_per_s"] = seen * self.world_size / max(1e-9, time.perf_counter() - t0)
                         self.log(logs)
