@@ -206,7 +206,7 @@ def test_extract_and_prior_two_processes_fewer_shards_than_readers(stage1, tmp_p
 @pytest.mark.distributed
 @pytest.mark.timeout(120)
 def test_reader_fewer_shards_than_ranks_times_workers(tmp_path):
-    """1 shard, 3 ranks x 3 workers: equal batch counts on every rank, every sample once, no hang."""
+    """1 shard, 3 ranks x 2 workers: equal batch counts on every rank, every sample once, no hang."""
     settings = {"tokenizer_sha256": "b" * 64, "dataset": "synthetic", "split": "train", "num_samples": 40}
     w = shards.RankShardWriter(tmp_path, "train", 0, settings, 100, (2, 2), shards.token_dtype(16))
     w.resume()
@@ -218,7 +218,7 @@ def test_reader_fewer_shards_than_ranks_times_workers(tmp_path):
     shards.merge_manifest(tmp_path, "train", 1, header, {"transforms": {}, "hflip": False}, expected_total=40)
     counts = []
     for rank in range(3):
-        loader = shards.make_token_loader(tmp_path, "train", batch_size=4, rank=rank, world_size=3, num_workers=3,
+        loader = shards.make_token_loader(tmp_path, "train", batch_size=4, rank=rank, world_size=3, num_workers=2,
                                           shuffle_buffer=8)
         batches = list(loader)
         counts.append((len(loader), len(batches), sum(t.shape[0] for t, _ in batches)))
