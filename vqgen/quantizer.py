@@ -20,9 +20,11 @@ What this adds over MONAI's quantizer:
   per training step.
 * **No host syncs in the training step** (after the one-off initialisation): the restart decision is a device-side
   mask, so the step stays torch.compile / CUDA-graph friendly and never stalls the GPU queue.
-* **Dead-code restart.** Every ``restart_every`` training steps, codes whose EMA usage (``cluster_size``, in
-  assignments per step) is below ``dead_code_threshold`` are moved to random encoder outputs of the current batch,
-  and their EMA statistics are reset to a fresh, light cluster (size = threshold) so they adapt quickly.
+* **Dead-code restart.** Every ``restart_every`` training steps, codes that won fewer than
+  ``dead_code_threshold`` assignments per step over that window are moved to random encoder outputs of the current batch,
+  and their EMA statistics are reset to a fresh, light cluster (size = threshold) so they adapt quickly. The
+  outputs are drawn with probability proportional to their quantisation error (k-means++ style), so restarted
+  codes land where the codebook is worst rather than in the densest (already covered) region.
 * **Usage/perplexity.** ``usage`` counts assignments since :meth:`reset_usage` (training mode only, global over
   ranks); perplexity is ``exp(entropy)`` of the batch's average code distribution.
 
@@ -75,7 +77,7 @@ class VectorQuantizerEMA(nn.Module):
         non-persistent) total dead-code restarts, for logging.
     """
 
-    _FP32_BUFFERS = ("embedding", "cluster_size", "embed_sum", "usage")
+    _FP32_BUFFERS = ("embedding", "cluster_size", "embed_sum", "window_counts", "usage")
 
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25, decay: float = 0.99,
                  epsilon: float = 1e-5, dead_code_threshold: float = 1.0, restart_every: int = 10,
@@ -97,6 +99,8 @@ class VectorQuantizerEMA(nn.Module):
         # (1,)-shaped rather than 0-dim: export_fingerprint views every tensor as bytes, which 0-dim tensors refuse.
         self.register_buffer("initialized", torch.zeros(1, dtype=torch.bool))
         self.register_buffer("step", torch.zeros(1, dtype=torch.long))
+        # Assignments since the last dead-code check: dead = fewer than threshold x restart_every in the window.
+        self.register_buffer("window_counts", torch.zeros(K))
         self.register_buffer("usage", torch.zeros(K), persistent=False)
         self.register_buffer("restarts", torch.zeros(1, dtype=torch.long), persistent=False)  # total, for logging
         # Host-side mirror of `initialized` so the hot path never syncs with the device (re-read after loading).
@@ -224,6 +228,16 @@ class VectorQuantizerEMA(nn.Module):
         std = flat.std().clamp_min(1e-3) * 0.01 if N > 1 else torch.tensor(0.01, device=flat.device)
         return rows + torch.randn_like(rows) * std
 
+    def _restart_candidates(self, flat: torch.Tensor, idx: torch.Tensor, n: int) -> torch.Tensor:
+        """``n`` encoder outputs drawn with probability proportional to their squared quantisation error.
+
+        Uniform draws mostly land in the densest region (e.g. the background of digit images), right next to a
+        code that already wins there, so the restarted code dies again; error-weighted draws (k-means++ seeding)
+        put dead codes where the codebook represents the data worst. No host sync (multinomial on device).
+        """
+        err = (flat - self.embedding[idx]).pow(2).sum(1) + 1e-12    # (N,)
+        return flat[torch.multinomial(err, n, replacement=True)]
+
     @torch.no_grad()
     def _train_update(self, flat: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> None:
         """EMA update from this step's (all-reduced) statistics, then the periodic dead-code restart.
@@ -239,7 +253,7 @@ class VectorQuantizerEMA(nn.Module):
         stats[:, :D].index_add_(0, idx, flat)
         stats[:, D] = counts.float()
         if restarts and _is_rank0():
-            stats[:, D + 1:] = self._sample_rows(flat, K)
+            stats[:, D + 1:] = self._restart_candidates(flat, idx, K)
         if _dist_world() > 1:
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         batch_sum, batch_counts = stats[:, :D], stats[:, D]
@@ -251,14 +265,18 @@ class VectorQuantizerEMA(nn.Module):
         smoothed = (self.cluster_size + self.epsilon) / (n + K * self.epsilon) * n
         self.embedding.copy_(self.embed_sum / smoothed[:, None])
         self.usage.add_(batch_counts)
+        self.window_counts.add_(batch_counts)
         self.step.add_(1)
 
         if restarts:
             # Dead = EMA usage below the threshold, checked every `restart_every` steps. A restarted code sits on
             # a random encoder output with a light cluster (size = threshold) so it moves fast; it survives the
             # next check only if it wins about `threshold` vectors per step.
+            # The window counts react within `restart_every` steps; the EMA alone (decay 0.99) takes hundreds of
+            # steps to fall below the threshold, far too slow for short runs.
             due = (self.step % self.restart_every) == 0                         # (1,) bool
-            dead = (self.cluster_size < self.dead_code_threshold) & due         # (K,)
+            dead = (self.window_counts < self.dead_code_threshold * self.restart_every) & due  # (K,)
+            self.window_counts.mul_((~due).float())
             new = stats[:, D + 1:]
             c = max(self.dead_code_threshold, self.epsilon)
             self.cluster_size.copy_(torch.where(dead, torch.full_like(self.cluster_size, c), self.cluster_size))
