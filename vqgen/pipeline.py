@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--attn_layers_dim", type=int, default=96, help="prior width")
     a("--attn_layers_depth", type=int, default=12, help="prior depth")
     a("--attn_layers_heads", type=int, default=8, help="prior attention heads")
+    a("--attn_dropout", type=float, default=0.0, help="prior dropout")
     a("--checkpoint", default=None, help="tokenizer export for --sample (default: <output_dir>/vqvae/export)")
     a("--checkpoint_t", default=None, help="prior export for --sample (default: <output_dir>/prior/export)")
     a("--num_samples", type=int, default=16, help="images to sample")
@@ -116,7 +117,8 @@ def prior_argv(args, d: dict[str, Path]) -> list[str]:
     return ["--shards", str(d["shards"]), "--checkpoint", str(d["vqvae"] / "export"),
             *_common_training(args, d["prior"]), "--n_epochs_t", str(args.n_epochs_t), "--lr_t", str(args.lr_t),
             "--attn_layers_dim", str(args.attn_layers_dim), "--attn_layers_depth", str(args.attn_layers_depth),
-            "--attn_layers_heads", str(args.attn_layers_heads), "--num_samples", str(args.num_samples),
+            "--attn_layers_heads", str(args.attn_layers_heads), "--attn_dropout", str(args.attn_dropout),
+            "--num_samples", str(args.num_samples),
             "--temperature", str(args.temperature), "--cfg_scale", str(args.cfg_scale),
             *(["--top_k", str(args.top_k)] if args.top_k else [])]
 
