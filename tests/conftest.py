@@ -23,3 +23,29 @@ if str(ROOT) not in sys.path:
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
+
+
+def tiny_vqvae(seed=0, k=32):
+    """An untrained 16x16 -> 4x4 tokenizer with k codes (fast; for tests that need a real export)."""
+    import torch
+    from vqgen.vqvae import VQVAE, VQVAEConfig
+    torch.manual_seed(seed)
+    cfg = VQVAEConfig(in_channels=1, image_size=16, num_channels=(8, 8), num_res_channels=(8, 8), num_res_layers=1,
+                      downsample_parameters=((2, 4, 1, 1), (2, 4, 1, 1)),
+                      upsample_parameters=((2, 4, 1, 1, 0), (2, 4, 1, 1, 0)), num_embeddings=k, embedding_dim=4)
+    return VQVAE(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def stage2(tmp_path_factory):
+    """``d/tok``: a tiny tokenizer export; ``d/shards``: its digits token shards (train 3 shards, test 1)."""
+    from vqgen import extract
+    from vqgen.cli import run_cli
+
+    d = tmp_path_factory.mktemp("stage2")
+    tiny_vqvae().export_to(d / "tok")
+    argv = ["--checkpoint", str(d / "tok"), "--dataset", "digits", "--data_dir", str(d / "data"), "--output",
+            str(d / "shards"), "--split", "train", "test", "--batch_size", "512", "--shard_size", "500",
+            "--no_progress"]
+    assert run_cli(extract.main, extract.build_parser(), argv) == 0
+    return d

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
-from .fsutil import atomic_directory
+from .fsutil import atomic_directory, disk_full_guard, recover_directory
 
 EXPORT_FORMAT = "vqgen-export"
 EXPORT_FORMAT_VERSION = 1
@@ -82,7 +82,8 @@ def save_export(out_dir: str | os.PathLike, kind: str, config: dict, state_dict:
         "meta": meta or {},
         "sha256": sha,
     }
-    with atomic_directory(out_dir) as tmp:
+    with disk_full_guard(f"the export {out_dir}", "the previous export (if any) is intact"), \
+            atomic_directory(out_dir) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": EXPORT_FORMAT, "kind": kind})
         (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return sha
@@ -91,14 +92,15 @@ def save_export(out_dir: str | os.PathLike, kind: str, config: dict, state_dict:
 def _resolve_export_dir(path: Path) -> Path:
     if path.is_file() and path.name in (CONFIG_NAME, WEIGHTS_NAME):
         return path.parent
-    if path.is_dir() and not (path / CONFIG_NAME).exists() and (path / "export" / CONFIG_NAME).exists():
-        return path / "export"  # a run's output_dir
+    run_export = recover_directory(path / "export")
+    if path.is_dir() and not (path / CONFIG_NAME).exists() and (run_export / CONFIG_NAME).exists():
+        return run_export  # a run's output_dir
     return path
 
 
 def load_export(path: str | os.PathLike, expected_kind: str | None = None) -> Export:
     """Load an export directory (or a run dir holding ``export/``, or a legacy .pt/.pth file)."""
-    path = Path(path)
+    path = recover_directory(path)  # a writer killed between its two renames left only .<name>.old
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path} (pass an export folder written by training, "
                               f"e.g. runs/<name>/export)")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Callable, Sequence
 
 from .errors import VQGenError
+from .fsutil import is_disk_full
 
 
 def int_list(text: str) -> list[int]:
@@ -32,14 +34,38 @@ def positive_int(text: str) -> int:
     return v
 
 
+def _strip_worker_traceback(msg: str) -> str:
+    """A VQGenError raised in a DataLoader worker arrives as "Caught X in DataLoader worker process 0.\\nOriginal
+    Traceback ...": keep only the original message (its last line), no traceback wall."""
+    if "Original Traceback" in msg:
+        lines = [ln for ln in msg.strip().splitlines() if ln.strip()]
+        last = lines[-1]
+        m = re.match(r"^[A-Za-z_][\w.]*(?:Error|Exception|Aborted): (.*)$", last)
+        return m.group(1) if m else last
+    return msg
+
+
 def run_cli(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
             argv: Sequence[str] | None = None) -> int:
-    """Parse flags and run ``main(args)``; a :class:`VQGenError` prints ``error: ...`` and exits 2, no traceback."""
+    """Parse flags and run ``main(args)``; a :class:`VQGenError` prints ``error: ...`` and exits 2, no traceback.
+
+    A full disk (ENOSPC/EDQUOT, also as wrapped by torch.save/safetensors) is a user problem too: one clear line,
+    exit 2. Every vqgen write is atomic (temp + rename), so the previous state is intact.
+    """
     args = parser.parse_args(argv)
     try:
         main(args)
     except VQGenError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
+        print(f"{parser.prog}: error: {_strip_worker_traceback(str(e))}", file=sys.stderr, flush=True)
+        return 2
+    except Exception as e:  # noqa: BLE001 - only a full disk is handled here; anything else keeps its traceback
+        if not is_disk_full(e):
+            raise
+        where = getattr(e, "filename", None)
+        print(f"{parser.prog}: error: disk full while writing{f' {where}' if where else ''} ({e.__class__.__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else 'no space left'}); vqgen replaces files atomically, so the "
+              f"previous checkpoints, exports and shards are intact. Free some space and rerun (training: "
+              f"--resume latest)", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr, flush=True)

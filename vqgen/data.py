@@ -8,8 +8,13 @@ Inputs accepted by :func:`build_dataset`:
   * a registry name (:data:`DATASETS`); ``"digits"`` is the offline demo set (scikit-learn, no download);
   * a local image folder: images anywhere below it; if *all* images sit in subfolders, the label is the index of
     the top-level subfolder in sorted order, else -1. If the folder has ``train/`` / ``val/`` / ``test/``
-    subfolders the requested split is taken from them, otherwise the whole folder serves every split. Files that
-    PIL cannot open are skipped when the index is built (one warning with the count);
+    subfolders the requested split is taken from them, otherwise the whole folder serves every split. Images may
+    differ in size and mode (L, RGB, RGBA, P, I;16...): each is converted to the wanted channels and resized +
+    center-cropped by the one transform above. Files that PIL cannot open and verify() are skipped when the index
+    is built (one warning with the count, also recorded as ``skipped_unreadable``). A file that passes verify()
+    but fails to decode later (a truncated JPEG: verify() does not decode the data) is *not* skipped, because
+    item i must stay item i for exact resume and exactly-once extraction: loading it raises
+    :class:`DatasetUnavailableError` naming the file (delete or replace it and rerun);
   * ``hf:<hub id or local path>`` or a local folder written by ``datasets.save_to_disk``: Hugging Face
     ``datasets`` (image column ``image``/``img`` or any ``Image`` feature, label column ``label``/``labels``);
   * WebDataset urls (``wds:<url>``, ``*.tar`` or ``{000..009}`` brace patterns): an IterableDataset decoding
@@ -313,9 +318,16 @@ class ImageFileDataset(Dataset):
 
     def __getitem__(self, i):
         from PIL import Image
-        with Image.open(self.files[i]) as img:
-            img.load()
-            return self.transform(img), self.labels[i]
+        try:
+            with Image.open(self.files[i]) as img:
+                img.load()
+                return self.transform(img), self.labels[i]
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            # Passed the header check at indexing time (e.g. a truncated JPEG: verify() does not decode) but
+            # fails to decode. Not skipped: item i must stay item i (exact resume, exactly-once extraction).
+            raise DatasetUnavailableError(
+                f"cannot decode image file {self.files[i]} ({type(e).__name__}: {e}); it passed the quick check "
+                f"when the folder was indexed but is truncated or corrupt. Delete or replace it and rerun") from None
 
 
 def _readable(files: list[Path], where) -> list[bool]:

@@ -28,3 +28,7 @@ class ShardError(VQGenError, ValueError):
 
 class TrainingAborted(VQGenError, RuntimeError):
     """Training stopped on purpose (e.g. too many consecutive non-finite losses)."""
+
+
+class DiskFullError(VQGenError, RuntimeError):
+    """The disk (or quota) filled up while writing; what was written before is intact (atomic writes)."""

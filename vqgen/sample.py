@@ -112,6 +112,6 @@ def main(args: argparse.Namespace) -> Path:
         np.save(buf, labels.cpu().numpy())
         atomic_write_bytes(out / "labels.npy", buf.getvalue())
     grid = out / "grid.png"
-    save_image_grid(images, grid, nrow=int(math.ceil(math.sqrt(len(images)))))
+    save_image_grid(images, grid, nrow=int(math.ceil(math.sqrt(len(images)))), min_cell=48)
     print(f"wrote {len(images)} samples: {grid} (+ {out / 'images'}/, {out / 'tokens.npy'})", flush=True)
     return grid

@@ -167,8 +167,13 @@ def decode_to_images(tokenizer, tokens: torch.Tensor, batch_size: int = 64) -> t
     return torch.cat(out)
 
 
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
-    """Save ``images (N, C, H, W)`` in [-1, 1] as one grid image, atomically (temp file + rename)."""
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
+                    min_cell: int | None = None) -> Path:
+    """Save ``images (N, C, H, W)`` in [-1, 1] as one grid image, atomically (temp file + rename).
+
+    ``min_cell``: for viewing grids of small images (16x16 digits), upscale each image by an integer factor
+    (nearest neighbour, pixels stay sharp) until it is at least this many pixels high.
+    """
     from PIL import Image
     from torchvision.utils import save_image
 
@@ -177,6 +182,9 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
     if fmt is None:
         raise ConfigError(f"cannot tell the image format of {path} (use .png)")
     nrow = nrow or max(1, math.ceil(math.sqrt(images.shape[0])))
+    if min_cell and images.shape[-2] < min_cell:
+        factor = math.ceil(min_cell / images.shape[-2])
+        images = torch.nn.functional.interpolate(images.detach().float().cpu(), scale_factor=factor, mode="nearest")
     buf = io.BytesIO()
     save_image(((images.detach().float().cpu() + 1) / 2).clamp(0, 1), buf, nrow=nrow, format=fmt)
     atomic_write_bytes(path, buf.getvalue())

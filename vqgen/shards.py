@@ -523,8 +523,11 @@ class TokenLoader:
 
     def __init__(self, stream: TokenShardStream, num_workers: int = 0):
         self.stream = stream
+        # Own generator: starting a DataLoader iterator draws its worker base seed from the *global* RNG unless
+        # given one, which would shift every later random draw (dropout...) of a resumed run.
         self.loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                                  persistent_workers=False)
+                                                  persistent_workers=False,
+                                                  generator=torch.Generator().manual_seed(stream.seed))
 
     def __len__(self) -> int:
         return len(self.stream)

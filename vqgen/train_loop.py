@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -35,8 +36,8 @@ import torch
 from torch import nn
 
 from .checkpoint import checkpoint_dirs, resolve_resume
-from .errors import CheckpointError, ConfigError, TrainingAborted
-from .fsutil import atomic_write_json, fsync_dir
+from .errors import CheckpointError, ConfigError, DiskFullError, TrainingAborted
+from .fsutil import atomic_write_json, fsync_dir, is_disk_full
 
 STATE_FILE = "vqgen_state.json"
 RUN_FILE = "run_config.json"
@@ -283,8 +284,12 @@ class TrainLoop:
         self.stop_file = args.stop_file or str(self.output_dir / "STOP")
         self.resume_dir = self._check_output_dir(json.loads(json.dumps(run_config)))
         log_with = None if args.no_wandb else "wandb"
+        _check_precision_request(args)
         self.accelerator = build_accelerator(args, log_with)
         acc = self.accelerator
+        _check_precision(acc)
+        if args.overwrite and not args.resume and _is_main_launch():
+            self._clear_output_dir()  # only now: every check that can refuse the run has passed
         self.world_size, self.rank = acc.num_processes, acc.process_index
         self.state = LoopState(world_size=self.world_size, batch_size=args.batch_size)
         self.run_config = json.loads(json.dumps(run_config))  # tuples -> lists, as saved
@@ -305,8 +310,9 @@ class TrainLoop:
         self.scheduler = make_scheduler(optimizer, args.lr_schedule, args.warmup_steps, self.total_steps)
         self.input_dtype = _fill_deepspeed_config(acc, args)
         self.model, self.optimizer = acc.prepare(model, optimizer)
-        # Not prepared: accelerate would step a prepared scheduler num_processes times per call.
-        acc.register_for_checkpointing(self.scheduler)
+        # Not prepared: accelerate would step a prepared scheduler num_processes times per call. Not registered
+        # for checkpointing either: accelerate pickles custom objects and loads them with weights_only=False (code
+        # execution on --resume). Its state goes into vqgen_state.json instead (see save_checkpoint).
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.output_dir / RUN_FILE, run_config)
@@ -329,13 +335,16 @@ class TrainLoop:
             if old.get("model") != run_config.get("model"):
                 raise CheckpointError(f"--resume: {out} was trained with another model config:\n  saved:   "
                                       f"{old.get('model')}\n  flags:   {run_config.get('model')}")
-        if args.overwrite and not args.resume and has_run and _is_main_launch():
-            for sub in ("checkpoints", "export", "samples"):
-                shutil.rmtree(out / sub, ignore_errors=True)
-            for f in (RUN_FILE, "metrics.jsonl"):
-                with contextlib.suppress(FileNotFoundError):
-                    (out / f).unlink()
         return resume_dir
+
+    def _clear_output_dir(self) -> None:
+        """--overwrite: remove what an earlier run wrote (checkpoints first: the folder stops being resumable)."""
+        out = self.output_dir
+        for sub in ("checkpoints", "export", ".export.old", "samples"):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        for f in (RUN_FILE, "metrics.jsonl"):
+            with contextlib.suppress(FileNotFoundError):
+                (out / f).unlink()
 
     @property
     def unwrapped_model(self) -> nn.Module:
@@ -361,6 +370,14 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/checkpoint-{step}`` crash-consistently.
+
+        Everything goes into ``.checkpoint-{step}.tmp`` (fsynced), ``vqgen_state.json`` last, then one rename
+        publishes it; a folder counts as a checkpoint only with ``vqgen_state.json`` (see
+        :func:`vqgen.checkpoint.checkpoint_dirs`). Folders being replaced or rotated out are first renamed to a
+        dot-name, then deleted, so a SIGKILL mid-delete never leaves a half-deleted folder that looks complete.
+        A full disk raises :class:`DiskFullError`; the temp folder is removed and older checkpoints stay intact.
+        """
         acc = self.accelerator
         root = self.output_dir / "checkpoints"
         final = root / f"checkpoint-{self.state.global_step}"
@@ -369,22 +386,54 @@ class TrainLoop:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp))  # every rank: DeepSpeed shards optimizer state per rank
-        acc.wait_for_everyone()
+        try:
+            acc.save_state(str(tmp))  # every rank: DeepSpeed shards optimizer state per rank
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                for f in tmp.rglob("*"):
+                    if f.is_file():
+                        with open(f, "rb") as fh:
+                            os.fsync(fh.fileno())
+                state = dataclasses.asdict(self.state)
+                state["scheduler"] = self.scheduler.state_dict()  # JSON, not pickle: resuming never unpickles code
+                atomic_write_json(tmp / STATE_FILE, state)
+        except BaseException as e:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if is_disk_full(e):
+                raise DiskFullError(f"disk full while writing checkpoint {final}; the previous checkpoints in {root} "
+                                    f"are intact. Free some space and rerun with --resume latest") from None
+            raise
         if acc.is_main_process:
-            atomic_write_json(tmp / STATE_FILE, dataclasses.asdict(self.state))
-            if final.exists():
-                shutil.rmtree(final)
+            if final.exists():  # same step saved twice (e.g. --checkpointing_steps hit at an epoch end)
+                _remove_dir(final)
             os.replace(tmp, final)
             fsync_dir(root)
             for old in checkpoint_dirs(self.output_dir)[:-self.args.checkpoints_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove_dir(old)
         acc.wait_for_everyone()
         return final
 
+    def _clean_stale_checkpoints(self) -> None:
+        """Remove ``.checkpoint-*.tmp`` / ``.*.del`` folders left by a run killed while saving or rotating."""
+        root = self.output_dir / "checkpoints"
+        if self.is_main and root.is_dir():
+            for d in root.iterdir():
+                if d.name.startswith(".checkpoint-") and d.name.endswith((".tmp", ".del")):
+                    shutil.rmtree(d, ignore_errors=True)
+
     def _load_checkpoint(self, path: Path) -> None:
-        saved = LoopState(**json.loads((path / STATE_FILE).read_text()))
+        raw = json.loads((path / STATE_FILE).read_text())
+        sched = raw.pop("scheduler", None)
+        saved = LoopState(**raw)
         self.accelerator.load_state(str(path))
+        if sched is not None:
+            self.scheduler.load_state_dict(sched)
+        else:  # checkpoints of older vqgen versions (scheduler pickled by accelerate, not loaded): replay it
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for _ in range(saved.global_step):
+                    self.scheduler.step()
         old_global = saved.batch_size * saved.world_size
         new_global = self.args.batch_size * self.world_size
         if saved.batches_done and (saved.batches_done * old_global) % new_global:
@@ -408,6 +457,7 @@ class TrainLoop:
         if self.is_main:  # a stop file left by an earlier, preempted run must not stop this one
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.stop_file)
+        self._clean_stale_checkpoints()
         acc.wait_for_everyone()
         if self.resume_dir is not None:
             self._load_checkpoint(self.resume_dir)
@@ -459,15 +509,21 @@ class TrainLoop:
                                 norm = acc.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
                                 if norm is not None:  # DeepSpeed clips inside its step: None before the first
                                     logs["grad_norm"] = float(norm)
-                            self.optimizer.step()
+                                    # fp32/bf16 (no grad scaler): a finite loss with inf/NaN gradients would
+                                    # poison the weights; the norm is of the all-reduced grads, so every rank
+                                    # agrees. With fp16 the scaler skips such steps itself (and lowers its scale).
+                                    if acc.scaler is None and not math.isfinite(logs["grad_norm"]):
+                                        finite = False
+                            if finite:
+                                self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     self.state.batches_done += 1
                     seen += _batch_len(batch)
                     if not finite:
                         consecutive_bad += 1
                         self.state.bad_steps_total += 1
-                        self.print(f"warning: non-finite loss at step {self.state.global_step} (skipped; "
-                                   f"{consecutive_bad} in a row)")
+                        self.print(f"warning: non-finite loss or gradients at step {self.state.global_step} "
+                                   f"(skipped; {consecutive_bad} in a row)")
                         if consecutive_bad >= args.max_bad_steps:
                             raise TrainingAborted(
                                 f"{consecutive_bad} consecutive non-finite losses: stopping. The last good checkpoint "
@@ -521,6 +577,39 @@ class TrainLoop:
         acc.wait_for_everyone()
         acc.end_training()
         return self.state
+
+
+def _remove_dir(d: Path) -> None:
+    """Delete a checkpoint folder so that no kill leaves a half-deleted one that still looks complete."""
+    doomed = d.with_name(f".{d.name}.del")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(d, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+_FP16_CPU = ("--mixed_precision fp16 needs a GPU (fp16 training uses a gradient scaler, which accelerate only runs "
+             "on CUDA; on CPU it would silently train in fp32). On CPU use --mixed_precision bf16 (faster on CPUs "
+             "with AMX/AVX512-BF16) or no")
+
+
+def _check_precision_request(args) -> None:
+    """Refuse fp16 on a CPU-only machine before the Accelerator exists (its state cannot be changed afterwards)."""
+    from accelerate.utils import parse_flag_from_env
+
+    wanted = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if wanted != "fp16" or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return
+    has_accel = torch.cuda.is_available() or (hasattr(torch, "accelerator") and torch.accelerator.is_available())
+    if parse_flag_from_env("ACCELERATE_USE_CPU") or not has_accel:
+        raise ConfigError(_FP16_CPU)
+
+
+def _check_precision(acc) -> None:
+    """Same check on the Accelerator that was built (e.g. fp16 from an accelerate config file)."""
+    from accelerate.utils import DistributedType
+
+    if acc.mixed_precision == "fp16" and acc.device.type == "cpu" and acc.distributed_type != DistributedType.DEEPSPEED:
+        raise ConfigError(_FP16_CPU)
 
 
 def _batch_len(batch) -> int:

@@ -125,7 +125,7 @@ class PriorTask:
                               cfg_scale=self.args.cfg_scale, generator=g)
             images = tok.decode_indices(tokens.to(loop.accelerator.device)).float().clamp(-1, 1).cpu()
             path = Path(self.args.output_dir) / "samples" / f"samples_epoch{epoch + 1:04d}.png"
-            save_image_grid(images, path, nrow=int(math.ceil(math.sqrt(n))))
+            save_image_grid(images, path, nrow=int(math.ceil(math.sqrt(n))), min_cell=48)
         model = loop.unwrapped_model
         model.train()
         self.last_metrics = metrics
@@ -149,6 +149,11 @@ def main(args: argparse.Namespace) -> TrainLoop:
         raise ConfigError(f"{args.shards}: no '{args.train_split}' split in the manifest "
                           f"(has: {sorted(manifest['splits'])})")
     tokenizer_sha = manifest["tokenizer"]["sha256"]
+    # sha256 of every shard against the manifest before training: a corrupt or truncated shard is named now, not
+    # hours into an epoch (and a same-size bit flip, which the tar reader cannot see, is caught too).
+    for split in (args.train_split, args.val_split):
+        if split in manifest["splits"]:
+            shards.verify_shards(args.shards, split)
     if args.checkpoint:
         shards.check_tokenizer(manifest, load_export(args.checkpoint, expected_kind="vqvae").sha256)
     if args.num_samples <= 0:

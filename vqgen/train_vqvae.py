@@ -1,7 +1,7 @@
 """Stage 1: train the VQ-VAE tokenizer (``accelerate launch train_vqvae.py --dataset ...``).
 
 Writes ``<output_dir>/checkpoints/checkpoint-{step}/`` (training state), ``samples/recon_epoch*.png``
-(inputs on top, reconstructions below), ``metrics.jsonl`` and finally ``export/`` for stages 2 and 3.
+(each row of inputs followed by its row of reconstructions), ``metrics.jsonl`` and finally ``export/`` for stages 2 and 3.
 """
 
 from __future__ import annotations
@@ -36,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def interleave_rows(inputs: torch.Tensor, recons: torch.Tensor, per_row: int) -> torch.Tensor:
+    """Rows of ``per_row`` inputs, each followed by the row of their reconstructions (for the grid PNG)."""
+    out = []
+    for i in range(0, inputs.shape[0], per_row):
+        out += [inputs[i:i + per_row], recons[i:i + per_row]]
+    return torch.cat(out)
+
+
 class VQVAETask:
     """Stage-1 plug-in for :class:`TrainLoop`."""
 
@@ -51,9 +59,13 @@ class VQVAETask:
     def epoch_batches(self, epoch: int, skip_batches: int, rank: int, world_size: int):
         idx = epoch_indices(len(self.train_ds), self.args.seed, epoch, rank, world_size)
         idx = idx[skip_batches * self.args.batch_size:]
+        # Own generator: a DataLoader iterator otherwise draws its worker base seed from the global RNG, so the
+        # iterator a resumed run starts mid-epoch would shift every later global draw (the quantizer's dead-code
+        # restart samples from it) and break bitwise-exact resume.
         return DataLoader(Subset(self.train_ds, idx), batch_size=self.args.batch_size, shuffle=False,
                           num_workers=self.args.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=False)
+                          persistent_workers=False,
+                          generator=torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch))
 
     def compute_loss(self, model, batch):
         x, _ = batch
@@ -71,7 +83,7 @@ class VQVAETask:
         model = loop.unwrapped_model.eval()
         n = min(len(self.val_ds), self.args.val_images)
         dl = DataLoader(Subset(self.val_ds, range(n)), batch_size=self.args.batch_size, shuffle=False,
-                        num_workers=self.args.num_workers)
+                        num_workers=self.args.num_workers, generator=torch.Generator().manual_seed(0))
         meter = ReconstructionMeter(model.config.num_embeddings)
         grid_x = grid_r = None
         for x, _ in dl:
@@ -84,7 +96,7 @@ class VQVAETask:
                 grid_x, grid_r = x[: self.args.grid_images], recon[: self.args.grid_images]
         metrics = {f"val/{k}": v for k, v in meter.compute().items()}
         path = Path(self.args.output_dir) / "samples" / f"recon_epoch{epoch + 1:04d}.png"
-        save_image_grid(torch.cat([grid_x, grid_r]).cpu(), path, nrow=max(1, grid_x.shape[0]))
+        save_image_grid(interleave_rows(grid_x, grid_r, 8).cpu(), path, nrow=min(8, grid_x.shape[0]), min_cell=48)
         self.last_metrics = metrics
         return metrics
 
