@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from factories import tiny_vqvae  # noqa: E402  (shared builder; re-exported for old imports)
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -23,17 +25,6 @@ if str(ROOT) not in sys.path:
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
-
-
-def tiny_vqvae(seed=0, k=32):
-    """An untrained 16x16 -> 4x4 tokenizer with k codes (fast; for tests that need a real export)."""
-    import torch
-    from vqgen.vqvae import VQVAE, VQVAEConfig
-    torch.manual_seed(seed)
-    cfg = VQVAEConfig(in_channels=1, image_size=16, num_channels=(8, 8), num_res_channels=(8, 8), num_res_layers=1,
-                      downsample_parameters=((2, 4, 1, 1), (2, 4, 1, 1)),
-                      upsample_parameters=((2, 4, 1, 1, 0), (2, 4, 1, 1, 0)), num_embeddings=k, embedding_dim=4)
-    return VQVAE(cfg).eval()
 
 
 @pytest.fixture(scope="session")

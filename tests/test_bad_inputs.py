@@ -24,7 +24,7 @@ from vqgen import evaluate, extract, pipeline, sample, train_prior, train_vqvae
 from vqgen.cli import run_cli
 from vqgen.prior import Prior, PriorConfig
 
-from conftest import tiny_vqvae
+from factories import tiny_vqvae
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VQ = ["--num_channels", "8", "16", "--num_res_channels", "8", "16", "--num_res_layers", "1",

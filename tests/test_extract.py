@@ -21,6 +21,7 @@ from vqgen import shards
 from vqgen.cli import run_cli
 from vqgen.errors import ShardError
 from vqgen.extract import build_parser, extract_split, main, tokenizer_header
+from factories import tiny_vqvae
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,15 +96,6 @@ def test_roundtrip_fake_and_hflip(tmp_path):
         assert t.dtype == np.uint16 and t.shape == (4, 4)
         assert np.array_equal(t, want[k].numpy()) and np.array_equal(npy(s["tokens_flip.npy"]), want_flip[k].numpy())
         assert int(s["cls"]) == k % 10 and s["__key__"] == f"{k:09d}"
-
-
-def tiny_vqvae(seed=0, k=32):
-    from vqgen.vqvae import VQVAE, VQVAEConfig
-    torch.manual_seed(seed)
-    cfg = VQVAEConfig(in_channels=1, image_size=16, num_channels=(8, 8), num_res_channels=(8, 8), num_res_layers=1,
-                      downsample_parameters=((2, 4, 1, 1), (2, 4, 1, 1)),
-                      upsample_parameters=((2, 4, 1, 1, 0), (2, 4, 1, 1, 0)), num_embeddings=k, embedding_dim=4)
-    return VQVAE(cfg).eval()
 
 
 def test_roundtrip_real_vqvae(tmp_path):

@@ -89,3 +89,12 @@ def test_bad_flags_give_clear_error(tmp_path, bad, message):
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_bf16_channels_last_trains_and_exports_fp32_codebook(tmp_path):
+    """The fast CPU setting (bf16 autocast on AMX + channels_last) trains, and the quantizer stays fp32."""
+    loop = run(tmp_path, "--n_epochs", "1", "--max_steps", "3", "--mixed_precision", "bf16", "--channels_last")
+    assert loop.state.global_step == 3
+    model = VQVAE.from_export(tmp_path / "run" / "export")
+    assert model.quantizer.embedding.dtype == torch.float32
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
