@@ -98,3 +98,13 @@ def test_bf16_channels_last_trains_and_exports_fp32_codebook(tmp_path):
     model = VQVAE.from_export(tmp_path / "run" / "export")
     assert model.quantizer.embedding.dtype == torch.float32
     assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+
+
+def test_wandb_logging_works_offline(tmp_path):
+    """Without --no_wandb the run logs to wandb; WANDB_MODE=offline (tests/conftest.py) needs no network."""
+    argv = [a for a in TINY if a != "--no_wandb"]
+    args = train_vqvae.build_parser().parse_args([*argv, "--output_dir", str(tmp_path / "w"), "--n_epochs", "1",
+                                                  "--max_steps", "2"])
+    train_vqvae.main(args)
+    runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
