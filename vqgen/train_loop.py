@@ -147,12 +147,16 @@ class LoopState:
 
 def build_accelerator(args: argparse.Namespace, log_with: str | None):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs"))
     kwargs = {}
     if args.mixed_precision is not None:
         kwargs["mixed_precision"] = args.mixed_precision
+    # A new run in a process that already built an Accelerator (VQVAE_T.py runs the stages in-process; tests)
+    # may ask for another mixed precision: forget the old AcceleratorState (not the process group).
+    AcceleratorState._reset_state(reset_partial_state=False)
     acc = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         log_with=log_with,
