@@ -108,3 +108,17 @@ def test_wandb_logging_works_offline(tmp_path):
     train_vqvae.main(args)
     runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+@pytest.mark.slow
+def test_torch_compile_through_accelerate_keeps_plain_exports(tmp_path, monkeypatch):
+    """`accelerate launch --dynamo_backend inductor` compiles the model; checkpoints, exports and a resume
+    without compile must still see plain parameter names (no `_orig_mod.` prefix)."""
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "inductor")
+    run(tmp_path, "--n_epochs", "1", "--max_steps", "3", "--checkpointing_steps", "3")
+    keys = load_file(str(tmp_path / "run" / "checkpoints" / "checkpoint-3" / "model.safetensors")).keys()
+    assert keys and not any("_orig_mod" in k for k in keys)
+    VQVAE.from_export(tmp_path / "run" / "export")
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND")
+    loop = run(tmp_path, "--n_epochs", "1", "--max_steps", "4", "--resume", "latest")
+    assert loop.state.global_step == 4

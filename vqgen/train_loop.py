@@ -352,7 +352,7 @@ class TrainLoop:
 
     @property
     def unwrapped_model(self) -> nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)  # exports: plain keys
 
     def cast_inputs(self, batch):
         """Floating tensors of ``batch`` in the dtype the model computes in (bf16/fp16 under DeepSpeed)."""
