@@ -257,6 +257,12 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path):
         assert slurm.job(job).get("JobState") not in ("COMPLETED", "FAILED"), _read(log)
         time.sleep(0.5)
     # Slurm holds a requeued job ~2 minutes (BeginTime) before it may start again; a real cluster waits, we don't.
+    # But not at once: slurmd revokes the old launch credential at whole-second resolution, so a restart within
+    # the same second is refused as "Job credential revoked" (seen here once). Wait for PENDING and 2 s.
+    while slurm.job(job).get("JobState") != "PENDING":
+        assert time.monotonic() < deadline, f"requeued job never became PENDING\n{_read(log)}"
+        time.sleep(0.3)
+    time.sleep(2.0)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm.env, timeout=30)
     info = slurm.wait(job, timeout=240)
     text = _read(log)

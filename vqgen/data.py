@@ -572,6 +572,27 @@ def _unknown(name: str) -> ConfigError:
                        "folder, a datasets.save_to_disk folder, hf:<hub id or path>, wds:<url> / *.tar shards.")
 
 
+@contextlib.contextmanager
+def download_lock(data_dir: str):
+    """Serialise dataset preparation across the processes of a launch (an inter-process file lock in
+    ``data_dir``): the first process downloads, the others then find the files on disk instead of downloading
+    the same files into the same folder at once. No lock where ``data_dir`` cannot be written (shared, read-only
+    data is already complete)."""
+    from filelock import FileLock
+
+    try:
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(Path(data_dir) / ".vqgen-prepare.lock"))
+        lock.acquire()
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def build_dataset(name: str, split: str = "train", data_dir: str = "data", image_size: int | None = None,
                   channels: int | None = None, download: bool = True) -> tuple[Dataset, DatasetInfo]:
     """Build the dataset ``name`` (registry name or generic input, see the module docstring) for ``split``.

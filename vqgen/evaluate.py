@@ -43,6 +43,7 @@ from . import shards
 from .checkpoint import load_export
 from .errors import CheckpointError, ConfigError, VQGenError
 from .fsutil import atomic_write_bytes, atomic_write_json
+from .sample import resolve_device
 
 INCEPTION_FILES = ("weights-inception-2015-12-05-6726825d.pth",   # torch-fidelity / torchmetrics (TF-FID port)
                    "pt_inception-2015-12-05-6726825d.pth",        # pytorch-fid (same weights)
@@ -304,7 +305,8 @@ def sample_quality(space: FeatureSpace, real: tuple[torch.Tensor, torch.Tensor],
 @torch.no_grad()
 def bits_per_token(prior, shard_dir: Path, split: str, batch_size: int, device) -> dict:
     """Mean cross-entropy of the prior on every token of ``split`` in the shards, in bits."""
-    loader = shards.make_token_loader(shard_dir, split, batch_size=batch_size, shuffle=False, num_workers=0)
+    loader = shards.make_token_loader(shard_dir, split, batch_size=batch_size, shuffle=False, num_workers=0,
+                                      hflip=False)
     conditional = prior.config.num_classes > 0
     total, count = 0.0, 0
     for tokens, labels in loader:
@@ -445,7 +447,7 @@ def main(args: argparse.Namespace) -> dict:
         raise ConfigError("--num_samples 1: FID/precision/recall need at least 2 samples (or 0 to skip the prior)")
     find_inception_weights(args.inception_weights)                   # fail fast, before loading anything
     paths = resolve_paths(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     tok_export = load_export(paths["tokenizer"], expected_kind="vqvae")
     tokenizer = VQVAE.from_export(tok_export).to(device).eval()
     cfg = tokenizer.config

@@ -11,7 +11,6 @@ Adapted from: LlamaGen ``extract_codes_c2i.py`` and open-muse ``pre_encode.py`` 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import queue
 import re
@@ -19,12 +18,12 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import shards
 from .checkpoint import load_export
+from .data import add_data_arguments
 from .cli import positive_int
 from .errors import ConfigError
 
@@ -33,18 +32,7 @@ AUTOCAST_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="extract_codes.py", description=__doc__.split("\n")[0])
-    try:
-        from .data import add_data_arguments
-        add_data_arguments(p)  # --dataset, --data_dir, --image_size ... (owned by vqgen.data)
-    except ImportError:
-        pass
-    have = p._option_string_actions
-    if "--dataset" not in have:
-        p.add_argument("--dataset", required=True, help="dataset name (see vqgen.data.DATASETS), e.g. digits")
-    if "--data_dir" not in have:
-        p.add_argument("--data_dir", default="data", help="where datasets are stored/downloaded")
-    if "--image_size" not in have:
-        p.add_argument("--image_size", type=int, default=None, help="image size (default: the tokenizer's)")
+    add_data_arguments(p)  # --dataset, --data_dir, --image_size (owned by vqgen.data)
     p.add_argument("--checkpoint", required=True, help="stage-1 VQ-VAE export folder (runs/<name>/export)")
     p.add_argument("--split", nargs="+", default=["train"], choices=list(shards.SPLITS),
                    help="split(s) to extract; each merges into the same manifest")
@@ -269,8 +257,9 @@ def main(args: argparse.Namespace) -> dict | None:
 
     manifest = None
     for split in args.split:
-        kw = {"channels": cfg.in_channels} if "channels" in inspect.signature(build_dataset).parameters else {}
-        dataset, info = build_dataset(args.dataset, split, args.data_dir, image_size=cfg.image_size, **kw)
+        with state.main_process_first():  # one process downloads; the others then find the files on disk
+            dataset, info = build_dataset(args.dataset, split, args.data_dir, image_size=cfg.image_size,
+                                          channels=cfg.in_channels)
         if info.channels != cfg.in_channels or info.image_size != cfg.image_size:
             raise ConfigError(f"dataset {args.dataset} gives {info.channels}x{info.image_size}px images, the tokenizer "
                               f"expects {cfg.in_channels}x{cfg.image_size}px")

@@ -210,7 +210,9 @@ class Prior(nn.Module):
         if labels.numel() != batch:
             raise ConfigError(f"got {labels.numel()} labels for a batch of {batch}")
         labels = torch.where(labels < 0, torch.full_like(labels, null), labels)
-        if bool((labels > null).any()):
+        # The range check syncs with the device: done for user-facing calls (eval/sampling), not per training
+        # step, whose labels come from shards validated at extraction.
+        if not self.training and bool((labels > null).any()):
             raise ConfigError(f"labels must be -1 or in [0, {self.config.num_classes}) for this prior "
                               f"(num_classes={self.config.num_classes}); got {labels.tolist()}")
         return labels

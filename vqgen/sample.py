@@ -17,7 +17,7 @@ from .checkpoint import load_export
 from .errors import CheckpointError, ConfigError
 from .fsutil import atomic_write_bytes
 from .prior import Prior
-from .sampling import generate, save_image_grid
+from .sampling import check_sampling_args, decode_to_images, generate, save_image_grid
 from .vqvae import VQVAE
 
 
@@ -77,14 +77,19 @@ def class_labels(prior: Prior, n: int, class_label: int | None) -> torch.Tensor 
     return torch.arange(n) % k if k else None
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """``--device``: default cuda when available; asking for a missing device is a clear error, not a traceback."""
+    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA device is available on this machine (use --device cpu)")
+    return device
+
+
 def main(args: argparse.Namespace) -> Path:
     if args.num_samples <= 0 or args.sample_batch_size <= 0:
         raise ConfigError("--num_samples and --batch_size must be > 0")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise ConfigError(f"--top_p must be in (0, 1], got {args.top_p}")
-    if args.temperature < 0:
-        raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_sampling_args(args.temperature, args.top_k, args.top_p, args.cfg_scale)  # before loading anything
+    device = resolve_device(args.device)
     tok, prior = load_pair(args.checkpoint, args.checkpoint_t)
     tok, prior = tok.to(device), prior.to(device)
     labels = class_labels(prior, args.num_samples, args.class_label)
@@ -92,11 +97,11 @@ def main(args: argparse.Namespace) -> Path:
         labels = labels.to(device)
     g = torch.Generator(device=device).manual_seed(args.seed)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        tokens = generate(prior, args.num_samples, labels=labels, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, cfg_scale=args.cfg_scale, generator=g, batch_size=args.sample_batch_size)
-        images = torch.cat([tok.decode_indices(t).float().clamp(-1, 1).cpu()
-                            for t in tokens.split(args.sample_batch_size)])
+    tokens = generate(prior, args.num_samples, labels=labels, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, cfg_scale=args.cfg_scale, generator=g, batch_size=args.sample_batch_size,
+                      autocast_dtype=dtype)  # tokens come back on the CPU
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        images = decode_to_images(tok, tokens, args.sample_batch_size)
     out = Path(args.output_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):

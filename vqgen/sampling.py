@@ -151,6 +151,8 @@ def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch
                 toks = decode_n_tokens(prior, lab, cfg.seq_len, use_cfg, cfg_scale, use_cache, sample_kw)
                 chunks.append(toks.cpu())
     finally:
+        if use_cache:
+            prior.clear_caches()  # a training-time evaluation must not leave KV buffers on the device
         prior.train(was_training)
     return torch.cat(chunks).reshape(num_samples, cfg.latent_h, cfg.latent_w)
 

@@ -82,7 +82,8 @@ class PriorTask:
             return None
         model, total, count = loop.unwrapped_model, 0.0, 0
         loader = shards.make_token_loader(self.args.shards, self.args.val_split, batch_size=self.args.batch_size,
-                                          seed=0, epoch=0, rank=0, world_size=1, num_workers=0, shuffle=False)
+                                          seed=0, epoch=0, rank=0, world_size=1, num_workers=0, shuffle=False,
+                                          hflip=False)  # held-out bits/token on the images as they are
         for i, (tokens, labels) in enumerate(loader):
             if i >= self.args.val_batches:
                 break
@@ -98,11 +99,8 @@ class PriorTask:
         from .vqvae import VQVAE
 
         if self._tokenizer is None:
-            path = self.args.checkpoint or self.manifest["tokenizer"].get("path")
-            if path and Path(path).exists():
-                export = load_export(path, expected_kind="vqvae")
-                shards.check_tokenizer(self.manifest, export.sha256)
-                self._tokenizer = VQVAE.from_export(export).to(device).eval()
+            if self.args.checkpoint:  # checked against the manifest in main()
+                self._tokenizer = VQVAE.from_export(self.args.checkpoint).to(device).eval()
         return self._tokenizer
 
     @torch.no_grad()
@@ -135,7 +133,7 @@ class PriorTask:
         meta = {"stage": "prior", "tokenizer_sha256": self.tokenizer_sha, "step": loop.state.global_step,
                 "shards": {k: self.manifest.get(k) for k in ("dataset", "codebook_size", "latent_h", "latent_w",
                                                              "num_classes")},
-                "tokenizer_path": self.args.checkpoint or self.manifest["tokenizer"].get("path"),
+                "tokenizer_path": self.args.checkpoint,
                 "metrics": self.last_metrics}
         loop.unwrapped_model.export_to(Path(self.args.output_dir) / "export", meta=meta)
         loop.print(f"export written to {Path(self.args.output_dir) / 'export'}")
@@ -154,8 +152,15 @@ def main(args: argparse.Namespace) -> TrainLoop:
     for split in (args.train_split, args.val_split):
         if split in manifest["splits"]:
             shards.verify_shards(args.shards, split)
-    if args.checkpoint:
-        shards.check_tokenizer(manifest, load_export(args.checkpoint, expected_kind="vqvae").sha256)
+    # The tokenizer that decodes sample grids is checked here, on every rank, before training: a mismatch found
+    # later inside the main-process-only evaluation would leave the other ranks waiting at a barrier.
+    tok_path = args.checkpoint or manifest["tokenizer"].get("path")
+    if args.checkpoint or (tok_path and Path(tok_path).exists()):
+        shards.check_tokenizer(manifest, load_export(tok_path, expected_kind="vqvae").sha256)
+        args.checkpoint = tok_path
+    else:
+        print(f"note: the tokenizer recorded in the manifest ({tok_path}) is not on disk and --checkpoint is not "
+              f"given: training runs, but no sample grids are written", flush=True)
     if args.num_samples <= 0:
         raise ConfigError("--num_samples must be > 0")
     config = prior_config_from_args(args, vocab_size=manifest["codebook_size"], latent_h=manifest["latent_h"],

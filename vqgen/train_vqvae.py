@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from .data import add_data_arguments, build_dataset
+from .data import add_data_arguments, build_dataset, download_lock
 from .errors import ConfigError
 from .metrics import ReconstructionMeter
 from .sampling import save_image_grid
@@ -118,8 +118,13 @@ def main(args: argparse.Namespace) -> TrainLoop:
 
     if args.val_images <= 0 or args.grid_images <= 0:
         raise ConfigError("--val_images and --grid_images must be > 0")
-    train_ds, info = build_dataset(args.dataset, "train", args.data_dir, args.image_size)
-    val_ds, _ = build_dataset(args.dataset, "test", args.data_dir, args.image_size)
+    with download_lock(args.data_dir):  # every rank builds the datasets; only the first one downloads
+        train_ds, info = build_dataset(args.dataset, "train", args.data_dir, args.image_size)
+        val_ds, _ = build_dataset(args.dataset, "test", args.data_dir, args.image_size)
+    if isinstance(train_ds, IterableDataset) or isinstance(val_ds, IterableDataset):
+        raise ConfigError(f"{args.dataset}: train_vqvae.py needs a map-style dataset (its exact resume indexes "
+                          f"samples); WebDataset tar input is streamed. Use an image folder or an HF dataset, or "
+                          f"pass the tars to extract_codes.py with an existing tokenizer")
     config = vqvae_config_from_args(args, in_channels=info.channels, image_size=info.image_size)
     set_seed(args.seed)  # identical initial weights on every rank
     model = VQVAE(config)
