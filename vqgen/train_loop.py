@@ -121,8 +121,9 @@ class StageTask(Protocol):
     def epoch_batches(self, epoch: int, skip_batches: int, rank: int, world_size: int) -> Iterable:
         """The epoch's batches for this rank, the first ``skip_batches`` left out; deterministic."""
 
-    def compute_loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss to backpropagate and scalars to log. ``model`` is the wrapped (DDP/DeepSpeed) model."""
+    def compute_loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss to backpropagate and detached scalar tensors to log (converted to floats only on logging
+        steps, so GPUs are not synced every step). ``model`` is the wrapped (DDP/DeepSpeed) model."""
 
     def evaluate(self, loop: "TrainLoop", epoch: int) -> dict[str, float]:
         """Validation metrics and image grids (every rank calls it; write files on the main process only)."""
@@ -504,9 +505,9 @@ class TrainLoop:
                         flags = torch.stack([(~ok).float(),
                                              torch.tensor(float(self._stop_requested(sig)), device=loss.device),
                                              torch.where(ok, local, torch.zeros_like(local))])
-                        flags = acc.reduce(flags, "sum")
-                        finite, stop_now = bool(flags[0] == 0), bool(flags[1] > 0)
-                        global_loss = float(flags[2]) / self.world_size
+                        bad, stop, loss_sum = acc.reduce(flags, "sum").tolist()  # the one host sync per micro-batch
+                        finite, stop_now = bad == 0, stop > 0
+                        global_loss = loss_sum / self.world_size
                         if finite:
                             acc.backward(loss)
                             if acc.sync_gradients and args.max_grad_norm > 0:
@@ -540,10 +541,13 @@ class TrainLoop:
                     self.scheduler.step()
                     self.state.global_step += 1
                     bar.update(1)
-                    logs.update(loss=global_loss, lr=self.scheduler.get_last_lr()[0], epoch=epoch)
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "perplexity", "bpt")}, refresh=False)
                     if self.state.global_step % 10 == 0 or self.state.global_step == 1:
-                        logs["samples_per_s"] = seen * self.world_size / max(1e-9, time.perf_counter() - t0)
+                        # Task scalars stay device tensors until here: no host sync on the other steps.
+                        logs = {k: float(v) for k, v in logs.items()}
+                        logs.update(loss=global_loss, lr=self.scheduler.get_last_lr()[0], epoch=epoch,
+                                    samples_per_s=seen * self.world_size / max(1e-9, time.perf_counter() - t0))
+                        bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "perplexity", "bpt")},
+                                        refresh=False)
                         self.log(logs)
                     if args.checkpointing_steps and self.state.global_step % args.checkpointing_steps == 0:
                         self.save_checkpoint()

@@ -74,7 +74,7 @@ class PriorTask:
         tokens, labels = batch
         logits = model(tokens, self._labels(labels))  # call forward: DDP syncs gradients through it
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1))
-        return loss, {"bpt": bits_per_token(float(loss.detach()))}
+        return loss, {"bpt": loss.detach() / math.log(2)}  # bits/token; a tensor until the loop logs it
 
     @torch.no_grad()
     def validation_bits(self, loop: TrainLoop) -> float | None:

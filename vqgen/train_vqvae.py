@@ -78,8 +78,8 @@ class VQVAETask:
         recon = out.recon.float()
         rec = F.mse_loss(recon, x) if self.args.recon_loss == "mse" else F.l1_loss(recon, x)
         loss = rec + out.vq_loss
-        return loss, {"recon_loss": float(rec.detach()), "vq_loss": float(out.vq_loss.detach()),
-                      "perplexity": float(out.perplexity)}
+        # detached tensors: the loop converts them only on logging steps (no per-step host sync on GPUs)
+        return loss, {"recon_loss": rec.detach(), "vq_loss": out.vq_loss.detach(), "perplexity": out.perplexity.detach()}
 
     @torch.no_grad()
     def evaluate(self, loop: TrainLoop, epoch: int) -> dict[str, float]:
