@@ -122,3 +122,13 @@ def test_torch_compile_through_accelerate_keeps_plain_exports(tmp_path, monkeypa
     monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND")
     loop = run(tmp_path, "--n_epochs", "1", "--max_steps", "4", "--resume", "latest")
     assert loop.state.global_step == 4
+
+
+def test_resume_from_another_runs_checkpoint_with_other_config_is_refused(tmp_path, capsys):
+    parser = train_vqvae.build_parser()
+    argv = [*TINY, "--n_epochs", "1", "--max_steps", "1"]
+    assert run_cli(train_vqvae.main, parser, [*argv, "--output_dir", str(tmp_path / "a")]) == 0
+    other = [a if a != "32" else "64" for a in argv]  # another model config, in a fresh folder
+    ckpt = tmp_path / "a" / "checkpoints" / "checkpoint-1"
+    assert run_cli(train_vqvae.main, parser, [*other, "--output_dir", str(tmp_path / "b"), "--resume", str(ckpt)]) == 2
+    assert "another model config" in capsys.readouterr().err and not (tmp_path / "b" / "checkpoints").exists()

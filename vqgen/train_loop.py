@@ -37,7 +37,7 @@ from torch import nn
 
 from .checkpoint import checkpoint_dirs, resolve_resume
 from .errors import CheckpointError, ConfigError, DiskFullError, TrainingAborted
-from .fsutil import atomic_write_json, fsync_dir, is_disk_full
+from .fsutil import atomic_write_json, fsync_dir, fsync_tree, is_disk_full
 
 STATE_FILE = "vqgen_state.json"
 RUN_FILE = "run_config.json"
@@ -92,6 +92,11 @@ def check_training_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name} must be >= 0, got {getattr(args, name)}")
 
 
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator of one epoch's data order (also seeds the epoch's DataLoader, see train_vqvae)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
 def epoch_indices(n: int, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool = True) -> list[int]:
     """This rank's sample indices for one epoch: a pure function of its arguments.
 
@@ -101,7 +106,7 @@ def epoch_indices(n: int, seed: int, epoch: int, rank: int, world_size: int, shu
     processes sees the same global batches as a run on 1 process with twice the per-process batch.
     """
     if shuffle:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        g = epoch_generator(seed, epoch)
         perm = torch.randperm(n, generator=g).tolist()
     else:
         perm = list(range(n))
@@ -335,11 +340,14 @@ class TrainLoop:
         if has_run and not args.resume and not args.overwrite:
             raise ConfigError(f"{out} already holds a run; pass --resume latest to continue it, --overwrite to "
                               f"start over, or choose another --output_dir")
-        if args.resume and previous.exists():
-            old = json.loads(previous.read_text())
-            if old.get("model") != run_config.get("model"):
-                raise CheckpointError(f"--resume: {out} was trained with another model config:\n  saved:   "
-                                      f"{old.get('model')}\n  flags:   {run_config.get('model')}")
+        # The run being continued: this output_dir's, or the one --resume PATH points into (another folder).
+        sources = [previous] + ([resume_dir.parent.parent / RUN_FILE] if resume_dir is not None else [])
+        for src in sources:
+            if args.resume and src.exists():
+                old = json.loads(src.read_text())
+                if old.get("model") != run_config.get("model"):
+                    raise CheckpointError(f"--resume: {src.parent} was trained with another model config:\n  saved:   "
+                                          f"{old.get('model')}\n  flags:   {run_config.get('model')}")
         return resume_dir
 
     def _clear_output_dir(self) -> None:
@@ -395,10 +403,7 @@ class TrainLoop:
             acc.save_state(str(tmp))  # every rank: DeepSpeed shards optimizer state per rank
             acc.wait_for_everyone()
             if acc.is_main_process:
-                for f in tmp.rglob("*"):
-                    if f.is_file():
-                        with open(f, "rb") as fh:
-                            os.fsync(fh.fileno())
+                fsync_tree(tmp)
                 state = dataclasses.asdict(self.state)
                 state["scheduler"] = self.scheduler.state_dict()  # JSON, not pickle: resuming never unpickles code
                 atomic_write_json(tmp / STATE_FILE, state)
@@ -478,7 +483,7 @@ class TrainLoop:
                    f"global batch = {args.batch_size * self.world_size * args.gradient_accumulation_steps}\n"
                    f"  epochs = {args.n_epochs}, batches/epoch/process = {n_batches}, optimizer steps = {self.total_steps}\n"
                    f"  parameters = {sum(p.numel() for p in self.unwrapped_model.parameters()):,}")
-        from accelerate.utils import send_to_device
+        from accelerate.utils import DistributedType, send_to_device
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.total_steps, initial=self.state.global_step, disable=not acc.is_local_main_process,
@@ -517,7 +522,9 @@ class TrainLoop:
                                     # fp32/bf16 (no grad scaler): a finite loss with inf/NaN gradients would
                                     # poison the weights; the norm is of the all-reduced grads, so every rank
                                     # agrees. With fp16 the scaler skips such steps itself (and lowers its scale).
-                                    if acc.scaler is None and not math.isfinite(logs["grad_norm"]):
+                                    # (Not under DeepSpeed: its engine already stepped inside backward.)
+                                    if (acc.scaler is None and acc.distributed_type != DistributedType.DEEPSPEED
+                                            and not math.isfinite(logs["grad_norm"])):
                                         finite = False
                             if finite:
                                 self.optimizer.step()

@@ -19,7 +19,7 @@ from .data import add_data_arguments, build_dataset, download_lock
 from .errors import ConfigError
 from .metrics import ReconstructionMeter
 from .sampling import save_image_grid
-from .train_loop import TrainLoop, add_training_arguments, epoch_indices
+from .train_loop import TrainLoop, add_training_arguments, epoch_generator, epoch_indices
 from .vqvae import VQVAE, add_vqvae_arguments, vqvae_config_from_args
 
 
@@ -68,7 +68,7 @@ class VQVAETask:
         return DataLoader(Subset(self.train_ds, idx), batch_size=self.args.batch_size, shuffle=False,
                           num_workers=self.args.num_workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=False,
-                          generator=torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch))
+                          generator=epoch_generator(self.args.seed, epoch))
 
     def compute_loss(self, model, batch):
         x, _ = batch
