@@ -43,7 +43,7 @@ from . import shards
 from .checkpoint import load_export
 from .errors import CheckpointError, ConfigError, VQGenError
 from .fsutil import atomic_write_bytes, atomic_write_json
-from .sample import resolve_device
+from .sample import class_labels, resolve_device
 
 INCEPTION_FILES = ("weights-inception-2015-12-05-6726825d.pth",   # torch-fidelity / torchmetrics (TF-FID port)
                    "pt_inception-2015-12-05-6726825d.pth",        # pytorch-fid (same weights)
@@ -275,16 +275,10 @@ def eval_tokenizer(model, images: torch.Tensor, batch_size: int, device) -> tupl
     return out, meter.counts, torch.cat(recons)
 
 
-def sample_labels(prior, n: int) -> torch.Tensor | None:
-    """Balanced class labels for a conditional prior (0, 1, ..., C-1, 0, ...); None for an unconditional one."""
-    c = prior.config.num_classes
-    return torch.arange(n) % c if c > 0 else None
-
-
 def generate_images(prior, tokenizer, n: int, args, device) -> tuple[torch.Tensor, torch.Tensor | None]:
     from .sampling import decode_to_images, generate
 
-    labels = sample_labels(prior, n)
+    labels = class_labels(prior, n, None)  # balanced: 0, 1, ..., C-1, 0, ...
     g = torch.Generator(device=device).manual_seed(args.seed)
     tokens = generate(prior, n, labels=labels.to(device) if labels is not None else None,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
@@ -307,14 +301,7 @@ def bits_per_token(prior, shard_dir: Path, split: str, batch_size: int, device) 
     """Mean cross-entropy of the prior on every token of ``split`` in the shards, in bits."""
     loader = shards.make_token_loader(shard_dir, split, batch_size=batch_size, shuffle=False, num_workers=0,
                                       hflip=False)
-    conditional = prior.config.num_classes > 0
-    total, count = 0.0, 0
-    for tokens, labels in loader:
-        tokens = tokens.to(device)
-        logits = prior(tokens, labels.to(device) if conditional else None)
-        total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1),
-                                       reduction="sum"))
-        count += tokens.numel()
+    total, count = M.token_nll(prior, loader, device)
     return {"bits_per_token": M.bits_per_token(total / max(1, count)), "tokens": count,
             "sequences": count // max(1, prior.config.seq_len), "split": split}
 

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from . import shards
 from .checkpoint import load_export
 from .errors import ConfigError
-from .metrics import bits_per_token
+from .metrics import bits_per_token, token_nll
 from .prior import Prior, add_prior_arguments, prior_config_from_args
+from .sample import class_labels
 from .sampling import generate, save_image_grid
 from .train_loop import TrainLoop, add_training_arguments
 
@@ -80,19 +81,11 @@ class PriorTask:
     def validation_bits(self, loop: TrainLoop) -> float | None:
         if self.args.val_split not in self.manifest["splits"]:
             return None
-        model, total, count = loop.unwrapped_model, 0.0, 0
         loader = shards.make_token_loader(self.args.shards, self.args.val_split, batch_size=self.args.batch_size,
                                           seed=0, epoch=0, rank=0, world_size=1, num_workers=0, shuffle=False,
                                           hflip=False)  # held-out bits/token on the images as they are
-        for i, (tokens, labels) in enumerate(loader):
-            if i >= self.args.val_batches:
-                break
-            tokens, labels = tokens.to(loop.accelerator.device), labels.to(loop.accelerator.device)
-            with loop.accelerator.autocast():
-                logits = model(tokens, self._labels(labels))
-            total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1),
-                                           reduction="sum"))
-            count += tokens.numel()
+        with loop.accelerator.autocast():
+            total, count = token_nll(loop.unwrapped_model, loader, loop.accelerator.device, self.args.val_batches)
         return bits_per_token(total / max(1, count))
 
     def tokenizer(self, device):
@@ -115,9 +108,8 @@ class PriorTask:
         if tok is not None:
             model = loop.unwrapped_model
             n = self.args.num_samples
-            labels = None
-            if self.conditional:
-                labels = torch.arange(n, device=loop.accelerator.device) % model.config.num_classes
+            labels = class_labels(model, n, None)  # balanced over the classes; None when unconditional
+            labels = labels.to(loop.accelerator.device) if labels is not None else None
             g = torch.Generator(device=loop.accelerator.device).manual_seed(self.args.seed)
             tokens = generate(model, n, labels=labels, temperature=self.args.temperature, top_k=self.args.top_k,
                               cfg_scale=self.args.cfg_scale, generator=g)
