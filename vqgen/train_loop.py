@@ -292,7 +292,8 @@ class TrainLoop:
         self.args, self.task = args, task
         self.output_dir = Path(args.output_dir)
         self.stop_file = args.stop_file or str(self.output_dir / "STOP")
-        self.resume_dir = self._check_output_dir(json.loads(json.dumps(run_config)))
+        run_config = json.loads(json.dumps(run_config))  # tuples -> lists: compared as saved
+        self.resume_dir = self._check_output_dir(run_config)
         log_with = None if args.no_wandb else "wandb"
         _check_precision_request(args)
         self.accelerator = build_accelerator(args, log_with)
@@ -302,7 +303,6 @@ class TrainLoop:
             self._clear_output_dir()  # only now: every check that can refuse the run has passed
         self.world_size, self.rank = acc.num_processes, acc.process_index
         self.state = LoopState(world_size=self.world_size, batch_size=args.batch_size)
-        self.run_config = json.loads(json.dumps(run_config))  # tuples -> lists, as saved
 
         model = task.model
         decay, no_decay = [], []
@@ -497,7 +497,7 @@ class TrainLoop:
                 t0, seen = time.perf_counter(), 0
                 batches = task.epoch_batches(epoch, self.state.batches_done, self.rank, self.world_size)
                 for batch in batches:
-                    batch = _cast_floats(send_to_device(batch, acc.device), self.input_dtype)
+                    batch = self.cast_inputs(send_to_device(batch, acc.device))
                     with acc.accumulate(self.model):
                         with acc.autocast():
                             loss, logs = task.compute_loss(self.model, batch)

@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .metrics import bits_per_token, token_nll
 from .prior import Prior, add_prior_arguments, prior_config_from_args
 from .sample import class_labels
-from .sampling import generate, save_image_grid
+from .sampling import decode_to_images, generate, save_image_grid
 from .train_loop import TrainLoop, add_training_arguments
 
 
@@ -113,12 +113,10 @@ class PriorTask:
             g = torch.Generator(device=loop.accelerator.device).manual_seed(self.args.seed)
             tokens = generate(model, n, labels=labels, temperature=self.args.temperature, top_k=self.args.top_k,
                               cfg_scale=self.args.cfg_scale, generator=g)
-            images = tok.decode_indices(tokens.to(loop.accelerator.device)).float().clamp(-1, 1).cpu()
+            images = decode_to_images(tok, tokens, n)
             path = Path(self.args.output_dir) / "samples" / f"samples_epoch{epoch + 1:04d}.png"
             save_image_grid(images, path, nrow=int(math.ceil(math.sqrt(n))), min_cell=48)
-        model = loop.unwrapped_model
-        model.train()
-        self.last_metrics = metrics
+        self.last_metrics = metrics  # (generate restores the model's mode; fit sets train() every epoch)
         return metrics
 
     def export(self, loop: TrainLoop) -> None:
