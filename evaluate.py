@@ -4,7 +4,7 @@
 import sys
 
 from vqgen.cli import run_cli
-from vqgen.evaluate import build_parser, main
+from vqgen.eval.evaluate import build_parser, main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main, build_parser()))

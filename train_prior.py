@@ -4,7 +4,7 @@
 import sys
 
 from vqgen.cli import run_cli
-from vqgen.train_prior import build_parser, main
+from vqgen.train.prior_task import build_parser, main
 
 if __name__ == "__main__":
     sys.exit(run_cli(main, build_parser()))

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vqgen.data import build_dataset  # noqa: E402
 from vqgen.extract import extract_split  # noqa: E402
-from vqgen.vqvae import VQVAE, VQVAEConfig  # noqa: E402
+from vqgen.models.vqvae import VQVAE, VQVAEConfig  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vqgen.prior import Prior, PriorConfig  # noqa: E402
+from vqgen.models.prior import Prior, PriorConfig  # noqa: E402
 from vqgen.sampling import generate  # noqa: E402
 
 

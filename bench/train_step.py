@@ -73,7 +73,7 @@ def build(impl: str, case: str, variant: str, device):
     torch.manual_seed(0)
     if kind == "vqvae":
         if impl == "vqgen":
-            from vqgen.vqvae import VQVAE, VQVAEConfig
+            from vqgen.models.vqvae import VQVAE, VQVAEConfig
             model = VQVAE(VQVAEConfig(in_channels=ch, image_size=size))
         else:
             from monai.networks.nets import VQVAE as MVQVAE
@@ -99,7 +99,7 @@ def build(impl: str, case: str, variant: str, device):
     else:
         tokens = torch.randint(0, 256, (batch, size * size), device=device)
         if impl == "vqgen":
-            from vqgen.prior import Prior, PriorConfig
+            from vqgen.models.prior import Prior, PriorConfig
             model = Prior(PriorConfig(vocab_size=256, latent_h=size, latent_w=size, dim=96, depth=12, heads=8)).to(device)
 
             def loss_fn():

@@ -20,9 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from vqgen import evaluate, extract, pipeline, sample, train_prior, train_vqvae
+from vqgen import extract, pipeline, sample
+from vqgen.eval import evaluate
+from vqgen.train import prior_task as train_prior
+from vqgen.train import vqvae_task as train_vqvae
 from vqgen.cli import run_cli
-from vqgen.prior import Prior, PriorConfig
+from vqgen.models.prior import Prior, PriorConfig
 
 from factories import tiny_vqvae
 
@@ -170,7 +173,7 @@ def test_shards_of_another_tokenizer_and_corrupt_shards(tmp_path, capsys, stage2
 @pytest.fixture(scope="module")
 def prior_pair(tmp_path_factory, stage2):
     """A conditional prior export (10 classes) for the stage-2 tokenizer, and one with another vocabulary."""
-    from vqgen.checkpoint import load_export
+    from vqgen.export import load_export
     d = tmp_path_factory.mktemp("priors")
     sha = load_export(stage2 / "tok").sha256
     torch.manual_seed(0)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vqgen import data
+from vqgen.config import add_data_arguments
+from vqgen.data import offline
 from vqgen.data import DATASETS, build_dataset
 from vqgen.errors import ConfigError, DatasetUnavailableError
 
@@ -210,10 +211,10 @@ def test_offline_missing_dataset_fails_fast_with_guidance(tmp_path, name):
 
 
 def test_unreachable_host_without_offline_env(tmp_path, monkeypatch):
-    for var in data.OFFLINE_ENV_VARS:
+    for var in offline.OFFLINE_ENV_VARS:
         monkeypatch.delenv(var, raising=False)
     probed = []
-    monkeypatch.setattr(data, "probe_host", lambda host, port=443, timeout=2.0: probed.append(host) or False)
+    monkeypatch.setattr(offline, "probe_host", lambda host, port=443, timeout=2.0: probed.append(host) or False)
     for name, host in (("mnist", "ossci-datasets.s3.amazonaws.com"), ("imagenet", "huggingface.co")):
         t0 = time.monotonic()
         with pytest.raises(DatasetUnavailableError, match="cannot be reached") as e:
@@ -223,21 +224,21 @@ def test_unreachable_host_without_offline_env(tmp_path, monkeypatch):
 
 def test_download_false_never_probes(tmp_path, monkeypatch):
     monkeypatch.delenv("VQGEN_OFFLINE", raising=False)
-    monkeypatch.setattr(data, "probe_host", lambda *a, **k: pytest.fail("probed"))
+    monkeypatch.setattr(offline, "probe_host", lambda *a, **k: pytest.fail("probed"))
     with pytest.raises(DatasetUnavailableError, match="download=False"):
         build_dataset("fashionmnist", data_dir=str(tmp_path), download=False)
 
 
 def test_probe_is_bounded_even_for_bad_hosts():
     t0 = time.monotonic()
-    assert data.probe_host("no-such-host.invalid", 443, timeout=1.0) is False
-    assert data.probe_host("127.0.0.1", 1, timeout=1.0) is False
+    assert offline.probe_host("no-such-host.invalid", 443, timeout=1.0) is False
+    assert offline.probe_host("127.0.0.1", 1, timeout=1.0) is False
     assert time.monotonic() - t0 < 3
 
 
 def test_add_data_arguments():
     p = argparse.ArgumentParser()
-    data.add_data_arguments(p)
+    add_data_arguments(p)
     args = p.parse_args([])
     assert (args.dataset, args.data_dir, args.image_size) == ("digits", "data", None)
     assert all(a.help for a in p._actions if a.dest in ("dataset", "data_dir", "image_size"))

@@ -26,7 +26,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vqgen import shards, train_vqvae
+from vqgen import shards
+from vqgen.train import vqvae_task as train_vqvae
 from vqgen.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]

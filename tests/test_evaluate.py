@@ -13,9 +13,9 @@ import torch
 from vqgen import extract
 from vqgen.cli import run_cli
 from vqgen.errors import CheckpointError, ConfigError
-from vqgen.evaluate import build_parser, main
-from vqgen.prior import Prior, PriorConfig
-from vqgen.vqvae import VQVAE, VQVAEConfig
+from vqgen.eval.evaluate import build_parser, main
+from vqgen.models.prior import Prior, PriorConfig
+from vqgen.models.vqvae import VQVAE, VQVAEConfig
 
 
 def tiny_vqvae(seed: int = 0) -> VQVAE:
@@ -85,8 +85,8 @@ def test_explicit_paths_and_no_sampling(run, clf_root, tmp_path):
 
 def test_identical_reconstruction_metrics_reference_is_perfect(run, clf_root, tmp_path):
     """The train-vs-split reference of the same split against itself: FID 0, precision = recall = 1."""
-    from vqgen.evaluate import FeatureSpace, load_split, sample_quality
-    from vqgen.classifier import load_or_train
+    from vqgen.eval.evaluate import FeatureSpace, load_split, sample_quality
+    from vqgen.eval.classifier import load_or_train
     clf = load_or_train("digits", "data", 16, 1, root=clf_root)
     space = FeatureSpace("classifier", clf, torch.device("cpu"), {}, clf)
     x, _ = load_split("digits", "test", "data", 16, 1)

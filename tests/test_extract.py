@@ -235,7 +235,7 @@ def test_cli_digits_both_splits_and_refusals(tmp_path, exports, capsys):
     assert man["tokenizer"]["sha256"] == sha_b and set(man["splits"]) == {"test"}
     # tokens equal the encoder's codes for the same images
     from vqgen.data import build_dataset
-    from vqgen.vqvae import VQVAE
+    from vqgen.models.vqvae import VQVAE
     ds, _ = build_dataset("digits", "test", str(tmp_path / "data"), image_size=16)
     want = VQVAE.from_export(exp_b).encode_to_indices(torch.stack([ds[i][0] for i in range(len(ds))]))
     got = stored(out, "test")

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from vqgen import pipeline, sample
-from vqgen.checkpoint import load_export
+from vqgen.export import load_export
 from vqgen.cli import run_cli
 
 TINY = ["--dataset", "digits", "--no_wandb", "--batch_size", "128", "--n_epochs", "2", "--lr", "1e-3",

@@ -5,9 +5,10 @@ import argparse
 import pytest
 import torch
 
-from vqgen.checkpoint import save_export
+from vqgen.export import save_export
 from vqgen.errors import CheckpointError, ConfigError
-from vqgen.prior import Prior, PriorConfig, add_prior_arguments, prior_config_from_args
+from vqgen.config import add_prior_arguments, prior_config_from_args
+from vqgen.models.prior import Prior, PriorConfig
 
 
 def tiny(num_classes=0, **kw) -> Prior:

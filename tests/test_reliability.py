@@ -28,8 +28,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vqgen import extract, sample, train_prior, train_vqvae
-from vqgen.checkpoint import load_export, save_export
+from vqgen import extract, sample
+from vqgen.train import prior_task as train_prior
+from vqgen.train import vqvae_task as train_vqvae
+from vqgen.export import load_export, save_export
 from vqgen.cli import run_cli
 from vqgen.errors import CheckpointError, DiskFullError
 from vqgen.fsutil import atomic_directory
@@ -186,7 +188,7 @@ def test_sigkill_then_resume_is_bitwise_exact(tmp_path, stage, stage2):
 
 
 def test_resume_latest_skips_incomplete_checkpoints(tmp_path):
-    from vqgen.checkpoint import checkpoint_dirs, resolve_resume
+    from vqgen.run_dir import checkpoint_dirs, resolve_resume
 
     ck = tmp_path / "checkpoints"
     for step, complete in ((2, True), (4, True), (6, False)):
@@ -222,7 +224,7 @@ def test_export_write_failure_keeps_previous(tmp_path, monkeypatch):
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(out / "model.safetensors"))
 
-    monkeypatch.setattr("vqgen.checkpoint.save_file", full)
+    monkeypatch.setattr("vqgen.export.save_file", full)
     with pytest.raises(DiskFullError, match=r"disk full while writing the export .*previous export .*intact"):
         tiny_vqvae(1).export_to(out)
     monkeypatch.undo()
@@ -326,7 +328,7 @@ def test_disk_full_on_a_real_tiny_filesystem(tmp_path, capsys):
         pytest.skip("cannot mount a tmpfs here (not root)")
     try:
         from vqgen.fsutil import atomic_write_json
-        from vqgen.vqvae import VQVAE, VQVAEConfig
+        from vqgen.models.vqvae import VQVAE, VQVAEConfig
         atomic_write_json(mnt / "state.json", {"v": 1})
         with pytest.raises(OSError) as e:
             atomic_write_json(mnt / "state.json", {"v": "x" * 300_000})

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from vqgen.errors import ConfigError
-from vqgen.prior import Prior, PriorConfig
+from vqgen.models.prior import Prior, PriorConfig
 from vqgen.sampling import (apply_cfg, decode_to_images, generate, sample_logits, save_image_grid, top_k_filter,
                             top_p_filter)
 
@@ -126,7 +126,7 @@ def test_autocast_bf16_runs():
 
 
 class _FakeTokenizer(torch.nn.Module):
-    """Stands in for vqgen.vqvae.VQVAE: decode_indices (B, h, w) -> (B, 1, 2h, 2w) in [-1, 1]."""
+    """Stands in for vqgen.models.vqvae.VQVAE: decode_indices (B, h, w) -> (B, 1, 2h, 2w) in [-1, 1]."""
 
     def __init__(self):
         super().__init__()

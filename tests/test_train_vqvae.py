@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vqgen import train_vqvae
-from vqgen.checkpoint import load_export
+from vqgen.train import vqvae_task as train_vqvae
+from vqgen.export import load_export
 from vqgen.cli import run_cli
-from vqgen.vqvae import VQVAE
+from vqgen.models.vqvae import VQVAE
 
 TINY = ["--dataset", "digits", "--num_channels", "16", "32", "--num_res_channels", "16", "32",
         "--num_res_layers", "1", "--num_embeddings", "32", "--embedding_dim", "8", "--batch_size", "128",

@@ -8,9 +8,10 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from vqgen.checkpoint import load_export, save_export
+from vqgen.export import load_export, save_export
 from vqgen.errors import CheckpointError, ConfigError
-from vqgen.vqvae import VQVAE, VQVAEConfig, add_vqvae_arguments, vqvae_config_from_args
+from vqgen.config import add_vqvae_arguments, vqvae_config_from_args
+from vqgen.models.vqvae import VQVAE, VQVAEConfig
 
 
 def tiny(**kw):

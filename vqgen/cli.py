@@ -11,29 +11,6 @@ from .errors import VQGenError
 from .fsutil import is_disk_full
 
 
-def int_list(text: str) -> list[int]:
-    """Parse ``"2 4 1 1"`` or ``"2,4,1,1"`` (the seed passed list flags as one quoted string)."""
-    try:
-        return [int(t) for t in text.replace(",", " ").split()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by spaces or commas, got {text!r}") from None
-
-
-def flatten_int_lists(values: Sequence) -> list[int]:
-    """``nargs='+'`` with ``type=int_list`` gives a list of lists: ``--x "2 4" 1 1`` -> [2, 4, 1, 1]."""
-    out: list[int] = []
-    for v in values or []:
-        out.extend(v if isinstance(v, list) else [v])
-    return out
-
-
-def positive_int(text: str) -> int:
-    v = int(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {v}")
-    return v
-
-
 def _strip_worker_traceback(msg: str) -> str:
     """A VQGenError raised in a DataLoader worker arrives as "Caught X in DataLoader worker process 0.\\nOriginal
     Traceback ...": keep only the original message (its last line), no traceback wall."""

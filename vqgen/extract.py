@@ -22,10 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import shards
-from .checkpoint import load_export
-from .data import add_data_arguments
-from .cli import positive_int
+from .config import add_data_arguments, positive_int
 from .errors import ConfigError
+from .export import load_export
+from .launch import start_processes
 
 AUTOCAST_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -213,30 +213,10 @@ def extract_split(model, dataset, out_dir, *, split: str, tokenizer_sha256: str,
     return part
 
 
-def start_processes():
-    """``accelerate.PartialState`` that also forms the process group of a CPU launch.
-
-    PartialState joins a gloo group on CPU only when asked (``cpu=True``); Accelerator reads that from
-    ACCELERATE_USE_CPU, so do the same. A launch whose processes still end up alone is refused: each would
-    believe it is rank 0 of 1 and they would write the same shards.
-    """
-    import os
-
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and state.num_processes != launched:
-        raise ConfigError(f"launched as {launched} processes but accelerate formed a group of {state.num_processes}; "
-                          f"on CPU set ACCELERATE_USE_CPU=true (see DESIGN.md, 'Running distributed')")
-    return state
-
-
 def main(args: argparse.Namespace) -> dict | None:
     """Extract every ``--split``; returns the manifest on the main process (None elsewhere)."""
     from .data import build_dataset
-    from .vqvae import VQVAE
+    from .models.vqvae import VQVAE
 
     if args.num_workers < 0:
         raise ConfigError("--num_workers must be >= 0")

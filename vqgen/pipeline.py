@@ -16,8 +16,10 @@ import json
 import os
 from pathlib import Path
 
-from . import extract, sample, train_prior, train_vqvae
-from .cli import int_list
+from . import extract, sample
+from .config import int_list
+from .train import prior_task as train_prior
+from .train import vqvae_task as train_vqvae
 from .errors import ConfigError
 from .shards import MANIFEST_NAME
 

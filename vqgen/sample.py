@@ -13,28 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_export
+from .config import add_sampling_arguments
 from .errors import CheckpointError, ConfigError
+from .export import load_export
 from .fsutil import atomic_write_bytes
-from .prior import Prior
-from .sampling import check_sampling_args, decode_to_images, generate, save_image_grid
-from .vqvae import VQVAE
-
-
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("sampling")
-    g.add_argument("--num_samples", type=int, default=16, help="number of images to generate")
-    g.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (0 = greedy)")
-    g.add_argument("--top_k", type=int, default=None, help="keep only the k most likely tokens")
-    g.add_argument("--top_p", type=float, default=None, help="nucleus sampling: smallest set with mass >= p")
-    g.add_argument("--cfg_scale", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
-    g.add_argument("--class_label", type=int, default=None,
-                   help="class to generate (conditional priors; default: cycle through all classes)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (same seed -> same samples)")
-    g.add_argument("--sample_batch_size", "--batch_size", dest="sample_batch_size", type=int, default=64,
-                   help="samples generated at once")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast dtype on GPU")
+from .launch import resolve_device
+from .models.prior import Prior
+from .models.vqvae import VQVAE
+from .sampling import check_sampling_args, class_labels, decode_to_images, generate, save_image_grid
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,25 +50,6 @@ def load_pair(tokenizer_path: str, prior_path: str) -> tuple[VQVAE, Prior]:
             f"prior vocabulary {prior.config.vocab_size} / grid {prior.config.latent_h}x{prior.config.latent_w} does "
             f"not match the tokenizer's codebook {tok.config.num_embeddings} / grid {tok.config.latent_size}")
     return tok.eval(), prior.eval()
-
-
-def class_labels(prior: Prior, n: int, class_label: int | None) -> torch.Tensor | None:
-    k = prior.config.num_classes
-    if class_label is not None:
-        if k == 0:
-            raise ConfigError("--class_label given, but this prior is unconditional (its shards had no labels)")
-        if not 0 <= class_label < k:
-            raise ConfigError(f"--class_label {class_label} is out of range: this prior knows classes 0..{k - 1}")
-        return torch.full((n,), class_label, dtype=torch.long)
-    return torch.arange(n) % k if k else None
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """``--device``: default cuda when available; asking for a missing device is a clear error, not a traceback."""
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA device is available on this machine (use --device cpu)")
-    return device
 
 
 def main(args: argparse.Namespace) -> Path:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .errors import ConfigError
 from .fsutil import atomic_write_bytes
-from .prior import Prior
+from .models.prior import Prior
 
 
 # ---- logits filters -------------------------------------------------------------------------------------
@@ -191,3 +191,14 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
     save_image(((images.detach().float().cpu() + 1) / 2).clamp(0, 1), buf, nrow=nrow, format=fmt)
     atomic_write_bytes(path, buf.getvalue())
     return path
+
+
+def class_labels(prior: Prior, n: int, class_label: int | None) -> torch.Tensor | None:
+    k = prior.config.num_classes
+    if class_label is not None:
+        if k == 0:
+            raise ConfigError("--class_label given, but this prior is unconditional (its shards had no labels)")
+        if not 0 <= class_label < k:
+            raise ConfigError(f"--class_label {class_label} is out of range: this prior knows classes 0..{k - 1}")
+        return torch.full((n,), class_label, dtype=torch.long)
+    return torch.arange(n) % k if k else None

@@ -28,90 +28,21 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 import torch
 from torch import nn
 
-from .checkpoint import checkpoint_dirs, resolve_resume
-from .errors import CheckpointError, ConfigError, DiskFullError, TrainingAborted
-from .fsutil import atomic_write_json, fsync_dir, fsync_tree, is_disk_full
+from ..config import check_training_args
+from ..errors import CheckpointError, ConfigError, DiskFullError, TrainingAborted
+from ..fsutil import atomic_write_json, fsync_dir, fsync_tree, is_disk_full
+from ..launch import build_accelerator, check_precision, check_precision_request, fill_deepspeed_config, is_main_launch
+from ..run_dir import checkpoint_dirs, resolve_resume
+from .schedule import make_scheduler
 
 STATE_FILE = "vqgen_state.json"
 RUN_FILE = "run_config.json"
-
-
-def add_training_arguments(parser: argparse.ArgumentParser, *, lr_flag: str = "--lr", epochs_flag: str = "--n_epochs",
-                           default_lr: float = 2e-4, default_epochs: int = 100) -> None:
-    """Flags every trainer shares (the seed's names where it had them)."""
-    g = parser.add_argument_group("training")
-    g.add_argument("--output_dir", required=True, help="run folder: checkpoints/, export/, samples/, metrics")
-    g.add_argument("--batch_size", type=int, default=128, help="batch size per process (global = this x processes x accumulation)")
-    g.add_argument(epochs_flag, dest="n_epochs", type=int, default=default_epochs, help="number of training epochs")
-    g.add_argument(lr_flag, dest="lr", type=float, default=default_lr, help="peak learning rate (AdamW)")
-    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--warmup_steps", type=int, default=0, help="linear warm-up steps before the cosine decay")
-    g.add_argument("--lr_schedule", choices=["constant", "cosine"], default="constant",
-                   help="learning-rate schedule after warm-up")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0 disables)")
-    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
-                   help="autocast precision (default: what `accelerate config`/launch says, else no)")
-    g.add_argument("--num_workers", type=int, default=0, help="data-loading worker processes per rank")
-    g.add_argument("--seed", type=int, default=0, help="seed for init, data order and sampling")
-    g.add_argument("--checkpointing_steps", type=int, default=0,
-                   help="save a training checkpoint every N optimizer steps (0: at the end of every epoch only)")
-    g.add_argument("--checkpoints_total_limit", type=int, default=3, help="keep only the newest N checkpoints")
-    g.add_argument("--resume", default=None, help="'latest' or a checkpoint folder: continue exactly where it stopped")
-    g.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds another run")
-    g.add_argument("--max_bad_steps", type=int, default=20,
-                   help="stop after this many consecutive steps with a non-finite loss (each is skipped)")
-    g.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: run all epochs)")
-    g.add_argument("--sample_and_save_freq", type=int, default=5,
-                   help="every N epochs: validate, write an image grid, log metrics")
-    g.add_argument("--no_wandb", action="store_true", help="disable Weights & Biases logging")
-    g.add_argument("--wandb_project", default="vqgen", help="wandb project name")
-    g.add_argument("--stop_file", default=None,
-                   help="if this file appears (default <output_dir>/STOP), save a checkpoint and exit; the Slurm "
-                        "scripts create it on preemption, then requeue")
-    g.add_argument("--timeout_minutes", type=int, default=30,
-                   help="process-group timeout: a rank that dies makes the others fail instead of hanging forever")
-
-
-def check_training_args(args: argparse.Namespace) -> None:
-    for name in ("batch_size", "n_epochs", "gradient_accumulation_steps", "checkpoints_total_limit",
-                 "sample_and_save_freq", "max_bad_steps"):
-        if getattr(args, name) <= 0:
-            raise ConfigError(f"--{name} must be > 0, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise ConfigError(f"learning rate must be > 0, got {args.lr}")
-    for name in ("warmup_steps", "num_workers", "checkpointing_steps", "max_steps"):
-        if getattr(args, name) < 0:
-            raise ConfigError(f"--{name} must be >= 0, got {getattr(args, name)}")
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The CPU generator of one epoch's data order (also seeds the epoch's DataLoader, see train_vqvae)."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-
-
-def epoch_indices(n: int, seed: int, epoch: int, rank: int, world_size: int, shuffle: bool = True) -> list[int]:
-    """This rank's sample indices for one epoch: a pure function of its arguments.
-
-    One global permutation per (seed, epoch); rank r takes positions r, r+W, r+2W... of its first
-    ``(n // W) * W`` entries, so every rank gets the same count (DDP needs equal batch counts), and the k-th
-    global batch (all ranks' k-th batches together) holds the same samples whatever the world size: a run on 2
-    processes sees the same global batches as a run on 1 process with twice the per-process batch.
-    """
-    if shuffle:
-        g = epoch_generator(seed, epoch)
-        perm = torch.randperm(n, generator=g).tolist()
-    else:
-        perm = list(range(n))
-    per_rank = n // world_size
-    return perm[rank: per_rank * world_size: world_size]
 
 
 class StageTask(Protocol):
@@ -151,118 +82,12 @@ class LoopState:
     extra: dict = field(default_factory=dict)
 
 
-def build_accelerator(args: argparse.Namespace, log_with: str | None):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
-
-    project = ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs"))
-    kwargs = {}
-    if args.mixed_precision is not None:
-        kwargs["mixed_precision"] = args.mixed_precision
-    # A new run in a process that already built an Accelerator (VQVAE_T.py runs the stages in-process; tests)
-    # may ask for another mixed precision: forget the old AcceleratorState (not the process group).
-    AcceleratorState._reset_state(reset_partial_state=False)
-    acc = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with=log_with,
-        project_config=project,
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=args.timeout_minutes))],
-        cpu=_cpu_only_launch(),
-        **kwargs,
-    )
-    _fix_deepspeed_cpu_ranks(acc)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and acc.num_processes != launched:
-        raise ConfigError(f"launched as {launched} processes but accelerate formed a group of {acc.num_processes}: "
-                          f"each process would train alone and overwrite the others' checkpoints. On a CPU-only "
-                          f"machine set ACCELERATE_USE_CPU=true (see docs/CLUSTER.md)")
-    return acc
-
-
-def _fix_deepspeed_cpu_ranks(acc) -> None:
-    """DeepSpeed on CPU (DS_ACCELERATOR=cpu, used to test the ZeRO path without GPUs): deepspeed.comm forms the
-    gloo group of all ranks, but accelerate (1.x) finds no GPU backend and records every process as "rank 0 of 1"
-    (all would write the same checkpoint files and read the same data). Correct accelerate's shared state from
-    the process group that really exists. No effect on GPUs, where accelerate reports the ranks itself."""
-    import torch.distributed as dist
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
-
-    if acc.distributed_type != DistributedType.DEEPSPEED or not dist.is_initialized():
-        return
-    world, rank = dist.get_world_size(), dist.get_rank()
-    if acc.num_processes == world:
-        return
-    fix = {"num_processes": world, "process_index": rank,
-           "local_process_index": int(os.environ.get("LOCAL_RANK", rank))}
-    PartialState._shared_state.update(fix)
-    AcceleratorState._shared_state.update(fix)
-
-
-def _fill_deepspeed_config(acc, args: argparse.Namespace) -> torch.dtype | None:
-    """Under DeepSpeed the trainer's flags decide batch, accumulation and clipping (not the yaml's values).
-
-    accelerate infers ``train_micro_batch_size_per_gpu`` only from dataloaders passed to ``prepare``; the loop
-    builds its own deterministic per-rank batches, so it must be set here, or ``prepare`` raises. Returns the
-    dtype floating inputs must be cast to: DeepSpeed bf16/fp16 casts the model itself (no autocast), so float32
-    images would meet bf16 conv weights.
-    """
-    plugin = getattr(acc.state, "deepspeed_plugin", None)
-    if plugin is None:
-        return None
-    cfg = plugin.deepspeed_config
-    cfg["train_micro_batch_size_per_gpu"] = args.batch_size
-    cfg["gradient_accumulation_steps"] = args.gradient_accumulation_steps
-    cfg["gradient_clipping"] = float(args.max_grad_norm)  # 0: no clipping
-    cfg.pop("train_batch_size", None)  # recomputed by accelerate from the three values above
-    acc.gradient_accumulation_steps = args.gradient_accumulation_steps
-    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
-        if str(cfg.get(key, {}).get("enabled", False)).lower() == "true":
-            return dtype
-    return None
-
-
 def _cast_floats(batch, dtype: torch.dtype | None):
     if dtype is None:
         return batch
     if isinstance(batch, (tuple, list)):
         return type(batch)(_cast_floats(b, dtype) for b in batch)
     return batch.to(dtype) if torch.is_tensor(batch) and batch.is_floating_point() else batch
-
-
-def _cpu_only_launch() -> bool:
-    """True for a multi-process launch on a machine without an accelerator (or when ACCELERATE_USE_CPU is set).
-
-    ``accelerate launch`` exports ACCELERATE_USE_CPU only from its single-process launcher: with a multi-process
-    config (``distributed_type: MULTI_GPU`` + ``use_cpu: true``, as in accelerate_configs/cpu_2proc.yaml) each
-    worker would otherwise see no GPU, skip the gloo process group and run as "rank 0 of 1". Never under
-    DeepSpeed: ``cpu=True`` switches accelerate's DeepSpeed integration off (DeepSpeed on CPU uses DS_ACCELERATOR).
-    """
-    from accelerate.utils import parse_flag_from_env
-
-    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
-        return False
-    if parse_flag_from_env("ACCELERATE_USE_CPU"):
-        return True
-    has_accel = torch.cuda.is_available()
-    if not has_accel and hasattr(torch, "accelerator"):
-        has_accel = torch.accelerator.is_available()
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not has_accel
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup: int, total: int):
-    """Linear warm-up then constant or cosine to 10% of the peak. Stepped once per optimizer step."""
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "cosine" and total > warmup:
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class _SignalFlag:
@@ -295,11 +120,11 @@ class TrainLoop:
         run_config = json.loads(json.dumps(run_config))  # tuples -> lists: compared as saved
         self.resume_dir = self._check_output_dir(run_config)
         log_with = None if args.no_wandb else "wandb"
-        _check_precision_request(args)
+        check_precision_request(args)
         self.accelerator = build_accelerator(args, log_with)
         acc = self.accelerator
-        _check_precision(acc)
-        if args.overwrite and not args.resume and _is_main_launch():
+        check_precision(acc)
+        if args.overwrite and not args.resume and is_main_launch():
             self._clear_output_dir()  # only now: every check that can refuse the run has passed
         self.world_size, self.rank = acc.num_processes, acc.process_index
         self.state = LoopState(world_size=self.world_size, batch_size=args.batch_size)
@@ -318,7 +143,7 @@ class TrainLoop:
         if args.max_steps:
             self.total_steps = min(self.total_steps, args.max_steps)
         self.scheduler = make_scheduler(optimizer, args.lr_schedule, args.warmup_steps, self.total_steps)
-        self.input_dtype = _fill_deepspeed_config(acc, args)
+        self.input_dtype = fill_deepspeed_config(acc, args)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         # Not prepared: accelerate would step a prepared scheduler num_processes times per call. Not registered
         # for checkpointing either: accelerate pickles custom objects and loads them with weights_only=False (code
@@ -387,7 +212,7 @@ class TrainLoop:
 
         Everything goes into ``.checkpoint-{step}.tmp`` (fsynced), ``vqgen_state.json`` last, then one rename
         publishes it; a folder counts as a checkpoint only with ``vqgen_state.json`` (see
-        :func:`vqgen.checkpoint.checkpoint_dirs`). Folders being replaced or rotated out are first renamed to a
+        :func:`vqgen.run_dir.checkpoint_dirs`). Folders being replaced or rotated out are first renamed to a
         dot-name, then deleted, so a SIGKILL mid-delete never leaves a half-deleted folder that looks complete.
         A full disk raises :class:`DiskFullError`; the temp folder is removed and older checkpoints stay intact.
         """
@@ -602,31 +427,6 @@ def _remove_dir(d: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-_FP16_CPU = ("--mixed_precision fp16 needs a GPU (fp16 training uses a gradient scaler, which accelerate only runs "
-             "on CUDA; on CPU it would silently train in fp32). On CPU use --mixed_precision bf16 (faster on CPUs "
-             "with AMX/AVX512-BF16) or no")
-
-
-def _check_precision_request(args) -> None:
-    """Refuse fp16 on a CPU-only machine before the Accelerator exists (its state cannot be changed afterwards)."""
-    from accelerate.utils import parse_flag_from_env
-
-    wanted = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if wanted != "fp16" or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
-        return
-    has_accel = torch.cuda.is_available() or (hasattr(torch, "accelerator") and torch.accelerator.is_available())
-    if parse_flag_from_env("ACCELERATE_USE_CPU") or not has_accel:
-        raise ConfigError(_FP16_CPU)
-
-
-def _check_precision(acc) -> None:
-    """Same check on the Accelerator that was built (e.g. fp16 from an accelerate config file)."""
-    from accelerate.utils import DistributedType
-
-    if acc.mixed_precision == "fp16" and acc.device.type == "cpu" and acc.distributed_type != DistributedType.DEEPSPEED:
-        raise ConfigError(_FP16_CPU)
-
-
 def _batch_len(batch) -> int:
     first = batch[0] if isinstance(batch, (tuple, list)) else batch
     return int(first.shape[0]) if hasattr(first, "shape") else 0
@@ -642,6 +442,3 @@ def _flat_config(cfg: dict, prefix: str = "") -> dict:
     return out
 
 
-def _is_main_launch() -> bool:
-    """Main process before the Accelerator exists (RANK from torchrun/accelerate launch, else single process)."""
-    return int(os.environ.get("RANK", "0")) == 0

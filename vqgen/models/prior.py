@@ -12,7 +12,6 @@ Adapted from: nanoGPT (config dataclass + module), gpt-fast / LlamaGen (``KVCach
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
@@ -22,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checkpoint import Export, load_export, save_export
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
+from ..export import Export, load_export, save_export
 
 EXPORT_KIND = "prior"
 
@@ -78,29 +77,6 @@ class PriorConfig:
         need(0.0 <= self.class_dropout < 1.0, f"class_dropout must be in [0, 1), got {self.class_dropout}")
         need(self.num_classes >= 0, f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
         need(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}")
-
-
-def add_prior_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Seed-compatible prior flags (GenerativeZoo VQVAE_T.py) plus dropout knobs."""
-    g = parser.add_argument_group("prior (transformer)")
-    g.add_argument("--attn_layers_dim", type=int, default=96, help="transformer width (embedding dimension)")
-    g.add_argument("--attn_layers_depth", type=int, default=12, help="number of transformer blocks")
-    g.add_argument("--attn_layers_heads", type=int, default=8, help="attention heads (must divide the width)")
-    g.add_argument("--attn_dropout", type=float, default=0.0,
-                   help="dropout on attention probabilities and residual branches during training")
-    g.add_argument("--class_dropout", type=float, default=0.1,
-                   help="probability of replacing a label by the null class in training (enables --cfg_scale)")
-    return parser
-
-
-def prior_config_from_args(args: argparse.Namespace, vocab_size: int, latent_h: int, latent_w: int,
-                           num_classes: int) -> PriorConfig:
-    cfg = PriorConfig(vocab_size=int(vocab_size), latent_h=int(latent_h), latent_w=int(latent_w),
-                      dim=args.attn_layers_dim, depth=args.attn_layers_depth, heads=args.attn_layers_heads,
-                      dropout=args.attn_dropout, num_classes=max(int(num_classes), 0),
-                      class_dropout=args.class_dropout)
-    cfg.validate()
-    return cfg
 
 
 class KVCache(nn.Module):

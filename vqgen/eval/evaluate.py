@@ -15,39 +15,28 @@ Metrics
   reference  the same FID/IS/precision/recall of the *train* split against the split: the floor a perfect
              generator would reach with this many images in this feature space.
 
-Feature spaces (``--features``)
-  inception   Inception-v3 pool features (2048-d) / logits: the standard FID, when weights are on disk:
-              ``--inception_weights PATH`` or a known file in the torch hub cache (nothing is ever downloaded).
-              With torch-fidelity installed its exact TF-ported graph is used (torchmetrics' ``NoTrainInceptionV3``);
-              otherwise torchvision's Inception-v3 graph loads the file (close to, not identical with, TF-FID).
-  classifier  a small CNN trained on the dataset itself (:mod:`vqgen.classifier`, cached): the usual practice for
-              MNIST-like data, and the offline default. Values are comparable only under the same classifier
-              export (its sha256 is in eval.json), never with published Inception FIDs.
-  auto        inception when weights are found, else classifier.
+Feature spaces (``--features``): see :mod:`vqgen.eval.features`.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import math
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from .. import shards
+from ..errors import CheckpointError, ConfigError, VQGenError
+from ..export import load_export
+from ..fsutil import atomic_write_json
+from ..launch import resolve_device
+from ..sampling import class_labels
 from . import metrics as M
-from . import shards
-from .checkpoint import load_export
-from .errors import CheckpointError, ConfigError, VQGenError
-from .fsutil import atomic_write_bytes, atomic_write_json
-from .sample import class_labels, resolve_device
+from .features import FeatureSpace, build_feature_space, find_inception_weights
+from .report import format_table, json_safe, plot_code_histogram, plot_loss_curves
 
-INCEPTION_FILES = ("weights-inception-2015-12-05-6726825d.pth",   # torch-fidelity / torchmetrics (TF-FID port)
-                   "pt_inception-2015-12-05-6726825d.pth",        # pytorch-fid (same weights)
-                   "inception_v3_google-0cc3c7bd.pth")            # torchvision ImageNet weights
 EVAL_FORMAT_VERSION = 1
 
 
@@ -118,125 +107,11 @@ def resolve_paths(args) -> dict:
             "stages": {"vqvae": _stage_root(tok), **({"prior": _stage_root(prior)} if prior else {})}}
 
 
-# ------------------------------------------------------------------------------------------ feature spaces
-def find_inception_weights(path: str | None) -> Path | None:
-    """``--inception_weights`` (must exist: ConfigError otherwise) or a known file in the torch hub cache."""
-    if path:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise ConfigError(f"--inception_weights {p} does not exist. vqgen never downloads weights; copy the "
-                              f"file there (one of {', '.join(INCEPTION_FILES)}), or use --features classifier "
-                              f"(offline feature space)")
-        return p
-    hub = Path(torch.hub.get_dir()) / "checkpoints"
-    for name in INCEPTION_FILES:
-        if (hub / name).is_file():
-            return hub / name
-    return None
-
-
-class InceptionFeatures(torch.nn.Module):
-    """Images in [-1, 1] (any size, 1 or 3 channels) -> (pool features (B, 2048), logits (B, 1000|1008))."""
-
-    def __init__(self, weights: Path):
-        super().__init__()
-        self.weights = Path(weights)
-        self.fidelity = None
-        try:
-            from torchmetrics.image.fid import NoTrainInceptionV3
-            self.fidelity = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048", "logits_unbiased"],
-                                               feature_extractor_weights_path=str(weights))
-            self.graph = "torch-fidelity inception-v3-compat (TF-FID)"
-        except ModuleNotFoundError:  # torch-fidelity absent: torchvision's graph with the file's weights
-            self._load_torchvision(weights)
-            self.graph = "torchvision inception_v3"
-        self.eval()
-
-    def _load_torchvision(self, weights: Path) -> None:
-        from torchvision.models import inception_v3
-        try:
-            sd = torch.load(str(weights), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is the user's problem to fix
-            raise CheckpointError(f"cannot read Inception weights {weights}: {str(e).splitlines()[0]}") from None
-        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else {}
-        if "fc.weight" not in sd:
-            raise CheckpointError(f"{weights} does not hold Inception-v3 weights (no fc.weight)")
-        net = inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=sd["fc.weight"].shape[0],
-                           transform_input=False)
-        own = net.state_dict()
-        usable = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
-        if len(usable) < 0.95 * len(own):
-            raise CheckpointError(f"{weights}: only {len(usable)} of {len(own)} Inception-v3 tensors match "
-                                  f"torchvision's graph (install torch-fidelity for the TF-FID file layout)")
-        net.load_state_dict(usable, strict=False)
-        net.fc_ = net.fc
-        net.fc = torch.nn.Identity()
-        self.net = net
-
-    @torch.no_grad()
-    def features_and_logits(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x.float()
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        if self.fidelity is not None:
-            feats, logits = self.fidelity(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
-            return feats.reshape(x.shape[0], -1), logits.reshape(x.shape[0], -1)
-        # Google's Inception takes [-1, 1] at 299x299 (torchvision's transform_input maps ImageNet-normalised
-        # inputs to exactly that range, so it is off here)
-        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False, antialias=True)
-        feats = self.net(x)
-        return feats, self.net.fc_(feats)
-
-
-class FeatureSpace:
-    """One forward pass per image -> (features, logits); ``info`` is what eval.json records about the space."""
-
-    def __init__(self, name: str, net: torch.nn.Module, device: torch.device, info: dict,
-                 classifier: torch.nn.Module | None = None):
-        self.name, self.net, self.device, self.info, self.classifier = name, net.to(device).eval(), device, info, classifier
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-        feats, logits = [], []
-        for s in range(0, images.shape[0], batch_size):
-            f, lg = self.net.features_and_logits(images[s:s + batch_size].to(self.device))
-            feats.append(f.double().cpu())
-            logits.append(lg.double().cpu())
-        return torch.cat(feats), torch.cat(logits)
-
-
-def build_feature_space(args, dataset: str, image_size: int, channels: int, device: torch.device,
-                        log=print) -> FeatureSpace:
-    from . import classifier as C
-
-    weights = find_inception_weights(args.inception_weights)   # raises at once for a bad explicit path
-    mode = "inception" if args.inception_weights else args.features
-    if mode == "inception" and weights is None:
-        raise ConfigError(f"--features inception: no Inception-v3 weights on disk (looked for "
-                          f"{', '.join(INCEPTION_FILES)} in {Path(torch.hub.get_dir()) / 'checkpoints'}); vqgen never "
-                          f"downloads them. Pass --inception_weights PATH or use --features classifier")
-    if mode == "auto":
-        mode = "inception" if weights is not None else "classifier"
-    root = args.classifier_dir or args.data_dir
-    if mode == "inception":
-        net = InceptionFeatures(weights)
-        clf = None
-        if (C.cache_dir(root, dataset) / "config.json").exists():  # classifier stats when one is already cached
-            clf = C.Classifier.from_export(C.cache_dir(root, dataset)).to(device)
-        return FeatureSpace("inception", net, device, {"name": "inception", "weights": str(weights),
-                                                       "graph": net.graph}, clf)
-    clf = C.load_or_train(dataset, args.data_dir, image_size, channels, root=root, retrain=args.retrain_classifier,
-                          epochs=args.classifier_epochs, seed=args.seed, log=log)
-    info = {"name": "classifier", "export": str(C.cache_dir(root, dataset)), "sha256": clf.sha256,
-            "feature_dim": clf.config.feature_dim, "test_accuracy": clf.export_meta.get("test_accuracy")}
-    return FeatureSpace("classifier", clf, device, info, clf)
-
-
 # ------------------------------------------------------------------------------------------------ stages
 def load_split(dataset: str, split: str, data_dir: str, image_size: int, channels: int,
                max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """All images ``(N, C, H, W)`` in [-1, 1] and labels ``(N,)`` of a split (small demo splits fit in memory)."""
-    from .data import build_dataset
+    from ..data import build_dataset
 
     ds, info = build_dataset(dataset, split, data_dir, image_size=image_size, channels=channels)
     if (info.image_size, info.channels) != (image_size, channels):
@@ -276,7 +151,7 @@ def eval_tokenizer(model, images: torch.Tensor, batch_size: int, device) -> tupl
 
 
 def generate_images(prior, tokenizer, n: int, args, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from .sampling import decode_to_images, generate
+    from ..sampling import decode_to_images, generate
 
     labels = class_labels(prior, n, None)  # balanced: 0, 1, ..., C-1, 0, ...
     g = torch.Generator(device=device).manual_seed(args.seed)
@@ -315,117 +190,10 @@ def check_prior_matches(prior, tok_export, manifest: dict | None) -> None:
         shards.check_tokenizer(manifest, tok_export)
 
 
-# -------------------------------------------------------------------------------------------------- output
-def read_metrics_jsonl(path: Path) -> list[dict]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill mid-write
-    return rows
-
-
-def _save_fig(fig, path: Path) -> Path:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
-def plot_loss_curves(stage_dirs: dict[str, Path], path: Path) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    wanted = {"vqvae": ["loss", "recon_loss", "vq_loss", "val/mse"], "prior": ["loss", "bpt", "val/bits_per_token"]}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for ax, stage in zip(axes, ("vqvae", "prior")):
-        rows = read_metrics_jsonl(stage_dirs[stage] / "metrics.jsonl") if stage in stage_dirs else []
-        drawn = 0
-        for key in wanted[stage]:
-            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r
-                   and math.isfinite(r[key])]
-            if pts:
-                xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o" if key.startswith("val/") else None, ms=3, label=key)
-                drawn += 1
-        ax.set_title(f"{stage} ({stage_dirs.get(stage, '-')}/metrics.jsonl)", fontsize=8)
-        ax.set_xlabel("optimizer step")
-        if drawn:
-            ax.set_yscale("log")
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "no metrics.jsonl", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    try:
-        return _save_fig(fig, path)
-    finally:
-        plt.close(fig)
-
-
-def plot_code_histogram(counts: torch.Tensor, path: Path, title: str) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    c = counts.sort(descending=True).values.numpy()
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(range(len(c)), c, width=1.0, color="tab:blue")
-    ax.set_yscale("symlog", linthresh=1)
-    ax.set_xlabel("code rank (sorted by count)")
-    ax.set_ylabel("assignments on the split")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    try:
-        return _save_fig(fig, path)
-    finally:
-        plt.close(fig)
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "inf" if math.isinf(v) else f"{v:.4g}"
-    return str(v)
-
-
-def format_table(results: dict) -> str:
-    rows = []
-    t = results.get("tokenizer") or {}
-    for k, label in (("l1", "L1"), ("mse", "MSE"), ("psnr", "PSNR (dB)"), ("ssim", "SSIM"),
-                     ("codebook_usage", "codebook usage"), ("perplexity", "perplexity"), ("rfid", "rFID")):
-        if k in t:
-            v = f"{100 * t[k]:.1f}% ({t['codes_used']}/{t['codebook_size']})" if k == "codebook_usage" else _fmt(t[k])
-            rows.append(("tokenizer", label, v))
-    p = results.get("prior") or {}
-    for k, label in (("fid", "gFID"), ("inception_score", "IS"), ("precision", "precision"), ("recall", "recall"),
-                     ("bits_per_token", "bits/token")):
-        if k in p:
-            v = _fmt(p[k]) + (f" ± {p['inception_score_std']:.2g}" if k == "inception_score" else "")
-            rows.append(("prior", label, v))
-    c = p.get("classifier") or {}
-    if c:
-        rows.append(("prior", f"confident (p>={c['confidence_threshold']})", f"{100 * c['confident_fraction']:.1f}%"))
-        rows.append(("prior", "class coverage", f"{100 * c['class_coverage']:.0f}%  {c['class_counts']}"))
-        if "label_accuracy" in c:
-            rows.append(("prior", "label accuracy", f"{100 * c['label_accuracy']:.1f}%"))
-    r = results.get("reference") or {}
-    for k, label in (("fid", "FID train vs split"), ("inception_score", "IS of split"),
-                     ("precision", "precision train"), ("recall", "recall train")):
-        if k in r:
-            rows.append(("reference", label, _fmt(r[k])))
-    if not rows:
-        return "(no metrics)"
-    w0, w1 = max(len(a) for a, _, _ in rows), max(len(b) for _, b, _ in rows)
-    head = f"split={results['split']}  features={results['feature_space']['name']}"
-    return "\n".join([head] + [f"{a:<{w0}}  {b:<{w1}}  {c}" for a, b, c in rows])
-
-
 # ---------------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> dict:
-    from .prior import Prior
-    from .vqvae import VQVAE
+    from ..models.prior import Prior
+    from ..models.vqvae import VQVAE
 
     t_start = time.perf_counter()
     if args.num_samples < 0 or args.batch_size < 1 or args.pr_k < 1:
@@ -486,7 +254,7 @@ def main(args: argparse.Namespace) -> dict:
             results["reference"] = reference_scores(space, real, dataset, args, cfg, len(fake_images))
             seconds["sample_metrics"] = time.perf_counter() - t
             if not args.no_plots:
-                from .sampling import save_image_grid
+                from ..sampling import save_image_grid
                 grid = fake_images[:64]
                 results.setdefault("plots", {})["samples"] = str(save_image_grid(
                     grid, paths["plots"] / "samples.png", nrow=int(math.ceil(math.sqrt(len(grid))))))
@@ -507,7 +275,7 @@ def main(args: argparse.Namespace) -> dict:
             f"perplexity {tok_metrics['perplexity']:.1f}"))
     seconds["total"] = time.perf_counter() - t_start
     results["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
-    atomic_write_json(paths["output"], _json_safe(results))
+    atomic_write_json(paths["output"], json_safe(results))
     print(format_table(results), flush=True)
     print(f"wrote {paths['output']}", flush=True)
     return results
@@ -522,14 +290,3 @@ def reference_scores(space: FeatureSpace, real, dataset: str, args, cfg, n: int)
     out = sample_quality(space, real, space(train_images, args.batch_size), args)
     out["num_images"] = int(train_images.shape[0])
     return out
-
-
-def _json_safe(obj):
-    """inf/nan -> strings so eval.json stays strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj

@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import shards
-from .checkpoint import load_export
-from .errors import ConfigError
-from .metrics import bits_per_token, token_nll
-from .prior import Prior, add_prior_arguments, prior_config_from_args
-from .sample import class_labels
-from .sampling import decode_to_images, generate, save_image_grid
-from .train_loop import TrainLoop, add_training_arguments
+from .. import shards
+from ..config import add_prior_arguments, add_training_arguments, prior_config_from_args
+from ..errors import ConfigError
+from ..eval.metrics import bits_per_token, token_nll
+from ..export import load_export
+from ..models.prior import Prior
+from ..sampling import class_labels, decode_to_images, generate, save_image_grid
+from .loop import TrainLoop
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +89,7 @@ class PriorTask:
         return bits_per_token(total / max(1, count))
 
     def tokenizer(self, device):
-        from .vqvae import VQVAE
+        from ..models.vqvae import VQVAE
 
         if self._tokenizer is None:
             if self.args.checkpoint:  # checked against the manifest in main()

@@ -15,12 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from .data import add_data_arguments, build_dataset, download_lock
-from .errors import ConfigError
-from .metrics import ReconstructionMeter
-from .sampling import save_image_grid
-from .train_loop import TrainLoop, add_training_arguments, epoch_generator, epoch_indices
-from .vqvae import VQVAE, add_vqvae_arguments, vqvae_config_from_args
+from ..config import add_data_arguments, add_training_arguments, add_vqvae_arguments, vqvae_config_from_args
+from ..data import build_dataset, download_lock
+from ..errors import ConfigError
+from ..eval.metrics import ReconstructionMeter
+from ..models.vqvae import VQVAE
+from ..sampling import save_image_grid
+from .loop import TrainLoop
+from .schedule import epoch_generator, epoch_indices
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,6 @@ strided conv + residual units, a 3x3 conv to/from the embedding, transposed conv
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple, Sequence
@@ -16,9 +15,8 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import nn
 
-from .checkpoint import Export, load_export, save_export
-from .cli import flatten_int_lists, int_list
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
+from ..export import Export, load_export, save_export
 from .quantizer import VectorQuantizerEMA
 
 ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "silu": lambda: nn.SiLU()}
@@ -37,7 +35,12 @@ def _deconv_out(size: int, stride: int, kernel: int, dilation: int, padding: int
 def level_params(values: Sequence, per: int, levels: int, flag: str) -> tuple[tuple[int, ...], ...]:
     """Flat ints or nested lists → ``levels`` tuples of ``per`` ints: one tuple broadcast to all levels, or one per
     level. ConfigError otherwise."""
-    flat = flatten_int_lists([list(v) if isinstance(v, (list, tuple)) else v for v in values])
+    flat: list[int] = []
+    for v in values or []:  # ``nargs='+'`` of "2 4 1 1" strings gives nested lists: [[2, 4, 1, 1], ...]
+        if isinstance(v, (list, tuple)):
+            flat.extend(int(x) for x in v)
+        else:
+            flat.append(int(v))
     if len(flat) == per:
         return (tuple(flat),) * levels
     if len(flat) == per * levels:
@@ -300,68 +303,3 @@ def _check_state_dict(model: nn.Module, sd: dict, where) -> None:
             parts.append(f"{len(items)} {label}: {'; '.join(items[:2])}{more}")
     raise CheckpointError(f"{where}: the weights do not match the VQ-VAE config stored with them ({' | '.join(parts)})."
                           f" The export is corrupt or was assembled from two different models; re-export it.")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-def add_vqvae_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The seed's (GenerativeZoo VQVAE_T.py) VQ-VAE flags with its defaults, plus the quantiser's knobs."""
-    d = VQVAEConfig()
-    g = parser.add_argument_group("VQ-VAE model")
-    g.add_argument("--num_res_layers", type=int, default=d.num_res_layers,
-                   help="residual units per level in encoder and decoder")
-    g.add_argument("--downsample_parameters", nargs="+", type=int_list, default="2 4 1 1",
-                   help="encoder strided conv per level as 'stride kernel dilation padding': 4 numbers (all levels) "
-                        "or 4 per level, e.g. \"2 4 1 1\"")
-    g.add_argument("--upsample_parameters", nargs="+", type=int_list, default="2 4 1 1 0",
-                   help="decoder transposed conv per level as 'stride kernel dilation padding output_padding': "
-                        "5 numbers (all levels) or 5 per level, e.g. \"2 4 1 1 0\"")
-    g.add_argument("--num_channels", nargs="+", type=int, default=list(d.num_channels),
-                   help="channels per level; the number of values is the number of levels")
-    g.add_argument("--num_res_channels", nargs="+", type=int, default=list(d.num_res_channels),
-                   help="channels inside the residual units, one per level")
-    g.add_argument("--num_embeddings", type=int, default=d.num_embeddings, help="codebook size K")
-    g.add_argument("--embedding_dim", type=int, default=d.embedding_dim, help="code vector dimension")
-    g.add_argument("--commitment_cost", type=float, default=d.commitment_cost,
-                   help="weight of the commitment loss ||z - sg(q)||^2")
-    g.add_argument("--ema_decay", type=float, default=d.decay, help="EMA decay of the codebook statistics")
-    g.add_argument("--ema_epsilon", type=float, default=d.epsilon, help="Laplace smoothing of the EMA cluster sizes")
-    g.add_argument("--dead_code_threshold", type=float, default=d.dead_code_threshold,
-                   help="restart codes whose EMA usage (assignments per step, all ranks) is below this; 0 disables")
-    g.add_argument("--restart_every", type=int, default=d.restart_every,
-                   help="check for dead codes every this many training steps")
-    return parser
-
-
-def vqvae_config_from_args(args: argparse.Namespace, in_channels: int, image_size: int) -> VQVAEConfig:
-    """Flags (see :func:`add_vqvae_arguments`) + the dataset's channels/size → a validated :class:`VQVAEConfig`."""
-    d = VQVAEConfig()
-    num_channels = [int(c) for c in flatten_int_lists(getattr(args, "num_channels", d.num_channels))]
-    num_res_channels = [int(c) for c in flatten_int_lists(getattr(args, "num_res_channels", d.num_res_channels))]
-    L = len(num_channels)
-    if L == 0:
-        raise ConfigError("--num_channels needs at least one value (one per level)")
-    if len(num_res_channels) != L:
-        raise ConfigError(f"--num_res_channels has {len(num_res_channels)} values but --num_channels has {L} "
-                          f"(one per level)")
-    down = getattr(args, "downsample_parameters", "2 4 1 1")
-    up = getattr(args, "upsample_parameters", "2 4 1 1 0")
-    down = int_list(down) if isinstance(down, str) else down
-    up = int_list(up) if isinstance(up, str) else up
-    cfg = VQVAEConfig(
-        in_channels=in_channels,
-        image_size=image_size,
-        num_channels=tuple(num_channels),
-        num_res_channels=tuple(num_res_channels),
-        num_res_layers=getattr(args, "num_res_layers", d.num_res_layers),
-        downsample_parameters=level_params(down, 4, L, "--downsample_parameters"),
-        upsample_parameters=level_params(up, 5, L, "--upsample_parameters"),
-        num_embeddings=getattr(args, "num_embeddings", d.num_embeddings),
-        embedding_dim=getattr(args, "embedding_dim", d.embedding_dim),
-        commitment_cost=getattr(args, "commitment_cost", d.commitment_cost),
-        decay=getattr(args, "ema_decay", d.decay),
-        epsilon=getattr(args, "ema_epsilon", d.epsilon),
-        dead_code_threshold=getattr(args, "dead_code_threshold", d.dead_code_threshold),
-        restart_every=getattr(args, "restart_every", d.restart_every),
-    )
-    cfg.validate()
-    return cfg

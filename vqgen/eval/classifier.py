@@ -6,7 +6,7 @@ penultimate activations (``feature_dim``) replace Inception's pool features, its
 IS, and its softmax gives per-sample confidence and class coverage. Numbers are comparable only between runs
 that use the same classifier export (its sha256 is recorded in eval.json).
 
-The export (kind ``"classifier"``, :func:`vqgen.checkpoint.save_export`) is cached at
+The export (kind ``"classifier"``, :func:`vqgen.export.save_export`) is cached at
 ``<root>/classifier/<dataset>`` and retrained when missing or trained for another image size/channel count.
 Training is deterministic (seeded), takes ~10-30 s on 2 CPU cores for ``digits`` and reaches ~98% test
 accuracy (random +-1 px shifts as augmentation).
@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import Export, load_export, save_export
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
+from ..export import Export, load_export, save_export
 
 EXPORT_KIND = "classifier"
 
@@ -157,7 +157,7 @@ def cache_dir(root: str | os.PathLike, dataset: str) -> Path:
 def load_or_train(dataset: str, data_dir: str, image_size: int, channels: int, root: str | os.PathLike | None = None,
                   retrain: bool = False, epochs: int = 15, seed: int = 0, log=print) -> Classifier:
     """The cached classifier of ``dataset`` at this image size/channels, trained (and exported) when missing."""
-    from .data import build_dataset
+    from ..data import build_dataset
 
     out = cache_dir(root if root is not None else data_dir, dataset)
     if not retrain and (out / "config.json").exists():

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, feature spaces (Inception or a dataset classifier), the report and ``evaluate.py``."""
