@@ -23,15 +23,12 @@ $(STAMP): pyproject.toml
 
 # The demo: the whole pipeline on the offline digits dataset (sklearn's 1797 real handwritten digits, 16x16),
 # through the one-command front end, then the evaluation (offline classifier features). Small model sizes so that
-# it finishes in minutes on 2 CPU cores; rerunning skips finished stages.
-DEMO_FLAGS := --dataset digits --no_wandb --batch_size 64 --n_epochs 15 --lr 1e-3 \
-	--num_channels 64 --num_res_channels 64 --num_res_layers 1 --num_embeddings 128 --embedding_dim 16 \
-	--attn_layers_dim 128 --attn_layers_depth 4 --attn_layers_heads 4 --attn_dropout 0.1 --n_epochs_t 40 --lr_t 1e-3 \
-	--sample_and_save_freq 5 --shard_size 500 --num_samples 64 --cfg_scale 2 --temperature 0.8
+# it finishes in minutes on 2 CPU cores; rerunning skips finished stages. Values: configs/digits_demo.yaml.
+DEMO_CONFIG := configs/digits_demo.yaml
 
 demo: $(STAMP)
-	$(PY) VQVAE_T.py --train --sample $(DEMO_FLAGS) --output_dir $(DEMO_DIR)
-	$(PY) evaluate.py --run_dir $(DEMO_DIR) --num_samples 500 --cfg_scale 2 --temperature 0.8
+	$(PY) VQVAE_T.py --config $(DEMO_CONFIG) --output_dir $(DEMO_DIR)
+	$(PY) evaluate.py --config $(DEMO_CONFIG) --run_dir $(DEMO_DIR)
 	@echo "samples: $(DEMO_DIR)/samples/grid.png   reconstructions: $(DEMO_DIR)/vqvae/samples/"
 
 test: $(STAMP)

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Thin entry point: flags -> vqgen.evaluate.main(args). See `python evaluate.py --help`."""
+"""Evaluate a run (reconstruction, samples, bits/token). Flags: `python evaluate.py --help`."""
 
 import sys
 
 from vqgen.cli import run_cli
-from vqgen.eval.evaluate import build_parser, main
+from vqgen.config import EvalConfig
+from vqgen.eval.evaluate import run
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, build_parser()))
+    sys.exit(run_cli(run, EvalConfig))

@@ -1,14 +1,15 @@
 """Stage 2: encode a dataset with a trained VQ-VAE export into WebDataset token shards + manifest.json.
 
     python extract_codes.py --checkpoint runs/demo/vqvae/export --dataset digits --split train test \\
-        --output shards/digits
+        --output_dir shards/digits
     accelerate launch extract_codes.py ...   # any number of processes / nodes; each writes its own shards
 """
 
 import sys
 
 from vqgen.cli import run_cli
-from vqgen.extract import build_parser, main
+from vqgen.config import ExtractConfig
+from vqgen.extract import run
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, build_parser()))
+    sys.exit(run_cli(run, ExtractConfig))

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Thin entry point: flags -> vqgen.sample.main(args). See `python sample.py --help`."""
+"""Sample images from a prior + tokenizer export. Flags: `python sample.py --help`."""
 
 import sys
 
 from vqgen.cli import run_cli
-from vqgen.sample import build_parser, main
+from vqgen.config import SampleConfig
+from vqgen.sample import run
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, build_parser()))
+    sys.exit(run_cli(run, SampleConfig))

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Thin entry point: flags -> vqgen.train_vqvae.main(args). See `python train_vqvae.py --help`."""
+"""Stage 1: train the VQ-VAE tokenizer. Flags: `python train_vqvae.py --help` (vqgen/config.py)."""
 
 import sys
 
 from vqgen.cli import run_cli
-from vqgen.train.vqvae_task import build_parser, main
+from vqgen.config import VQVAEStageConfig
+from vqgen.train.vqvae_task import run
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, build_parser()))
+    sys.exit(run_cli(run, VQVAEStageConfig))

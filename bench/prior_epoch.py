@@ -24,6 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vqgen import extract  # noqa: E402
+from vqgen.config import ExtractConfig, load_config  # noqa: E402
 from vqgen.data import build_dataset  # noqa: E402
 from vqgen.models.prior import Prior, PriorConfig  # noqa: E402
 from vqgen.shards import make_token_loader  # noqa: E402
@@ -89,11 +90,11 @@ def main(argv=None) -> float:
         VQVAE(cfg).export_to(tmp / "vqvae")
         vqvae = VQVAE.from_export(tmp / "vqvae").to(device).eval()
         h, w = cfg.latent_size
-        ext = extract.build_parser().parse_args(
+        ext = load_config(ExtractConfig,
             ["--checkpoint", str(tmp / "vqvae"), "--dataset", "digits", "--data_dir", str(tmp / "data"),
-             "--image_size", str(args.image_size), "--output", str(tmp / "shards"), "--no_progress"])
+             "--image_size", str(args.image_size), "--output_dir", str(tmp / "shards"), "--no_progress"])
         print("stage 2 (not timed): encoding digits once into shards ...", flush=True)
-        extract.main(ext)
+        extract.run(ext)
         ds, info = build_dataset("digits", "train", str(tmp / "data"), image_size=args.image_size)
         img_loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True,
                                                  num_workers=args.num_workers, drop_last=True)

@@ -32,11 +32,12 @@ def stage2(tmp_path_factory):
     """``d/tok``: a tiny tokenizer export; ``d/shards``: its digits token shards (train 3 shards, test 1)."""
     from vqgen import extract
     from vqgen.cli import run_cli
+    from vqgen.config import ExtractConfig
 
     d = tmp_path_factory.mktemp("stage2")
     tiny_vqvae().export_to(d / "tok")
     argv = ["--checkpoint", str(d / "tok"), "--dataset", "digits", "--data_dir", str(d / "data"), "--output",
             str(d / "shards"), "--split", "train", "test", "--batch_size", "512", "--shard_size", "500",
             "--no_progress"]
-    assert run_cli(extract.main, extract.build_parser(), argv) == 0
+    assert run_cli(extract.run, ExtractConfig, argv) == 0
     return d

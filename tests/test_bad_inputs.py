@@ -25,6 +25,8 @@ from vqgen.eval import evaluate
 from vqgen.train import prior_task as train_prior
 from vqgen.train import vqvae_task as train_vqvae
 from vqgen.cli import run_cli
+from vqgen.config import (EvalConfig, ExtractConfig, PipelineConfig, PriorStageConfig, SampleConfig,
+                          VQVAEStageConfig, build_parser)
 from vqgen.models.prior import Prior, PriorConfig
 
 from factories import tiny_vqvae
@@ -36,8 +38,12 @@ TINY_PRIOR = ["--attn_layers_dim", "32", "--attn_layers_depth", "2", "--attn_lay
               "--no_wandb", "--num_samples", "4", "--val_batches", "1", "--sample_and_save_freq", "100"]
 
 
+CONFIG = {train_vqvae: VQVAEStageConfig, extract: ExtractConfig, train_prior: PriorStageConfig, sample: SampleConfig,
+          pipeline: PipelineConfig, evaluate: EvalConfig}
+
+
 def cli(mod, argv, capsys) -> tuple[int, str]:
-    code = run_cli(mod.main, mod.build_parser(), [str(a) for a in argv])
+    code = run_cli(mod.run, CONFIG[mod], [str(a) for a in argv])
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
     return code, err
@@ -215,13 +221,13 @@ def test_prior_output_dir_with_another_run(tmp_path, capsys, stage2):
 
 
 # ------------------------------------------------------------------------------------------------------- --help
-SCRIPTS = {"train_vqvae.py": train_vqvae, "extract_codes.py": extract, "train_prior.py": train_prior,
-           "sample.py": sample, "VQVAE_T.py": pipeline, "evaluate.py": evaluate}
+SCRIPTS = {"train_vqvae.py": VQVAEStageConfig, "extract_codes.py": ExtractConfig, "train_prior.py": PriorStageConfig,
+           "sample.py": SampleConfig, "VQVAE_T.py": PipelineConfig, "evaluate.py": EvalConfig}
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_every_flag_has_help(script):
-    parser = SCRIPTS[script].build_parser()
+    parser = build_parser(SCRIPTS[script])
     assert parser.prog == script
     text = parser.format_help()  # also catches a bad %-format in a help string
     assert text.startswith(f"usage: {script}")

@@ -1,6 +1,5 @@
 """vqgen.data: the digits demo set, the registry, every generic input (built on disk here) and offline errors."""
 
-import argparse
 import struct
 import time
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vqgen.config import add_data_arguments
+from vqgen.config import DataConfig, build_parser, load_config
 from vqgen.data import offline
 from vqgen.data import DATASETS, build_dataset
 from vqgen.errors import ConfigError, DatasetUnavailableError
@@ -236,13 +235,11 @@ def test_probe_is_bounded_even_for_bad_hosts():
     assert time.monotonic() - t0 < 3
 
 
-def test_add_data_arguments():
-    p = argparse.ArgumentParser()
-    add_data_arguments(p)
-    args = p.parse_args([])
-    assert (args.dataset, args.data_dir, args.image_size) == ("digits", "data", None)
-    assert all(a.help for a in p._actions if a.dest in ("dataset", "data_dir", "image_size"))
-    assert p.parse_args(["--image_size", "32", "--dataset", "mnist"]).image_size == 32
+def test_data_flags():
+    cfg = load_config(DataConfig, [])
+    assert (cfg.dataset, cfg.data_dir, cfg.image_size) == ("digits", "data", None)
+    assert all(a.help for a in build_parser(DataConfig)._actions if a.dest in ("dataset", "data_dir", "image_size"))
+    assert load_config(DataConfig, ["--image_size", "32", "--dataset", "mnist"]).image_size == 32
 
 
 def test_hf_parquet_folder_and_pickling_for_workers(tmp_path):

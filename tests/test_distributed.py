@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 from vqgen import shards
 from vqgen.train import vqvae_task as train_vqvae
 from vqgen.cli import run_cli
+from vqgen.config import VQVAEStageConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
@@ -105,8 +106,7 @@ def stage1(tmp_path_factory):
     common = [*TINY_VQ, "--data_dir", str(d / "data"), "--max_steps", "10", "--checkpointing_steps", "5",
               "--sample_and_save_freq", "100"]
     proc = run([*cpu2(), str(ROOT / "train_vqvae.py"), *common, "--batch_size", "64", "--output_dir", str(d / "two")])
-    args = train_vqvae.build_parser().parse_args([*common, "--batch_size", "128", "--output_dir", str(d / "one")])
-    train_vqvae.main(args)
+    train_vqvae.run(load_config(VQVAEStageConfig, [*common, "--batch_size", "128", "--output_dir", str(d / "one")]))
     return d, proc.stdout + proc.stderr
 
 
@@ -147,13 +147,12 @@ def test_resume_two_process_checkpoint_on_one_process(stage1, tmp_path, capsys):
         shutil.rmtree(tmp_path / name / "export")
     argv = [*TINY_VQ, "--data_dir", str(d / "data"), "--max_steps", "10", "--sample_and_save_freq", "100",
             "--resume", "latest"]
-    parser = train_vqvae.build_parser()
-    assert run_cli(train_vqvae.main, parser, [*argv, "--batch_size", "128", "--output_dir",
+    assert run_cli(train_vqvae.run, VQVAEStageConfig, [*argv, "--batch_size", "128", "--output_dir",
                                               str(tmp_path / "same_global")]) == 0
     assert "resumed from" in capsys.readouterr().out
     assert_close_exports(d / "two", tmp_path / "same_global")  # = the uninterrupted 2 x 64 run
     # 640 samples done is not a whole number of 96-sample batches: a clear refusal, nothing overwritten
-    assert run_cli(train_vqvae.main, parser, [*argv, "--batch_size", "96", "--output_dir",
+    assert run_cli(train_vqvae.run, VQVAEStageConfig, [*argv, "--batch_size", "96", "--output_dir",
                                               str(tmp_path / "other_global")]) == 2
     err = capsys.readouterr().err
     assert "cannot resume" in err and "2 x 64" in err

@@ -13,7 +13,8 @@ import torch
 from vqgen import extract
 from vqgen.cli import run_cli
 from vqgen.errors import CheckpointError, ConfigError
-from vqgen.eval.evaluate import build_parser, main
+from vqgen.config import EvalConfig, ExtractConfig, load_config
+from vqgen.eval.evaluate import run as evaluate
 from vqgen.models.prior import Prior, PriorConfig
 from vqgen.models.vqvae import VQVAE, VQVAEConfig
 
@@ -34,7 +35,7 @@ def run(tmp_path_factory) -> Path:
     """runs/<x>/{vqvae,prior}/export + shards (train, test) + metrics.jsonl, as VQVAE_T.py --train lays them out."""
     root = tmp_path_factory.mktemp("run")
     sha = tiny_vqvae().export_to(root / "vqvae" / "export", meta={"dataset": {"name": "digits"}})
-    extract.main(extract.build_parser().parse_args(
+    extract.run(load_config(ExtractConfig,
         ["--dataset", "digits", "--checkpoint", str(root / "vqvae" / "export"), "--split", "train", "test",
          "--output", str(root / "shards"), "--no_progress"]))
     torch.manual_seed(0)
@@ -47,7 +48,7 @@ def run(tmp_path_factory) -> Path:
 
 
 def cli(*argv) -> int:
-    return run_cli(main, build_parser(), [str(a) for a in argv])
+    return run_cli(evaluate, EvalConfig, [str(a) for a in argv])
 
 
 def test_run_dir_writes_eval_json_and_plots(run, clf_root, capsys):
@@ -75,7 +76,7 @@ def test_run_dir_writes_eval_json_and_plots(run, clf_root, capsys):
 
 def test_explicit_paths_and_no_sampling(run, clf_root, tmp_path):
     out = tmp_path / "e.json"
-    res = main(build_parser().parse_args(
+    res = evaluate(load_config(EvalConfig,
         ["--checkpoint", str(run / "vqvae" / "export"), "--checkpoint_t", str(run / "prior" / "export"),
          "--shards", str(run / "shards"), "--dataset", "digits", "--num_samples", "0", "--max_images", "100",
          "--output", str(out), "--classifier_dir", str(clf_root), "--no_plots"]))
@@ -91,7 +92,7 @@ def test_identical_reconstruction_metrics_reference_is_perfect(run, clf_root, tm
     space = FeatureSpace("classifier", clf, torch.device("cpu"), {}, clf)
     x, _ = load_split("digits", "test", "data", 16, 1)
     f = space(x)
-    q = sample_quality(space, f, f, build_parser().parse_args([]))
+    q = sample_quality(space, f, f, EvalConfig())
     assert q["fid"] == pytest.approx(0, abs=1e-3) and q["precision"] == 1 and q["recall"] == 1
 
 
@@ -115,7 +116,7 @@ def test_inception_path_with_local_weights_file(run, clf_root, tmp_path):
     torch.manual_seed(0)
     w = tmp_path / "inception_v3_google-0cc3c7bd.pth"
     torch.save(inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict(), w)
-    res = main(build_parser().parse_args(
+    res = evaluate(load_config(EvalConfig,
         ["--run_dir", str(run), "--inception_weights", str(w), "--max_images", "6", "--num_samples", "6",
          "--batch_size", "6", "--output", str(tmp_path / "eval.json"), "--no_plots", "--classifier_dir",
          str(tmp_path / "no_cache")]))
@@ -128,12 +129,12 @@ def test_prior_of_another_tokenizer_is_refused(run, tmp_path):
     other = tmp_path / "vqvae" / "export"
     tiny_vqvae(seed=1).export_to(other, meta={"dataset": {"name": "digits"}})
     with pytest.raises(CheckpointError, match="matching --checkpoint"):
-        main(build_parser().parse_args(["--checkpoint", str(other), "--checkpoint_t", str(run / "prior" / "export"),
+        evaluate(load_config(EvalConfig, ["--checkpoint", str(other), "--checkpoint_t", str(run / "prior" / "export"),
                                         "--num_samples", "0", "--no_plots"]))
 
 
 def test_bad_inputs_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="--run_dir"):
-        main(build_parser().parse_args(["--run_dir", str(tmp_path / "missing")]))
+        evaluate(load_config(EvalConfig, ["--run_dir", str(tmp_path / "missing")]))
     with pytest.raises(ConfigError, match="pass --run_dir"):
-        main(build_parser().parse_args([]))
+        evaluate(load_config(EvalConfig, []))

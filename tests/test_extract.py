@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from vqgen import shards
 from vqgen.cli import run_cli
 from vqgen.errors import ShardError
-from vqgen.extract import build_parser, extract_split, main, tokenizer_header
+from vqgen.config import ExtractConfig
+from vqgen.extract import extract_split, run, tokenizer_header
 from factories import tiny_vqvae
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,7 +208,7 @@ def exports(tmp_path_factory):
 
 
 def cli(*argv) -> int:
-    return run_cli(main, build_parser(), [str(a) for a in argv])
+    return run_cli(run, ExtractConfig, [str(a) for a in argv])
 
 
 def test_cli_digits_both_splits_and_refusals(tmp_path, exports, capsys):

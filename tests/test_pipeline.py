@@ -9,6 +9,7 @@ from PIL import Image
 from vqgen import pipeline, sample
 from vqgen.export import load_export
 from vqgen.cli import run_cli
+from vqgen.config import PipelineConfig, SampleConfig
 
 TINY = ["--dataset", "digits", "--no_wandb", "--batch_size", "128", "--n_epochs", "2", "--lr", "1e-3",
         "--num_channels", "16", "--num_res_channels", "16", "--num_res_layers", "1", "--num_embeddings", "32",
@@ -20,7 +21,7 @@ TINY = ["--dataset", "digits", "--no_wandb", "--batch_size", "128", "--n_epochs"
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipe") / "run"
-    assert run_cli(pipeline.main, pipeline.build_parser(), ["--train", "--sample", *TINY, "--output_dir", str(out)]) == 0
+    assert run_cli(pipeline.run, PipelineConfig, ["--train", "--sample", *TINY, "--output_dir", str(out)]) == 0
     return out
 
 
@@ -52,7 +53,7 @@ def test_sampling_is_deterministic_per_seed(run_dir, tmp_path):
     def tokens(seed, name):
         argv = ["--checkpoint", str(run_dir / "vqvae" / "export"), "--checkpoint_t", str(run_dir / "prior" / "export"),
                 "--num_samples", "5", "--seed", str(seed), "--output_dir", str(tmp_path / name), "--class_label", "3"]
-        assert run_cli(sample.main, sample.build_parser(), argv) == 0
+        assert run_cli(sample.run, SampleConfig, argv) == 0
         return np.load(tmp_path / name / "tokens.npy")
 
     a, b, c = tokens(7, "a"), tokens(7, "b"), tokens(8, "c")
@@ -61,7 +62,7 @@ def test_sampling_is_deterministic_per_seed(run_dir, tmp_path):
 
 def test_rerun_skips_finished_stages(run_dir, capsys):
     before = (run_dir / "prior" / "export" / "model.safetensors").stat().st_mtime_ns
-    assert run_cli(pipeline.main, pipeline.build_parser(), ["--train", *TINY, "--output_dir", str(run_dir)]) == 0
+    assert run_cli(pipeline.run, PipelineConfig, ["--train", *TINY, "--output_dir", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "stage 1:" in out and "stage 3:" in out and out.count("skipping") == 4
     assert (run_dir / "prior" / "export" / "model.safetensors").stat().st_mtime_ns == before

@@ -1,13 +1,12 @@
 """Prior: config validation, causality, KV-cache logits, CFG, training signal, exports."""
 
-import argparse
 
 import pytest
 import torch
 
 from vqgen.export import save_export
 from vqgen.errors import CheckpointError, ConfigError
-from vqgen.config import add_prior_arguments, prior_config_from_args
+from vqgen.config import PriorFlags, load_config
 from vqgen.models.prior import Prior, PriorConfig
 
 
@@ -24,14 +23,14 @@ def test_config_validate_and_flags():
         PriorConfig(vocab_size=16, latent_h=2, latent_w=2, class_dropout=1.0).validate()
     with pytest.raises(ConfigError, match="unknown"):
         PriorConfig.from_dict({"vocab_size": 4, "latent_h": 2, "latent_w": 2, "bogus": 1})
-    args = add_prior_arguments(argparse.ArgumentParser()).parse_args([])
-    assert (args.attn_layers_dim, args.attn_layers_depth, args.attn_layers_heads) == (96, 12, 8)
-    assert (args.attn_dropout, args.class_dropout) == (0.0, 0.1)
-    cfg = prior_config_from_args(args, vocab_size=256, latent_h=8, latent_w=8, num_classes=10)
+    flags = load_config(PriorFlags, [])
+    assert (flags.attn_layers_dim, flags.attn_layers_depth, flags.attn_layers_heads) == (96, 12, 8)
+    assert (flags.attn_dropout, flags.class_dropout) == (0.0, 0.1)
+    cfg = flags.build(vocab_size=256, latent_h=8, latent_w=8, num_classes=10)
     assert cfg.seq_len == 64 and cfg.null_class == 10 and cfg.dim == 96
-    bad = add_prior_arguments(argparse.ArgumentParser()).parse_args(["--attn_layers_heads", "7"])
+    bad = load_config(PriorFlags, ["--attn_layers_heads", "7"])
     with pytest.raises(ConfigError):
-        prior_config_from_args(bad, 256, 8, 8, 0)
+        bad.build(256, 8, 8, 0)
 
 
 def test_forward_shape_and_causal():

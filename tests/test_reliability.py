@@ -33,6 +33,7 @@ from vqgen.train import prior_task as train_prior
 from vqgen.train import vqvae_task as train_vqvae
 from vqgen.export import load_export, save_export
 from vqgen.cli import run_cli
+from vqgen.config import ExtractConfig, PriorStageConfig, SampleConfig, VQVAEStageConfig, load_config
 from vqgen.errors import CheckpointError, DiskFullError
 from vqgen.fsutil import atomic_directory
 
@@ -84,8 +85,9 @@ def test_code_executing_checkpoint_is_refused(tmp_path, stage2, capsys):
         (train_prior, ["--shards", stage2 / "shards", "--checkpoint", evil, "--output_dir", tmp_path / "p",
                        *TINY_PRIOR]),
     ]
+    config = {sample: SampleConfig, extract: ExtractConfig, train_prior: PriorStageConfig}
     for mod, argv in runs:
-        assert run_cli(mod.main, mod.build_parser(), [str(a) for a in argv]) == 2
+        assert run_cli(mod.run, config[mod], [str(a) for a in argv]) == 2
         err = capsys.readouterr().err
         assert "refusing to load" in err and "evil.pt" in err and "Traceback" not in err, err
     assert not marker.exists()
@@ -106,8 +108,7 @@ def test_code_executing_checkpoint_refused_by_script(tmp_path):
 def test_training_checkpoints_hold_no_pickled_objects(tmp_path):
     """Resuming loads accelerate files with weights_only=True only: the scheduler is JSON, not a custom pickle."""
     out = tmp_path / "r"
-    args = train_vqvae.build_parser().parse_args([*TINY_VQ, "--output_dir", str(out), "--max_steps", "2"])
-    train_vqvae.main(args)
+    train_vqvae.run(load_config(VQVAEStageConfig, [*TINY_VQ, "--output_dir", str(out), "--max_steps", "2"]))
     ckpt = out / "checkpoints" / "checkpoint-2"
     assert not list(ckpt.glob("custom_checkpoint_*"))
     state = json.loads((ckpt / "vqgen_state.json").read_text())
@@ -172,18 +173,18 @@ def _check_resumed_checkpoints(out: Path) -> None:
 def test_sigkill_then_resume_is_bitwise_exact(tmp_path, stage, stage2):
     rng = random.Random(f"{stage}-{os.getpid()}")  # a different kill moment on every run
     if stage == "vqvae":
-        mod, script = train_vqvae, "train_vqvae.py"
+        mod, config, script = train_vqvae, VQVAEStageConfig, "train_vqvae.py"
         flags = [*TINY_VQ, "--n_epochs", "2", "--max_steps", "26", "--checkpointing_steps", "2"]
     else:
-        mod, script = train_prior, "train_prior.py"
+        mod, config, script = train_prior, PriorStageConfig, "train_prior.py"
         flags = ["--shards", str(stage2 / "shards"), *TINY_PRIOR, "--n_epochs_t", "2", "--max_steps", "40",
                  "--checkpointing_steps", "2"]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     _kill_when_checkpointed([sys.executable, script, *flags, "--output_dir", str(cut)], cut, rng)
     _fake_half_written(cut)
-    mod.main(mod.build_parser().parse_args([*flags, "--output_dir", str(cut), "--resume", "latest"]))
+    mod.run(load_config(config, [*flags, "--output_dir", str(cut), "--resume", "latest"]))
     _check_resumed_checkpoints(cut)
-    mod.main(mod.build_parser().parse_args([*flags, "--output_dir", str(ref)]))
+    mod.run(load_config(config, [*flags, "--output_dir", str(ref)]))
     _assert_same_weights(ref, cut)
 
 
@@ -252,7 +253,7 @@ def test_nan_steps_skipped_then_abort_keeps_last_checkpoint(tmp_path, monkeypatc
     out = tmp_path / "r"
     argv = [*TINY_VQ, "--output_dir", str(out), "--checkpointing_steps", "2", "--max_bad_steps", "3",
             "--n_epochs", "1"]
-    assert run_cli(train_vqvae.main, train_vqvae.build_parser(), argv) == 2
+    assert run_cli(train_vqvae.run, VQVAEStageConfig, argv) == 2
     cap = capsys.readouterr()
     assert "3 consecutive non-finite losses: stopping" in cap.err and "Traceback" not in cap.err
     assert cap.out.count("non-finite loss") == 3
@@ -268,7 +269,7 @@ def test_nan_steps_skipped_then_abort_keeps_last_checkpoint(tmp_path, monkeypatc
         return (loss * float("inf") if calls["n"] == 2 else loss), logs
 
     monkeypatch.setattr(train_vqvae.VQVAETask, "compute_loss", one_bad)
-    loop = train_vqvae.main(train_vqvae.build_parser().parse_args(
+    loop = train_vqvae.run(load_config(VQVAEStageConfig,
         [*argv[:-2], "--n_epochs", "1", "--max_steps", "5", "--resume", "latest"]))
     assert loop.state.bad_steps_total == 1 and loop.state.global_step == 5
     after = load_file(str(out / "checkpoints" / "checkpoint-2" / "model.safetensors"))
@@ -279,9 +280,9 @@ def test_nan_steps_skipped_then_abort_keeps_last_checkpoint(tmp_path, monkeypatc
 def test_fp16_on_cpu_refused_before_anything_is_touched(tmp_path, capsys):
     out = tmp_path / "r"
     argv = [*TINY_VQ, "--output_dir", str(out), "--max_steps", "1"]
-    assert run_cli(train_vqvae.main, train_vqvae.build_parser(), argv) == 0
+    assert run_cli(train_vqvae.run, VQVAEStageConfig, argv) == 0
     before = sorted(p.name for p in out.rglob("*"))
-    assert run_cli(train_vqvae.main, train_vqvae.build_parser(),
+    assert run_cli(train_vqvae.run, VQVAEStageConfig,
                    [*argv, "--mixed_precision", "fp16", "--overwrite"]) == 2
     err = capsys.readouterr().err
     assert "fp16 needs a GPU" in err and "bf16" in err and "Traceback" not in err
@@ -303,18 +304,18 @@ def test_disk_full_while_checkpointing(tmp_path, monkeypatch, capsys):
         return real(self, output_dir, **kw)
 
     monkeypatch.setattr(accelerate.Accelerator, "save_state", save_state)
-    assert run_cli(train_vqvae.main, train_vqvae.build_parser(), argv) == 0  # checkpoints 2 and 3
+    assert run_cli(train_vqvae.run, VQVAEStageConfig, argv) == 0  # checkpoints 2 and 3
     capsys.readouterr()
     argv = [*argv[:-1], "6", "--resume", "latest"]
-    assert run_cli(train_vqvae.main, train_vqvae.build_parser(), argv) == 2
+    assert run_cli(train_vqvae.run, VQVAEStageConfig, argv) == 2
     err = capsys.readouterr().err
     assert "disk full while writing checkpoint" in err and "checkpoint-4" in err and "intact" in err
     assert "Traceback" not in err
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-3"]
     # raw ENOSPC from a plain write (e.g. metrics.jsonl) is answered the same way by run_cli
-    monkeypatch.setattr(train_vqvae, "main", lambda a: (_ for _ in ()).throw(
+    monkeypatch.setattr(train_vqvae, "run", lambda a: (_ for _ in ()).throw(
         OSError(errno.ENOSPC, "No space left on device", "metrics.jsonl")))
-    assert run_cli(train_vqvae.main, train_vqvae.build_parser(), argv) == 2
+    assert run_cli(train_vqvae.run, VQVAEStageConfig, argv) == 2
     err = capsys.readouterr().err
     assert "disk full while writing metrics.jsonl" in err and "intact" in err and "Traceback" not in err
 

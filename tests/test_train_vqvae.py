@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from vqgen.train import vqvae_task as train_vqvae
 from vqgen.export import load_export
 from vqgen.cli import run_cli
+from vqgen.config import VQVAEStageConfig, load_config
 from vqgen.models.vqvae import VQVAE
 
 TINY = ["--dataset", "digits", "--num_channels", "16", "32", "--num_res_channels", "16", "32",
@@ -20,8 +21,7 @@ TINY = ["--dataset", "digits", "--num_channels", "16", "32", "--num_res_channels
 
 
 def run(tmp_path, *extra, out="run"):
-    args = train_vqvae.build_parser().parse_args([*TINY, "--output_dir", str(tmp_path / out), *extra])
-    return train_vqvae.main(args)
+    return train_vqvae.run(load_config(VQVAEStageConfig, [*TINY, "--output_dir", str(tmp_path / out), *extra]))
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -60,21 +60,19 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path):
 
 
 def test_refuses_existing_run_without_resume_or_overwrite(tmp_path, capsys):
-    parser = train_vqvae.build_parser()
     argv = [*TINY, "--output_dir", str(tmp_path / "r"), "--n_epochs", "1", "--max_steps", "1"]
-    assert run_cli(train_vqvae.main, parser, argv) == 0
+    assert run_cli(train_vqvae.run, VQVAEStageConfig, argv) == 0
     before = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
-    assert run_cli(train_vqvae.main, parser, argv) == 2
+    assert run_cli(train_vqvae.run, VQVAEStageConfig, argv) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == before
 
 
 def test_resume_with_other_model_config_is_refused(tmp_path, capsys):
-    parser = train_vqvae.build_parser()
     argv = [*TINY, "--output_dir", str(tmp_path / "r"), "--n_epochs", "1", "--max_steps", "1"]
-    assert run_cli(train_vqvae.main, parser, argv) == 0
+    assert run_cli(train_vqvae.run, VQVAEStageConfig, argv) == 0
     other = [a if a != "32" else "64" for a in argv] + ["--resume", "latest"]
-    assert run_cli(train_vqvae.main, parser, other) == 2
+    assert run_cli(train_vqvae.run, VQVAEStageConfig, other) == 2
     assert "another model config" in capsys.readouterr().err
 
 
@@ -103,9 +101,9 @@ def test_bf16_channels_last_trains_and_exports_fp32_codebook(tmp_path):
 def test_wandb_logging_works_offline(tmp_path):
     """Without --no_wandb the run logs to wandb; WANDB_MODE=offline (tests/conftest.py) needs no network."""
     argv = [a for a in TINY if a != "--no_wandb"]
-    args = train_vqvae.build_parser().parse_args([*argv, "--output_dir", str(tmp_path / "w"), "--n_epochs", "1",
+    cfg = load_config(VQVAEStageConfig, [*argv, "--output_dir", str(tmp_path / "w"), "--n_epochs", "1",
                                                   "--max_steps", "2"])
-    train_vqvae.main(args)
+    train_vqvae.run(cfg)
     runs = list((tmp_path / "w" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
@@ -125,10 +123,9 @@ def test_torch_compile_through_accelerate_keeps_plain_exports(tmp_path, monkeypa
 
 
 def test_resume_from_another_runs_checkpoint_with_other_config_is_refused(tmp_path, capsys):
-    parser = train_vqvae.build_parser()
     argv = [*TINY, "--n_epochs", "1", "--max_steps", "1"]
-    assert run_cli(train_vqvae.main, parser, [*argv, "--output_dir", str(tmp_path / "a")]) == 0
+    assert run_cli(train_vqvae.run, VQVAEStageConfig, [*argv, "--output_dir", str(tmp_path / "a")]) == 0
     other = [a if a != "32" else "64" for a in argv]  # another model config, in a fresh folder
     ckpt = tmp_path / "a" / "checkpoints" / "checkpoint-1"
-    assert run_cli(train_vqvae.main, parser, [*other, "--output_dir", str(tmp_path / "b"), "--resume", str(ckpt)]) == 2
+    assert run_cli(train_vqvae.run, VQVAEStageConfig, [*other, "--output_dir", str(tmp_path / "b"), "--resume", str(ckpt)]) == 2
     assert "another model config" in capsys.readouterr().err and not (tmp_path / "b" / "checkpoints").exists()

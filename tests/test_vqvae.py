@@ -1,6 +1,5 @@
 """VQVAE: shapes for several geometries, config validation/flags, JSON round-trip, exports."""
 
-import argparse
 import json
 import shlex
 from dataclasses import asdict
@@ -10,7 +9,7 @@ import torch
 
 from vqgen.export import load_export, save_export
 from vqgen.errors import CheckpointError, ConfigError
-from vqgen.config import add_vqvae_arguments, vqvae_config_from_args
+from vqgen.config import VQVAEFlags, load_config
 from vqgen.models.vqvae import VQVAE, VQVAEConfig
 
 
@@ -21,10 +20,8 @@ def tiny(**kw):
     return VQVAEConfig(**base)
 
 
-def parse(argv: str):
-    p = argparse.ArgumentParser()
-    add_vqvae_arguments(p)
-    return p.parse_args(shlex.split(argv))
+def parse(argv: str) -> VQVAEFlags:
+    return load_config(VQVAEFlags, shlex.split(argv))
 
 
 @pytest.mark.parametrize("kw, latent", [
@@ -56,21 +53,21 @@ def test_shapes(kw, latent):
 
 
 def test_seed_defaults_from_flags():
-    cfg = vqvae_config_from_args(parse(""), in_channels=1, image_size=32)
+    cfg = parse("").build(1, 32)
     assert cfg == VQVAEConfig()
     assert cfg.latent_size == (8, 8)
 
 
 def test_level_params_broadcast_vs_per_level():
-    one = vqvae_config_from_args(parse('--num_channels 8 8 8 --num_res_channels 4 4 4 '
-                                       '--downsample_parameters "2 4 1 1" --upsample_parameters 2 4 1 1 0'), 1, 32)
-    per = vqvae_config_from_args(parse('--num_channels 8 8 8 --num_res_channels 4 4 4 '
+    one = parse('--num_channels 8 8 8 --num_res_channels 4 4 4 '
+                                       '--downsample_parameters "2 4 1 1" --upsample_parameters 2 4 1 1 0').build(1, 32)
+    per = parse('--num_channels 8 8 8 --num_res_channels 4 4 4 '
                                        '--downsample_parameters "2 4 1 1" "2 4 1 1" 2,4,1,1 '
-                                       '--upsample_parameters 2 4 1 1 0 2 4 1 1 0 2 4 1 1 0'), 1, 32)
+                                       '--upsample_parameters 2 4 1 1 0 2 4 1 1 0 2 4 1 1 0').build(1, 32)
     assert one == per
     assert one.downsample_parameters == ((2, 4, 1, 1),) * 3 and one.latent_size == (4, 4)
-    mixed = vqvae_config_from_args(parse('--downsample_parameters 2 4 1 1 4 4 1 0 '
-                                         '--upsample_parameters 4 4 1 0 0 2 4 1 1 0'), 1, 32)
+    mixed = parse('--downsample_parameters 2 4 1 1 4 4 1 0 '
+                                         '--upsample_parameters 4 4 1 0 0 2 4 1 1 0').build(1, 32)
     assert mixed.downsample_parameters == ((2, 4, 1, 1), (4, 4, 1, 0)) and mixed.latent_size == (4, 4)
     # In the dataclass: a flat tuple or identical per-level tuples (the defaults) broadcast to any depth.
     assert tiny(num_channels=(8,), num_res_channels=(4,)).downsample_parameters == ((2, 4, 1, 1),)
@@ -79,11 +76,11 @@ def test_level_params_broadcast_vs_per_level():
 
 def test_config_errors():
     with pytest.raises(ConfigError, match=r"has 6 numbers; expected 4 \(one level, repeated\) or 4\*2=8"):
-        vqvae_config_from_args(parse("--downsample_parameters 2 4 1 1 2 4"), 1, 32)
+        parse("--downsample_parameters 2 4 1 1 2 4").build(1, 32)
     with pytest.raises(ConfigError, match="upsample_parameters has 4 numbers"):
-        vqvae_config_from_args(parse("--upsample_parameters 2 4 1 1"), 1, 32)
+        parse("--upsample_parameters 2 4 1 1").build(1, 32)
     with pytest.raises(ConfigError, match="num_res_channels has 2 values but --num_channels has 3"):
-        vqvae_config_from_args(parse("--num_channels 8 8 8"), 1, 32)
+        parse("--num_channels 8 8 8").build(1, 32)
     with pytest.raises(ConfigError, match="num_res_channels has 1 values but num_channels has 2"):
         tiny(num_res_channels=(4,)).validate()
     with pytest.raises(ConfigError, match="shrink 8x8 images to nothing"):

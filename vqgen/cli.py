@@ -1,12 +1,12 @@
-"""Shared command-line plumbing: argument types for list flags and the error boundary of every script."""
+"""The error boundary of every script: flags -> config -> ``run(config)``, user errors as one line, exit 2."""
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
+from .config import load_config
 from .errors import VQGenError
 from .fsutil import is_disk_full
 
@@ -22,29 +22,29 @@ def _strip_worker_traceback(msg: str) -> str:
     return msg
 
 
-def run_cli(main: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
-            argv: Sequence[str] | None = None) -> int:
-    """Parse flags and run ``main(args)``; a :class:`VQGenError` prints ``error: ...`` and exits 2, no traceback.
+def run_cli(run: Callable[[Any], object], config_cls: type, argv: Sequence[str] | None = None) -> int:
+    """Parse flags (and ``--config``) into ``config_cls`` and call ``run(config)``; a :class:`VQGenError` prints
+    ``error: ...`` and exits 2, no traceback.
 
     A full disk (ENOSPC/EDQUOT, also as wrapped by torch.save/safetensors) is a user problem too: one clear line,
     exit 2. Every vqgen write is atomic (temp + rename), so the previous state is intact.
     """
-    args = parser.parse_args(argv)
+    prog = getattr(config_cls, "PROG", None) or "vqgen"
     try:
-        main(args)
+        run(load_config(config_cls, argv))
     except VQGenError as e:
-        print(f"{parser.prog}: error: {_strip_worker_traceback(str(e))}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {_strip_worker_traceback(str(e))}", file=sys.stderr, flush=True)
         return 2
     except Exception as e:  # noqa: BLE001 - only a full disk is handled here; anything else keeps its traceback
         if not is_disk_full(e):
             raise
         where = getattr(e, "filename", None)
-        print(f"{parser.prog}: error: disk full while writing{f' {where}' if where else ''} ({e.__class__.__name__}: "
+        print(f"{prog}: error: disk full while writing{f' {where}' if where else ''} ({e.__class__.__name__}: "
               f"{str(e).splitlines()[0] if str(e) else 'no space left'}); vqgen replaces files atomically, so the "
               f"previous checkpoints, exports and shards are intact. Free some space and rerun (training: "
               f"--resume latest)", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr, flush=True)
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         return 130
     return 0

@@ -89,6 +89,11 @@ def save_export(out_dir: str | os.PathLike, kind: str, config: dict, state_dict:
     return sha
 
 
+def is_export(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a complete export folder (its config.json is written with the weights, atomically)."""
+    return (Path(path) / CONFIG_NAME).is_file()
+
+
 def _resolve_export_dir(path: Path) -> Path:
     if path.is_file() and path.name in (CONFIG_NAME, WEIGHTS_NAME):
         return path.parent

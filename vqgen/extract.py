@@ -10,7 +10,6 @@ Adapted from: LlamaGen ``extract_codes_c2i.py`` and open-muse ``pre_encode.py`` 
 
 from __future__ import annotations
 
-import argparse
 import json
 import queue
 import re
@@ -22,32 +21,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import shards
-from .config import add_data_arguments, positive_int
+from .config import ExtractConfig, validate
 from .errors import ConfigError
 from .export import load_export
 from .launch import start_processes
 
 AUTOCAST_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="extract_codes.py", description=__doc__.split("\n")[0])
-    add_data_arguments(p)  # --dataset, --data_dir, --image_size (owned by vqgen.data)
-    p.add_argument("--checkpoint", required=True, help="stage-1 VQ-VAE export folder (runs/<name>/export)")
-    p.add_argument("--split", nargs="+", default=["train"], choices=list(shards.SPLITS),
-                   help="split(s) to extract; each merges into the same manifest")
-    p.add_argument("--output", default=None, help="shard folder (default: shards/<dataset>)")
-    p.add_argument("--batch_size", type=positive_int, default=256, help="images per encoder batch (per process)")
-    p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers per process")
-    p.add_argument("--shard_size", type=positive_int, default=1000, help="samples per shard (and resume granularity)")
-    p.add_argument("--mixed_precision", default="no", choices=list(AUTOCAST_DTYPES),
-                   help="autocast dtype for the encoder (the quantizer's argmin stays fp32)")
-    p.add_argument("--hflip", action="store_true",
-                   help="also store the tokens of the horizontally mirrored image as tokens_flip.npy")
-    p.add_argument("--overwrite", action="store_true",
-                   help="discard everything vqgen wrote into --output before (all splits) and start fresh")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    return p
 
 
 def _json(obj):
@@ -213,50 +192,50 @@ def extract_split(model, dataset, out_dir, *, split: str, tokenizer_sha256: str,
     return part
 
 
-def main(args: argparse.Namespace) -> dict | None:
-    """Extract every ``--split``; returns the manifest on the main process (None elsewhere)."""
+def run(cfg: ExtractConfig) -> dict | None:
+    """Extract every split of ``cfg.split``; returns the manifest on the main process (None elsewhere)."""
     from .data import build_dataset
     from .models.vqvae import VQVAE
 
-    if args.num_workers < 0:
-        raise ConfigError("--num_workers must be >= 0")
+    validate(cfg)
+    data, sharding = cfg.data, cfg.sharding
     state = start_processes()
-    export = load_export(args.checkpoint, expected_kind="vqvae")
+    export = load_export(cfg.checkpoint, expected_kind="vqvae")
     model = VQVAE.from_export(export).to(state.device).eval()
-    cfg = model.config
-    if args.image_size not in (None, cfg.image_size):
-        raise ConfigError(f"--image_size {args.image_size} differs from the tokenizer's image size {cfg.image_size}; "
+    tok = model.config
+    if data.image_size not in (None, tok.image_size):
+        raise ConfigError(f"--image_size {data.image_size} differs from the tokenizer's image size {tok.image_size}; "
                           f"leave it out to use the tokenizer's")
-    out = Path(args.output or Path("shards") / re.sub(r"[^A-Za-z0-9_.-]+", "_", args.dataset).strip("._"))
-    if args.overwrite:
+    out = Path(cfg.output_dir or Path("shards") / re.sub(r"[^A-Za-z0-9_.-]+", "_", data.dataset).strip("._"))
+    if cfg.overwrite:
         if state.is_main_process:
             shards.clear_output(out)
     else:
-        shards.check_output(out, export.sha256, args.dataset)  # every rank: a failure must not leave others waiting
+        shards.check_output(out, export.sha256, data.dataset)  # every rank: a failure must not leave others waiting
     state.wait_for_everyone()
 
     manifest = None
-    for split in args.split:
+    for split in cfg.split:
         with state.main_process_first():  # one process downloads; the others then find the files on disk
-            dataset, info = build_dataset(args.dataset, split, args.data_dir, image_size=cfg.image_size,
-                                          channels=cfg.in_channels)
-        if info.channels != cfg.in_channels or info.image_size != cfg.image_size:
-            raise ConfigError(f"dataset {args.dataset} gives {info.channels}x{info.image_size}px images, the tokenizer "
-                              f"expects {cfg.in_channels}x{cfg.image_size}px")
+            dataset, info = build_dataset(data.dataset, split, data.data_dir, image_size=tok.image_size,
+                                          channels=tok.in_channels)
+        if info.channels != tok.in_channels or info.image_size != tok.image_size:
+            raise ConfigError(f"dataset {data.dataset} gives {info.channels}x{info.image_size}px images, the tokenizer "
+                              f"expects {tok.in_channels}x{tok.image_size}px")
         if state.is_main_process:
-            print(f"extracting {args.dataset}/{split} with tokenizer {export.sha256[:12]} on {state.num_processes} "
+            print(f"extracting {data.dataset}/{split} with tokenizer {export.sha256[:12]} on {state.num_processes} "
                   f"process(es) -> {out}", flush=True)
-        extract_split(model, dataset, out, split=split, tokenizer_sha256=export.sha256, dataset_name=args.dataset,
+        extract_split(model, dataset, out, split=split, tokenizer_sha256=export.sha256, dataset_name=data.dataset,
                       transforms=info.transforms, rank=state.process_index, world_size=state.num_processes,
-                      batch_size=args.batch_size, num_workers=args.num_workers, shard_size=args.shard_size,
-                      hflip=args.hflip, mixed_precision=args.mixed_precision, device=state.device,
-                      progress=state.is_local_main_process and not args.no_progress)
+                      batch_size=cfg.batch_size, num_workers=data.num_workers, shard_size=sharding.shard_size,
+                      hflip=sharding.hflip, mixed_precision=cfg.mixed_precision, device=state.device,
+                      progress=state.is_local_main_process and not cfg.no_progress)
         state.wait_for_everyone()
         if state.is_main_process:
-            header = tokenizer_header(model, export.sha256, export.config, export.path, info.num_classes, args.dataset)
+            header = tokenizer_header(model, export.sha256, export.config, export.path, info.num_classes, data.dataset)
             n = None if isinstance(dataset, torch.utils.data.IterableDataset) else len(dataset)
             manifest = shards.merge_manifest(out, split, state.num_processes, header,
-                                             _json({"transforms": info.transforms, "hflip": bool(args.hflip)}),
+                                             _json({"transforms": info.transforms, "hflip": bool(sharding.hflip)}),
                                              expected_total=n)
             sizes = [s["bytes"] for s in manifest["splits"][split]["shards"]]
             print(f"{split}: {manifest['splits'][split]['total']} samples in {len(sizes)} shards "

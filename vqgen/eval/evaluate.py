@@ -1,7 +1,7 @@
 """Evaluate a run: tokenizer reconstruction over a split, prior samples vs the split, bits/token on held-out shards.
 
 ``python evaluate.py --run_dir runs/demo`` finds ``runs/demo/{vqvae,prior}/export`` and ``runs/demo/shards`` (the
-layout of ``VQVAE_T.py --train``, see :func:`vqgen.pipeline.stage_dirs`); ``--checkpoint/--checkpoint_t/--shards``
+layout of ``VQVAE_T.py --train``, :class:`vqgen.run_dir.PipelineLayout`); ``--checkpoint/--checkpoint_t/--shards``
 name them one by one. Writes ``<run>/eval.json`` (atomically) and ``<run>/eval/{loss_curves,codebook_usage,
 samples}.png`` and prints a table.
 
@@ -20,19 +20,23 @@ Feature spaces (``--features``): see :mod:`vqgen.eval.features`.
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import shards
+from ..config import EvalConfig, validate
 from ..errors import CheckpointError, ConfigError, VQGenError
 from ..export import load_export
 from ..fsutil import atomic_write_json
 from ..launch import resolve_device
-from ..sampling import class_labels
+from ..models.prior import Prior
+from ..models.vqvae import VQVAE
+from ..run_dir import PipelineLayout, RunDir
+from ..sampling import class_labels, decode_to_images, generate, save_image_grid
 from . import metrics as M
 from .features import FeatureSpace, build_feature_space, find_inception_weights
 from .report import format_table, json_safe, plot_code_histogram, plot_loss_curves
@@ -40,76 +44,46 @@ from .report import format_table, json_safe, plot_code_histogram, plot_loss_curv
 EVAL_FORMAT_VERSION = 1
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    a("--run_dir", default=None, help="run folder of VQVAE_T.py --train (holds vqvae/, prior/, shards/)")
-    a("--checkpoint", default=None, help="tokenizer export (default: <run_dir>/vqvae/export)")
-    a("--checkpoint_t", default=None, help="prior export (default: <run_dir>/prior/export; none: skip the prior)")
-    a("--shards", default=None, help="token shard folder for bits/token (default: <run_dir>/shards)")
-    a("--dataset", default=None, help="dataset to compare against (default: the one in the tokenizer export)")
-    a("--data_dir", default="data", help="where datasets live (see vqgen/data.py)")
-    a("--split", default="test", help="split for reconstruction, FID reference and bits/token")
-    a("--max_images", type=int, default=None, help="use at most this many split images (default: all)")
-    a("--num_samples", type=int, default=1000, help="images to generate for gFID/IS/precision/recall (0: skip)")
-    a("--batch_size", type=int, default=256, help="images per batch (tokenizer, features, decoding)")
-    a("--features", choices=["auto", "inception", "classifier"], default="auto",
-      help="feature space of FID/IS/precision/recall (see the module docstring)")
-    a("--inception_weights", default=None,
-      help="Inception-v3 weights file (implies --features inception; an error if it does not exist)")
-    a("--classifier_dir", default=None,
-      help="root of the feature-classifier cache (default: --data_dir): <root>/classifier/<dataset>")
-    a("--retrain_classifier", action="store_true", help="retrain the feature classifier even when cached")
-    a("--classifier_epochs", type=int, default=15, help="epochs when the feature classifier is trained")
-    a("--confidence_threshold", type=float, default=0.9, help="max softmax counted as a confident classification")
-    a("--pr_k", type=int, default=3, help="k of the k-NN manifold precision/recall")
-    a("--is_splits", type=int, default=10, help="splits of the Inception Score")
-    a("--temperature", type=float, default=1.0, help="sampling temperature")
-    a("--top_k", type=int, default=None, help="top-k sampling")
-    a("--top_p", type=float, default=None, help="top-p (nucleus) sampling")
-    a("--cfg_scale", type=float, default=1.0, help="classifier-free guidance scale (conditional priors)")
-    a("--seed", type=int, default=0, help="seed for sampling and the classifier")
-    a("--output", default=None, help="eval JSON path (default: <run>/eval.json)")
-    a("--no_plots", action="store_true", help="skip the PNG plots")
-    a("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    return p
-
-
 # ------------------------------------------------------------------------------------------------ inputs
-def _stage_root(export_path: Path) -> Path:
-    """``runs/x/vqvae/export`` -> ``runs/x/vqvae`` (the folder holding metrics.jsonl)."""
-    export_path = Path(export_path)
-    return export_path.parent if export_path.name == "export" else export_path
+@dataclass
+class EvalInputs:
+    """What one evaluation reads and writes, resolved from ``--run_dir`` or the explicit paths."""
+
+    tokenizer: Path
+    prior: Path | None                 # None: a run without stage 3 yet (evaluate the tokenizer only)
+    shards: Path | None
+    output: Path                       # eval.json
+    plots: Path                        # folder of the PNG plots
+    runs: dict[str, RunDir]            # "vqvae"/"prior" -> run folder (their metrics.jsonl feed the loss plot)
 
 
-def resolve_paths(args) -> dict:
-    run = Path(args.run_dir) if args.run_dir else None
-    if run is not None and not run.is_dir():
-        raise ConfigError(f"--run_dir {run} does not exist (train first: python VQVAE_T.py --train --output_dir {run})")
-    tok = Path(args.checkpoint) if args.checkpoint else (run / "vqvae" / "export" if run else None)
+def resolve_paths(cfg: EvalConfig) -> EvalInputs:
+    layout = PipelineLayout(cfg.run_dir) if cfg.run_dir else None
+    if layout is not None and not layout.root.is_dir():
+        raise ConfigError(f"--run_dir {layout.root} does not exist (train first: python VQVAE_T.py --train "
+                          f"--output_dir {layout.root})")
+    tok = Path(cfg.checkpoint) if cfg.checkpoint else (layout.vqvae.export if layout else None)
     if tok is None:
         raise ConfigError("pass --run_dir, or --checkpoint (tokenizer export) [--checkpoint_t --shards]")
     if not tok.exists():
         raise CheckpointError(f"tokenizer export {tok} not found (stage 1: python train_vqvae.py --output_dir ...)")
-    prior = Path(args.checkpoint_t) if args.checkpoint_t else (run / "prior" / "export" if run else None)
-    if args.checkpoint_t and not prior.exists():
+    prior = Path(cfg.checkpoint_t) if cfg.checkpoint_t else (layout.prior.export if layout else None)
+    if cfg.checkpoint_t and not prior.exists():
         raise CheckpointError(f"prior export {prior} not found")
     if prior is not None and not prior.exists():
-        prior = None  # a run without stage 3 yet: evaluate the tokenizer only
-    shard_dir = Path(args.shards) if args.shards else (run / "shards" if run else None)
-    if args.shards and not (shard_dir / shards.MANIFEST_NAME).exists():
+        prior = None
+    shard_dir = Path(cfg.shards) if cfg.shards else (layout.shards if layout else None)
+    if cfg.shards and not (shard_dir / shards.MANIFEST_NAME).exists():
         raise ConfigError(f"--shards {shard_dir} has no manifest.json (stage 2 not run or not finished)")
-    root = run or _stage_root(tok).parent
-    out = Path(args.output) if args.output else root / "eval.json"
-    return {"run": run, "tokenizer": tok, "prior": prior, "shards": shard_dir, "root": root, "output": out,
-            "plots": out.parent / (out.stem if out.stem != "eval" else "eval"),
-            "stages": {"vqvae": _stage_root(tok), **({"prior": _stage_root(prior)} if prior else {})}}
+    root = layout.root if layout else RunDir.of_export(tok).root.parent
+    out = Path(cfg.output) if cfg.output else PipelineLayout(root).eval_json
+    runs = {"vqvae": RunDir.of_export(tok), **({"prior": RunDir.of_export(prior)} if prior else {})}
+    return EvalInputs(tok, prior, shard_dir, out, out.parent / out.stem, runs)
 
 
 # ------------------------------------------------------------------------------------------------ stages
 def load_split(dataset: str, split: str, data_dir: str, image_size: int, channels: int,
-               max_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               max_images: int | None = None, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """All images ``(N, C, H, W)`` in [-1, 1] and labels ``(N,)`` of a split (small demo splits fit in memory)."""
     from ..data import build_dataset
 
@@ -128,7 +102,7 @@ def load_split(dataset: str, split: str, data_dir: str, image_size: int, channel
         return torch.stack(xs), torch.tensor(ys)
     if max_images:
         ds = torch.utils.data.Subset(ds, range(min(max_images, len(ds))))
-    xs, ys = zip(*torch.utils.data.DataLoader(ds, batch_size=256, shuffle=False))
+    xs, ys = zip(*torch.utils.data.DataLoader(ds, batch_size=256, shuffle=False, num_workers=num_workers))
     return torch.cat(xs), torch.cat(ys).long()
 
 
@@ -150,24 +124,23 @@ def eval_tokenizer(model, images: torch.Tensor, batch_size: int, device) -> tupl
     return out, meter.counts, torch.cat(recons)
 
 
-def generate_images(prior, tokenizer, n: int, args, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from ..sampling import decode_to_images, generate
-
+def generate_images(prior, tokenizer, cfg: EvalConfig, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    sc, n = cfg.sampling, cfg.sampling.num_samples
     labels = class_labels(prior, n, None)  # balanced: 0, 1, ..., C-1, 0, ...
-    g = torch.Generator(device=device).manual_seed(args.seed)
+    g = torch.Generator(device=device).manual_seed(sc.seed)
     tokens = generate(prior, n, labels=labels.to(device) if labels is not None else None,
-                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, cfg_scale=args.cfg_scale,
+                      temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p, cfg_scale=sc.cfg_scale,
                       generator=g, batch_size=min(n, 512))
-    return decode_to_images(tokenizer, tokens, batch_size=args.batch_size), labels
+    return decode_to_images(tokenizer, tokens, batch_size=cfg.batch_size), labels
 
 
 def sample_quality(space: FeatureSpace, real: tuple[torch.Tensor, torch.Tensor],
-                   fake: tuple[torch.Tensor, torch.Tensor], args) -> dict:
+                   fake: tuple[torch.Tensor, torch.Tensor], cfg: EvalConfig) -> dict:
     """FID / IS / precision-recall of fake (features, logits) against real, in one feature space."""
     (rf, _), (ff, fl) = real, fake
     out = {"fid": M.frechet_distance(rf, ff)}
-    out["inception_score"], out["inception_score_std"] = M.inception_score(fl, args.is_splits, args.seed)
-    out.update(M.precision_recall(rf, ff, k=args.pr_k))
+    out["inception_score"], out["inception_score_std"] = M.inception_score(fl, cfg.is_splits, cfg.sampling.seed)
+    out.update(M.precision_recall(rf, ff, k=cfg.pr_k))
     return out
 
 
@@ -190,103 +163,111 @@ def check_prior_matches(prior, tok_export, manifest: dict | None) -> None:
         shards.check_tokenizer(manifest, tok_export)
 
 
-# ---------------------------------------------------------------------------------------------------- main
-def main(args: argparse.Namespace) -> dict:
-    from ..models.prior import Prior
-    from ..models.vqvae import VQVAE
-
+# ---------------------------------------------------------------------------------------------------- run
+def run(cfg: EvalConfig) -> dict:
+    """Evaluate as ``cfg`` says; writes eval.json (+ plots) and returns its content."""
     t_start = time.perf_counter()
-    if args.num_samples < 0 or args.batch_size < 1 or args.pr_k < 1:
-        raise ConfigError("need --num_samples >= 0, --batch_size >= 1, --pr_k >= 1")
-    if args.num_samples == 1:
-        raise ConfigError("--num_samples 1: FID/precision/recall need at least 2 samples (or 0 to skip the prior)")
-    find_inception_weights(args.inception_weights)                   # fail fast, before loading anything
-    paths = resolve_paths(args)
-    device = resolve_device(args.device)
-    tok_export = load_export(paths["tokenizer"], expected_kind="vqvae")
+    validate(cfg)
+    find_inception_weights(cfg.inception_weights)                    # fail fast, before loading anything
+    paths = resolve_paths(cfg)
+    device = resolve_device(cfg.device)
+    tok_export = load_export(paths.tokenizer, expected_kind="vqvae")
     tokenizer = VQVAE.from_export(tok_export).to(device).eval()
-    cfg = tokenizer.config
-    dataset = args.dataset or (tok_export.meta.get("dataset") or {}).get("name")
+    dataset = cfg.data.dataset or (tok_export.meta.get("dataset") or {}).get("name")
     if not dataset:
-        raise ConfigError(f"{paths['tokenizer']} does not record its dataset; pass --dataset")
-    prior = Prior.from_export(paths["prior"]).to(device).eval() if paths["prior"] else None
+        raise ConfigError(f"{paths.tokenizer} does not record its dataset; pass --dataset")
+    prior = Prior.from_export(paths.prior).to(device).eval() if paths.prior else None
     manifest = None
-    if paths["shards"] is not None and (paths["shards"] / shards.MANIFEST_NAME).exists():
-        manifest = shards.read_manifest(paths["shards"])
+    if paths.shards is not None and (paths.shards / shards.MANIFEST_NAME).exists():
+        manifest = shards.read_manifest(paths.shards)
     if prior is not None:
         check_prior_matches(prior, tok_export, manifest)
 
-    seconds = {}
+    seconds: dict[str, float] = {}
     t = time.perf_counter()
-    images, labels = load_split(dataset, args.split, args.data_dir, cfg.image_size, cfg.in_channels, args.max_images)
+    tc = tokenizer.config
+    images, _ = load_split(dataset, cfg.split, cfg.data.data_dir, tc.image_size, tc.in_channels, cfg.max_images,
+                           cfg.data.num_workers)
     if images.shape[0] < 2:
-        raise ConfigError(f"split {args.split!r} of {dataset} has {images.shape[0]} image(s); need at least 2")
-    space = build_feature_space(args, dataset, cfg.image_size, cfg.in_channels, device)
+        raise ConfigError(f"split {cfg.split!r} of {dataset} has {images.shape[0]} image(s); need at least 2")
+    space = build_feature_space(cfg, dataset, tc.image_size, tc.in_channels, device)
     seconds["data_and_features"] = time.perf_counter() - t
 
     results: dict = {"format": "vqgen-eval", "format_version": EVAL_FORMAT_VERSION, "dataset": dataset,
-                     "split": args.split, "feature_space": space.info,
-                     "inputs": {"tokenizer": str(paths["tokenizer"]), "tokenizer_sha256": tok_export.sha256,
-                                "prior": str(paths["prior"]) if paths["prior"] else None,
-                                "shards": str(paths["shards"]) if manifest else None}}
+                     "split": cfg.split, "feature_space": space.info,
+                     "inputs": {"tokenizer": str(paths.tokenizer), "tokenizer_sha256": tok_export.sha256,
+                                "prior": str(paths.prior) if paths.prior else None,
+                                "shards": str(paths.shards) if manifest else None}}
     t = time.perf_counter()
-    tok_metrics, counts, recons = eval_tokenizer(tokenizer, images, args.batch_size, device)
-    real = space(images, args.batch_size)
-    tok_metrics["rfid"] = M.frechet_distance(real[0], space(recons, args.batch_size)[0])
-    tok_metrics["code_counts"] = [int(c) for c in counts]
-    results["tokenizer"] = tok_metrics
+    results["tokenizer"], counts, real = tokenizer_section(tokenizer, images, space, cfg, device)
     seconds["tokenizer"] = time.perf_counter() - t
-
     if prior is not None:
-        pm: dict = {}
-        if args.num_samples:
-            t = time.perf_counter()
-            fake_images, fake_labels = generate_images(prior, tokenizer, args.num_samples, args, device)
-            seconds["sampling"] = time.perf_counter() - t
-            t = time.perf_counter()
-            fake = space(fake_images, args.batch_size)
-            pm.update(num_samples=args.num_samples, pr_k=args.pr_k, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p, cfg_scale=args.cfg_scale, **sample_quality(space, real, fake, args))
-            if space.classifier is not None:
-                logits = fake[1] if space.name == "classifier" else space.classifier(fake_images.to(device)).cpu()
-                pm["classifier"] = M.classifier_stats(logits, space.classifier.config.num_classes,
-                                                      args.confidence_threshold, fake_labels)
-            results["reference"] = reference_scores(space, real, dataset, args, cfg, len(fake_images))
-            seconds["sample_metrics"] = time.perf_counter() - t
-            if not args.no_plots:
-                from ..sampling import save_image_grid
-                grid = fake_images[:64]
-                results.setdefault("plots", {})["samples"] = str(save_image_grid(
-                    grid, paths["plots"] / "samples.png", nrow=int(math.ceil(math.sqrt(len(grid))))))
-        if manifest is not None and args.split in manifest.get("splits", {}):
-            t = time.perf_counter()
-            pm.update(bits_per_token(prior, paths["shards"], args.split, args.batch_size, device))
-            seconds["bits_per_token"] = time.perf_counter() - t
-        elif manifest is not None:
-            print(f"note: no {args.split!r} split in {paths['shards']}: bits/token skipped", flush=True)
-        results["prior"] = pm
-
-    if not args.no_plots:
+        results["prior"] = prior_section(prior, tokenizer, space, real, dataset, manifest, paths, cfg, device,
+                                         results, seconds)
+    if not cfg.no_plots:
+        tm = results["tokenizer"]
         plots = results.setdefault("plots", {})
-        plots["loss_curves"] = str(plot_loss_curves(paths["stages"], paths["plots"] / "loss_curves.png"))
+        plots["loss_curves"] = str(plot_loss_curves(paths.runs, paths.plots / "loss_curves.png"))
         plots["codebook_usage"] = str(plot_code_histogram(
-            counts, paths["plots"] / "codebook_usage.png",
-            f"{dataset}/{args.split}: {tok_metrics['codes_used']}/{tok_metrics['codebook_size']} codes used, "
-            f"perplexity {tok_metrics['perplexity']:.1f}"))
+            counts, paths.plots / "codebook_usage.png",
+            f"{dataset}/{cfg.split}: {tm['codes_used']}/{tm['codebook_size']} codes used, "
+            f"perplexity {tm['perplexity']:.1f}"))
     seconds["total"] = time.perf_counter() - t_start
     results["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
-    atomic_write_json(paths["output"], json_safe(results))
+    atomic_write_json(paths.output, json_safe(results))
     print(format_table(results), flush=True)
-    print(f"wrote {paths['output']}", flush=True)
+    print(f"wrote {paths.output}", flush=True)
     return results
 
 
-def reference_scores(space: FeatureSpace, real, dataset: str, args, cfg, n: int) -> dict:
+def tokenizer_section(tokenizer, images, space: FeatureSpace, cfg: EvalConfig, device):
+    """Reconstruction and codebook metrics + rFID; returns (metrics, code counts, real (features, logits))."""
+    metrics, counts, recons = eval_tokenizer(tokenizer, images, cfg.batch_size, device)
+    real = space(images, cfg.batch_size)
+    metrics["rfid"] = M.frechet_distance(real[0], space(recons, cfg.batch_size)[0])
+    metrics["code_counts"] = [int(c) for c in counts]
+    return metrics, counts, real
+
+
+def prior_section(prior, tokenizer, space: FeatureSpace, real, dataset: str, manifest, paths: EvalInputs,
+                  cfg: EvalConfig, device, results: dict, seconds: dict) -> dict:
+    """Sample metrics (+ the train-split reference and the sample grid) and held-out bits/token."""
+    pm: dict = {}
+    sc = cfg.sampling
+    if sc.num_samples:
+        t = time.perf_counter()
+        fake_images, fake_labels = generate_images(prior, tokenizer, cfg, device)
+        seconds["sampling"] = time.perf_counter() - t
+        t = time.perf_counter()
+        fake = space(fake_images, cfg.batch_size)
+        pm.update(num_samples=sc.num_samples, pr_k=cfg.pr_k, temperature=sc.temperature, top_k=sc.top_k,
+                  top_p=sc.top_p, cfg_scale=sc.cfg_scale, **sample_quality(space, real, fake, cfg))
+        if space.classifier is not None:
+            logits = fake[1] if space.name == "classifier" else space.classifier(fake_images.to(device)).cpu()
+            pm["classifier"] = M.classifier_stats(logits, space.classifier.config.num_classes,
+                                                  cfg.confidence_threshold, fake_labels)
+        results["reference"] = reference_scores(space, real, dataset, cfg, tokenizer.config, len(fake_images))
+        seconds["sample_metrics"] = time.perf_counter() - t
+        if not cfg.no_plots:
+            grid = fake_images[:64]
+            results.setdefault("plots", {})["samples"] = str(save_image_grid(
+                grid, paths.plots / "samples.png", nrow=int(math.ceil(math.sqrt(len(grid))))))
+    if manifest is not None and cfg.split in manifest.get("splits", {}):
+        t = time.perf_counter()
+        pm.update(bits_per_token(prior, paths.shards, cfg.split, cfg.batch_size, device))
+        seconds["bits_per_token"] = time.perf_counter() - t
+    elif manifest is not None:
+        print(f"note: no {cfg.split!r} split in {paths.shards}: bits/token skipped", flush=True)
+    return pm
+
+
+def reference_scores(space: FeatureSpace, real, dataset: str, cfg: EvalConfig, tc, n: int) -> dict:
     """The same scores for up to ``n`` *train* images vs the split: what a perfect generator would get."""
     try:
-        train_images, _ = load_split(dataset, "train", args.data_dir, cfg.image_size, cfg.in_channels, n)
+        train_images, _ = load_split(dataset, "train", cfg.data.data_dir, tc.image_size, tc.in_channels, n,
+                                     cfg.data.num_workers)
     except VQGenError as e:
         return {"skipped": str(e)}
-    out = sample_quality(space, real, space(train_images, args.batch_size), args)
+    out = sample_quality(space, real, space(train_images, cfg.batch_size), cfg)
     out["num_images"] = int(train_images.shape[0])
     return out

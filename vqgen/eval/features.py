@@ -111,19 +111,20 @@ class FeatureSpace:
         return torch.cat(feats), torch.cat(logits)
 
 
-def build_feature_space(args, dataset: str, image_size: int, channels: int, device: torch.device,
+def build_feature_space(cfg, dataset: str, image_size: int, channels: int, device: torch.device,
                         log=print) -> FeatureSpace:
+    """The feature space ``cfg`` (an :class:`~vqgen.config.EvalConfig`) asks for."""
     from . import classifier as C
 
-    weights = find_inception_weights(args.inception_weights)   # raises at once for a bad explicit path
-    mode = "inception" if args.inception_weights else args.features
+    weights = find_inception_weights(cfg.inception_weights)   # raises at once for a bad explicit path
+    mode = "inception" if cfg.inception_weights else cfg.features
     if mode == "inception" and weights is None:
         raise ConfigError(f"--features inception: no Inception-v3 weights on disk (looked for "
                           f"{', '.join(INCEPTION_FILES)} in {Path(torch.hub.get_dir()) / 'checkpoints'}); vqgen never "
                           f"downloads them. Pass --inception_weights PATH or use --features classifier")
     if mode == "auto":
         mode = "inception" if weights is not None else "classifier"
-    root = args.classifier_dir or args.data_dir
+    root = cfg.classifier_dir or cfg.data.data_dir
     if mode == "inception":
         net = InceptionFeatures(weights)
         clf = None
@@ -131,8 +132,8 @@ def build_feature_space(args, dataset: str, image_size: int, channels: int, devi
             clf = C.Classifier.from_export(C.cache_dir(root, dataset)).to(device)
         return FeatureSpace("inception", net, device, {"name": "inception", "weights": str(weights),
                                                        "graph": net.graph}, clf)
-    clf = C.load_or_train(dataset, args.data_dir, image_size, channels, root=root, retrain=args.retrain_classifier,
-                          epochs=args.classifier_epochs, seed=args.seed, log=log)
+    clf = C.load_or_train(dataset, cfg.data.data_dir, image_size, channels, root=root, retrain=cfg.retrain_classifier,
+                          epochs=cfg.classifier_epochs, seed=cfg.sampling.seed, log=log)
     info = {"name": "classifier", "export": str(C.cache_dir(root, dataset)), "sha256": clf.sha256,
             "feature_dim": clf.config.feature_dim, "test_accuracy": clf.export_meta.get("test_accuracy")}
     return FeatureSpace("classifier", clf, device, info, clf)

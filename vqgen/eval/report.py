@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import io
-import json
 import math
 from pathlib import Path
 
 import torch
 
 from ..fsutil import atomic_write_bytes
-
-
-def read_metrics_jsonl(path: Path) -> list[dict]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill mid-write
-    return rows
 
 
 def _save_fig(fig, path: Path) -> Path:
@@ -30,7 +18,8 @@ def _save_fig(fig, path: Path) -> Path:
     return path
 
 
-def plot_loss_curves(stage_dirs: dict[str, Path], path: Path) -> Path:
+def plot_loss_curves(runs: dict, path: Path) -> Path:
+    """Logged losses of each stage (``runs``: "vqvae"/"prior" -> :class:`~vqgen.run_dir.RunDir`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -38,7 +27,7 @@ def plot_loss_curves(stage_dirs: dict[str, Path], path: Path) -> Path:
     wanted = {"vqvae": ["loss", "recon_loss", "vq_loss", "val/mse"], "prior": ["loss", "bpt", "val/bits_per_token"]}
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, stage in zip(axes, ("vqvae", "prior")):
-        rows = read_metrics_jsonl(stage_dirs[stage] / "metrics.jsonl") if stage in stage_dirs else []
+        rows = runs[stage].read_metrics() if stage in runs else []
         drawn = 0
         for key in wanted[stage]:
             pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r
@@ -47,7 +36,7 @@ def plot_loss_curves(stage_dirs: dict[str, Path], path: Path) -> Path:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o" if key.startswith("val/") else None, ms=3, label=key)
                 drawn += 1
-        ax.set_title(f"{stage} ({stage_dirs.get(stage, '-')}/metrics.jsonl)", fontsize=8)
+        ax.set_title(f"{stage} ({runs[stage].metrics_file if stage in runs else '-'})", fontsize=8)
         ax.set_xlabel("optimizer step")
         if drawn:
             ax.set_yscale("log")

@@ -16,7 +16,6 @@ Adapted from: the diffusers accelerate example scripts (checkpoint-{step} folder
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -34,15 +33,13 @@ from typing import Any, Iterable, Protocol
 import torch
 from torch import nn
 
-from ..config import check_training_args
+from ..config import to_dict, to_yaml
 from ..errors import CheckpointError, ConfigError, DiskFullError, TrainingAborted
 from ..fsutil import atomic_write_json, fsync_dir, fsync_tree, is_disk_full
 from ..launch import build_accelerator, check_precision, check_precision_request, fill_deepspeed_config, is_main_launch
-from ..run_dir import checkpoint_dirs, resolve_resume
+from ..run_dir import RunDir
 from .schedule import make_scheduler
 
-STATE_FILE = "vqgen_state.json"
-RUN_FILE = "run_config.json"
 
 
 class StageTask(Protocol):
@@ -112,20 +109,23 @@ class _SignalFlag:
 
 
 class TrainLoop:
-    def __init__(self, args: argparse.Namespace, task: StageTask, run_config: dict):
-        check_training_args(args)
-        self.args, self.task = args, task
-        self.output_dir = Path(args.output_dir)
-        self.stop_file = args.stop_file or str(self.output_dir / "STOP")
-        run_config = json.loads(json.dumps(run_config))  # tuples -> lists: compared as saved
-        self.resume_dir = self._check_output_dir(run_config)
+    def __init__(self, stage_config, task: StageTask, record: dict):
+        """``stage_config``: the stage's config (its ``train`` part drives the loop; all of it is written to the
+        run folder's config.yaml); ``record``: what the config built (model config, dataset...), run_config.json."""
+        args = self.args = stage_config.train
+        self.task = task
+        self.run = RunDir(args.output_dir)
+        self.output_dir = self.run.root
+        self.stop_file = args.stop_file or str(self.run.stop_file)
+        record = json.loads(json.dumps(record))  # tuples -> lists: compared as saved
+        self.resume_dir = self.run.check_policy(record, args.resume, args.overwrite)
         log_with = None if args.no_wandb else "wandb"
         check_precision_request(args)
         self.accelerator = build_accelerator(args, log_with)
         acc = self.accelerator
         check_precision(acc)
         if args.overwrite and not args.resume and is_main_launch():
-            self._clear_output_dir()  # only now: every check that can refuse the run has passed
+            self.run.clear()  # only now: every check that can refuse the run has passed
         self.world_size, self.rank = acc.num_processes, acc.process_index
         self.state = LoopState(world_size=self.world_size, batch_size=args.batch_size)
 
@@ -150,39 +150,11 @@ class TrainLoop:
         # execution on --resume). Its state goes into vqgen_state.json instead (see save_checkpoint).
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.output_dir / RUN_FILE, run_config)
+            self.run.write_record(record)
+            self.run.write_config(to_yaml(stage_config))
         if log_with:
-            acc.init_trackers(args.wandb_project, config=_flat_config(run_config),
+            acc.init_trackers(args.wandb_project, config=_flat_config({**record, "config": to_dict(stage_config)}),
                               init_kwargs={"wandb": {"dir": str(self.output_dir), "name": self.output_dir.name}})
-
-    # ------------------------------------------------------------------ setup helpers
-    def _check_output_dir(self, run_config: dict) -> Path | None:
-        """Refuse to mix two runs in one folder; resolve --resume."""
-        args, out = self.args, Path(self.args.output_dir)
-        previous = out / RUN_FILE
-        has_run = previous.exists() or bool(checkpoint_dirs(out)) or (out / "export").exists()
-        resume_dir = resolve_resume(out, args.resume) if args.resume else None
-        if has_run and not args.resume and not args.overwrite:
-            raise ConfigError(f"{out} already holds a run; pass --resume latest to continue it, --overwrite to "
-                              f"start over, or choose another --output_dir")
-        # The run being continued: this output_dir's, or the one --resume PATH points into (another folder).
-        sources = [previous] + ([resume_dir.parent.parent / RUN_FILE] if resume_dir is not None else [])
-        for src in sources:
-            if args.resume and src.exists():
-                old = json.loads(src.read_text())
-                if old.get("model") != run_config.get("model"):
-                    raise CheckpointError(f"--resume: {src.parent} was trained with another model config:\n  saved:   "
-                                          f"{old.get('model')}\n  flags:   {run_config.get('model')}")
-        return resume_dir
-
-    def _clear_output_dir(self) -> None:
-        """--overwrite: remove what an earlier run wrote (checkpoints first: the folder stops being resumable)."""
-        out = self.output_dir
-        for sub in ("checkpoints", "export", ".export.old", "samples"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-        for f in (RUN_FILE, "metrics.jsonl"):
-            with contextlib.suppress(FileNotFoundError):
-                (out / f).unlink()
 
     @property
     def unwrapped_model(self) -> nn.Module:
@@ -203,8 +175,7 @@ class TrainLoop:
         step = self.state.global_step if step is None else step
         self.accelerator.log(values, step=step)
         if self.is_main:
-            with open(self.output_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "epoch": self.state.epoch, **values}) + "\n")
+            self.run.append_metrics({"step": step, "epoch": self.state.epoch, **values})
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
@@ -217,9 +188,8 @@ class TrainLoop:
         A full disk raises :class:`DiskFullError`; the temp folder is removed and older checkpoints stay intact.
         """
         acc = self.accelerator
-        root = self.output_dir / "checkpoints"
-        final = root / f"checkpoint-{self.state.global_step}"
-        tmp = root / f".checkpoint-{self.state.global_step}.tmp"
+        root = self.run.checkpoints
+        final, tmp = self.run.checkpoint(self.state.global_step), self.run.checkpoint_tmp(self.state.global_step)
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -231,7 +201,7 @@ class TrainLoop:
                 fsync_tree(tmp)
                 state = dataclasses.asdict(self.state)
                 state["scheduler"] = self.scheduler.state_dict()  # JSON, not pickle: resuming never unpickles code
-                atomic_write_json(tmp / STATE_FILE, state)
+                atomic_write_json(tmp / RunDir.STATE, state)
         except BaseException as e:
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -244,21 +214,18 @@ class TrainLoop:
                 _remove_dir(final)
             os.replace(tmp, final)
             fsync_dir(root)
-            for old in checkpoint_dirs(self.output_dir)[:-self.args.checkpoints_total_limit]:
+            for old in self.run.checkpoint_dirs()[:-self.args.checkpoints_total_limit]:
                 _remove_dir(old)
         acc.wait_for_everyone()
         return final
 
     def _clean_stale_checkpoints(self) -> None:
         """Remove ``.checkpoint-*.tmp`` / ``.*.del`` folders left by a run killed while saving or rotating."""
-        root = self.output_dir / "checkpoints"
-        if self.is_main and root.is_dir():
-            for d in root.iterdir():
-                if d.name.startswith(".checkpoint-") and d.name.endswith((".tmp", ".del")):
-                    shutil.rmtree(d, ignore_errors=True)
+        if self.is_main:
+            self.run.clean_stale_checkpoints()
 
     def _load_checkpoint(self, path: Path) -> None:
-        raw = json.loads((path / STATE_FILE).read_text())
+        raw = json.loads((path / RunDir.STATE).read_text())
         sched = raw.pop("scheduler", None)
         saved = LoopState(**raw)
         self.accelerator.load_state(str(path))
@@ -364,7 +331,7 @@ class TrainLoop:
                         if consecutive_bad >= args.max_bad_steps:
                             raise TrainingAborted(
                                 f"{consecutive_bad} consecutive non-finite losses: stopping. The last good checkpoint "
-                                f"is kept in {self.output_dir / 'checkpoints'}; try a lower --lr, --mixed_precision "
+                                f"is kept in {self.run.checkpoints}; try a lower --lr, --mixed_precision "
                                 f"bf16 instead of fp16, or a smaller --max_grad_norm")
                         continue
                     consecutive_bad = 0

@@ -7,7 +7,6 @@ sample grids, and must be the one the shards were made with (manifest sha256).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import shards
-from ..config import add_prior_arguments, add_training_arguments, prior_config_from_args
+from ..config import PriorStageConfig, validate
 from ..errors import ConfigError
 from ..eval.metrics import bits_per_token, token_nll
 from ..export import load_export
@@ -25,48 +24,28 @@ from ..sampling import class_labels, decode_to_images, generate, save_image_grid
 from .loop import TrainLoop
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train_prior.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("input")
-    g.add_argument("--shards", required=True, help="stage-2 output folder (holds manifest.json)")
-    g.add_argument("--checkpoint", default=None,
-                   help="tokenizer export used to decode sample grids (default: the path recorded in the manifest)")
-    g.add_argument("--train_split", default="train", help="manifest split to train on")
-    g.add_argument("--val_split", default="test", help="held-out manifest split for bits/token (skipped if absent)")
-    g.add_argument("--shuffle_buffer", type=int, default=1000, help="samples in the streaming shuffle buffer")
-    add_prior_arguments(p)
-    add_training_arguments(p, lr_flag="--lr_t", epochs_flag="--n_epochs_t")
-    p.set_defaults(lr_schedule="cosine", warmup_steps=100, weight_decay=0.05)
-    g = p.add_argument_group("samples during training")
-    g.add_argument("--num_samples", type=int, default=16, help="images in each sample grid")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for grids")
-    g.add_argument("--top_k", type=int, default=None, help="top-k filtering for grids")
-    g.add_argument("--cfg_scale", type=float, default=1.0, help="classifier-free guidance scale for grids")
-    g.add_argument("--val_batches", type=int, default=50, help="max held-out batches per evaluation")
-    return p
-
-
 class PriorTask:
     """Stage-3 plug-in for :class:`TrainLoop`."""
 
     name = "prior"
 
-    def __init__(self, args, model: Prior, manifest: dict, tokenizer_sha: str):
-        self.args, self.model, self.manifest, self.tokenizer_sha = args, model, manifest, tokenizer_sha
+    def __init__(self, cfg: PriorStageConfig, model: Prior, manifest: dict, tokenizer_sha: str,
+                 tokenizer_path: str | None):
+        self.cfg, self.model, self.manifest, self.tokenizer_sha = cfg, model, manifest, tokenizer_sha
+        self.tokenizer_path = tokenizer_path  # decodes the sample grids (None: no grids)
         self.conditional = model.config.num_classes > 0
         self.last_metrics: dict[str, float] = {}
         self._tokenizer = None
 
     def batches_per_epoch(self, world_size: int) -> int:
-        per_rank = shards.split_total(self.manifest, self.args.train_split) // world_size
-        return math.ceil(per_rank / self.args.batch_size)
+        per_rank = shards.split_total(self.manifest, self.cfg.split) // world_size
+        return math.ceil(per_rank / self.cfg.train.batch_size)
 
     def epoch_batches(self, epoch: int, skip_batches: int, rank: int, world_size: int):
         return shards.make_token_loader(
-            self.args.shards, self.args.train_split, batch_size=self.args.batch_size, seed=self.args.seed,
-            epoch=epoch, rank=rank, world_size=world_size, num_workers=self.args.num_workers, shuffle=True,
-            shuffle_buffer=self.args.shuffle_buffer, skip_batches=skip_batches)
+            self.cfg.shards, self.cfg.split, batch_size=self.cfg.train.batch_size, seed=self.cfg.train.seed,
+            epoch=epoch, rank=rank, world_size=world_size, num_workers=self.cfg.num_workers, shuffle=True,
+            shuffle_buffer=self.cfg.shuffle_buffer, skip_batches=skip_batches)
 
     def _labels(self, labels: torch.Tensor):
         return labels if self.conditional else None
@@ -79,21 +58,21 @@ class PriorTask:
 
     @torch.no_grad()
     def validation_bits(self, loop: TrainLoop) -> float | None:
-        if self.args.val_split not in self.manifest["splits"]:
+        if self.cfg.val_split not in self.manifest["splits"]:
             return None
-        loader = shards.make_token_loader(self.args.shards, self.args.val_split, batch_size=self.args.batch_size,
+        loader = shards.make_token_loader(self.cfg.shards, self.cfg.val_split, batch_size=self.cfg.train.batch_size,
                                           seed=0, epoch=0, rank=0, world_size=1, num_workers=0, shuffle=False,
                                           hflip=False)  # held-out bits/token on the images as they are
         with loop.accelerator.autocast():
-            total, count = token_nll(loop.unwrapped_model, loader, loop.accelerator.device, self.args.val_batches)
+            total, count = token_nll(loop.unwrapped_model, loader, loop.accelerator.device, self.cfg.val_batches)
         return bits_per_token(total / max(1, count))
 
     def tokenizer(self, device):
         from ..models.vqvae import VQVAE
 
         if self._tokenizer is None:
-            if self.args.checkpoint:  # checked against the manifest in main()
-                self._tokenizer = VQVAE.from_export(self.args.checkpoint).to(device).eval()
+            if self.tokenizer_path:  # checked against the manifest in main()
+                self._tokenizer = VQVAE.from_export(self.tokenizer_path).to(device).eval()
         return self._tokenizer
 
     @torch.no_grad()
@@ -107,14 +86,15 @@ class PriorTask:
         tok = self.tokenizer(loop.accelerator.device)
         if tok is not None:
             model = loop.unwrapped_model
-            n = self.args.num_samples
+            n = self.cfg.sampling.num_samples
             labels = class_labels(model, n, None)  # balanced over the classes; None when unconditional
             labels = labels.to(loop.accelerator.device) if labels is not None else None
-            g = torch.Generator(device=loop.accelerator.device).manual_seed(self.args.seed)
-            tokens = generate(model, n, labels=labels, temperature=self.args.temperature, top_k=self.args.top_k,
-                              cfg_scale=self.args.cfg_scale, generator=g)
+            g = torch.Generator(device=loop.accelerator.device).manual_seed(self.cfg.train.seed)
+            sc = self.cfg.sampling
+            tokens = generate(model, n, labels=labels, temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
+                              cfg_scale=sc.cfg_scale, generator=g)
             images = decode_to_images(tok, tokens, n)
-            path = Path(self.args.output_dir) / "samples" / f"samples_epoch{epoch + 1:04d}.png"
+            path = loop.run.samples / f"samples_epoch{epoch + 1:04d}.png"
             save_image_grid(images, path, nrow=int(math.ceil(math.sqrt(n))), min_cell=48)
         self.last_metrics = metrics  # (generate restores the model's mode; fit sets train() every epoch)
         return metrics
@@ -123,42 +103,40 @@ class PriorTask:
         meta = {"stage": "prior", "tokenizer_sha256": self.tokenizer_sha, "step": loop.state.global_step,
                 "shards": {k: self.manifest.get(k) for k in ("dataset", "codebook_size", "latent_h", "latent_w",
                                                              "num_classes")},
-                "tokenizer_path": self.args.checkpoint,
+                "tokenizer_path": self.tokenizer_path,
                 "metrics": self.last_metrics}
-        loop.unwrapped_model.export_to(Path(self.args.output_dir) / "export", meta=meta)
-        loop.print(f"export written to {Path(self.args.output_dir) / 'export'}")
+        loop.unwrapped_model.export_to(loop.run.export, meta=meta)
+        loop.print(f"export written to {loop.run.export}")
 
 
-def main(args: argparse.Namespace) -> TrainLoop:
+def run(cfg: PriorStageConfig) -> TrainLoop:
+    """Train stage 3 as ``cfg`` says; returns the finished (or stopped) loop."""
     from accelerate.utils import set_seed
 
-    manifest = shards.read_manifest(args.shards)
-    if args.train_split not in manifest["splits"]:
-        raise ConfigError(f"{args.shards}: no '{args.train_split}' split in the manifest "
-                          f"(has: {sorted(manifest['splits'])})")
+    validate(cfg)
+    manifest = shards.read_manifest(cfg.shards)
+    if cfg.split not in manifest["splits"]:
+        raise ConfigError(f"{cfg.shards}: no '{cfg.split}' split in the manifest (has: {sorted(manifest['splits'])})")
     tokenizer_sha = manifest["tokenizer"]["sha256"]
     # sha256 of every shard against the manifest before training: a corrupt or truncated shard is named now, not
     # hours into an epoch (and a same-size bit flip, which the tar reader cannot see, is caught too).
-    for split in (args.train_split, args.val_split):
+    for split in (cfg.split, cfg.val_split):
         if split in manifest["splits"]:
-            shards.verify_shards(args.shards, split)
+            shards.verify_shards(cfg.shards, split)
     # The tokenizer that decodes sample grids is checked here, on every rank, before training: a mismatch found
     # later inside the main-process-only evaluation would leave the other ranks waiting at a barrier.
-    tok_path = args.checkpoint or manifest["tokenizer"].get("path")
-    if args.checkpoint or (tok_path and Path(tok_path).exists()):
+    tok_path = cfg.checkpoint or manifest["tokenizer"].get("path")
+    if cfg.checkpoint or (tok_path and Path(tok_path).exists()):
         shards.check_tokenizer(manifest, load_export(tok_path, expected_kind="vqvae").sha256)
-        args.checkpoint = tok_path
     else:
         print(f"note: the tokenizer recorded in the manifest ({tok_path}) is not on disk and --checkpoint is not "
               f"given: training runs, but no sample grids are written", flush=True)
-    if args.num_samples <= 0:
-        raise ConfigError("--num_samples must be > 0")
-    config = prior_config_from_args(args, vocab_size=manifest["codebook_size"], latent_h=manifest["latent_h"],
-                                    latent_w=manifest["latent_w"], num_classes=max(0, manifest.get("num_classes", 0)))
-    set_seed(args.seed)
+        tok_path = None
+    config = cfg.model.build(vocab_size=manifest["codebook_size"], latent_h=manifest["latent_h"],
+                             latent_w=manifest["latent_w"], num_classes=max(0, manifest.get("num_classes", 0)))
+    set_seed(cfg.train.seed)
     model = Prior(config)
-    run_config = {"stage": "prior", "model": dataclasses.asdict(config), "tokenizer_sha256": tokenizer_sha,
-                  "args": {k: v for k, v in vars(args).items() if k != "resume"}}
-    loop = TrainLoop(args, PriorTask(args, model, manifest, tokenizer_sha), run_config)
+    record = {"stage": "prior", "model": dataclasses.asdict(config), "tokenizer_sha256": tokenizer_sha}
+    loop = TrainLoop(cfg, PriorTask(cfg, model, manifest, tokenizer_sha, tok_path), record)
     loop.fit()
     return loop

@@ -6,16 +6,14 @@ Writes ``<output_dir>/checkpoints/checkpoint-{step}/`` (training state), ``sampl
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from ..config import add_data_arguments, add_training_arguments, add_vqvae_arguments, vqvae_config_from_args
+from ..config import VQVAEStageConfig, validate
 from ..data import build_dataset, download_lock
 from ..errors import ConfigError
 from ..eval.metrics import ReconstructionMeter
@@ -23,22 +21,6 @@ from ..models.vqvae import VQVAE
 from ..sampling import save_image_grid
 from .loop import TrainLoop
 from .schedule import epoch_generator, epoch_indices
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train_vqvae.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_data_arguments(p)
-    add_vqvae_arguments(p)
-    add_training_arguments(p)
-    g = p.add_argument_group("stage 1")
-    g.add_argument("--recon_loss", choices=["mse", "l1"], default="mse", help="reconstruction loss")
-    g.add_argument("--val_images", type=int, default=2048, help="validation images per evaluation (test split)")
-    g.add_argument("--grid_images", type=int, default=32, help="images in each reconstruction grid")
-    g.add_argument("--channels_last", action="store_true",
-                   help="channels-last memory format: with --mixed_precision bf16 it measured 3-4x MONAI's fp32 "
-                        "step on AMX CPUs (bench/train_step.py); slower in fp32 on GPU, so off by default")
-    return p
 
 
 def interleave_rows(inputs: torch.Tensor, recons: torch.Tensor, per_row: int) -> torch.Tensor:
@@ -54,31 +36,31 @@ class VQVAETask:
 
     name = "vqvae"
 
-    def __init__(self, args, model: VQVAE, train_ds, val_ds, info):
-        self.args, self.model, self.train_ds, self.val_ds, self.info = args, model, train_ds, val_ds, info
+    def __init__(self, cfg: VQVAEStageConfig, model: VQVAE, train_ds, val_ds, info):
+        self.cfg, self.model, self.train_ds, self.val_ds, self.info = cfg, model, train_ds, val_ds, info
         self.last_metrics: dict[str, float] = {}
 
     def batches_per_epoch(self, world_size: int) -> int:
-        return math.ceil((len(self.train_ds) // world_size) / self.args.batch_size)
+        return math.ceil((len(self.train_ds) // world_size) / self.cfg.train.batch_size)
 
     def epoch_batches(self, epoch: int, skip_batches: int, rank: int, world_size: int):
-        idx = epoch_indices(len(self.train_ds), self.args.seed, epoch, rank, world_size)
-        idx = idx[skip_batches * self.args.batch_size:]
+        idx = epoch_indices(len(self.train_ds), self.cfg.train.seed, epoch, rank, world_size)
+        idx = idx[skip_batches * self.cfg.train.batch_size:]
         # Own generator: a DataLoader iterator otherwise draws its worker base seed from the global RNG, so the
         # iterator a resumed run starts mid-epoch would shift every later global draw (the quantizer's dead-code
         # restart samples from it) and break bitwise-exact resume.
-        return DataLoader(Subset(self.train_ds, idx), batch_size=self.args.batch_size, shuffle=False,
-                          num_workers=self.args.num_workers, pin_memory=torch.cuda.is_available(),
+        return DataLoader(Subset(self.train_ds, idx), batch_size=self.cfg.train.batch_size, shuffle=False,
+                          num_workers=self.cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=False,
-                          generator=epoch_generator(self.args.seed, epoch))
+                          generator=epoch_generator(self.cfg.train.seed, epoch))
 
     def compute_loss(self, model, batch):
         x, _ = batch
-        if self.args.channels_last:
+        if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = model(x)
         recon = out.recon.float()
-        rec = F.mse_loss(recon, x) if self.args.recon_loss == "mse" else F.l1_loss(recon, x)
+        rec = F.mse_loss(recon, x) if self.cfg.recon_loss == "mse" else F.l1_loss(recon, x)
         loss = rec + out.vq_loss
         # detached tensors: the loop converts them only on logging steps (no per-step host sync on GPUs)
         return loss, {"recon_loss": rec.detach(), "vq_loss": out.vq_loss.detach(), "perplexity": out.perplexity.detach()}
@@ -88,9 +70,9 @@ class VQVAETask:
         if not loop.is_main:
             return {}
         model = loop.unwrapped_model.eval()
-        n = min(len(self.val_ds), self.args.val_images)
-        dl = DataLoader(Subset(self.val_ds, range(n)), batch_size=self.args.batch_size, shuffle=False,
-                        num_workers=self.args.num_workers, generator=torch.Generator().manual_seed(0))
+        n = min(len(self.val_ds), self.cfg.val_images)
+        dl = DataLoader(Subset(self.val_ds, range(n)), batch_size=self.cfg.train.batch_size, shuffle=False,
+                        num_workers=self.cfg.data.num_workers, generator=torch.Generator().manual_seed(0))
         meter = ReconstructionMeter(model.config.num_embeddings)
         grid_x = grid_r = None
         for x, _ in dl:
@@ -100,9 +82,9 @@ class VQVAETask:
             recon = out.recon.float().clamp(-1, 1)
             meter.update(x, recon, out.indices)
             if grid_x is None:
-                grid_x, grid_r = x[: self.args.grid_images], recon[: self.args.grid_images]
+                grid_x, grid_r = x[: self.cfg.grid_images], recon[: self.cfg.grid_images]
         metrics = {f"val/{k}": v for k, v in meter.compute().items()}
-        path = Path(self.args.output_dir) / "samples" / f"recon_epoch{epoch + 1:04d}.png"
+        path = loop.run.samples / f"recon_epoch{epoch + 1:04d}.png"
         save_image_grid(interleave_rows(grid_x, grid_r, 8).cpu(), path, nrow=min(8, grid_x.shape[0]), min_cell=48)
         self.last_metrics = metrics
         return metrics
@@ -111,29 +93,29 @@ class VQVAETask:
         model = loop.unwrapped_model
         meta = {"dataset": dataclasses.asdict(self.info), "stage": "vqvae", "step": loop.state.global_step,
                 "metrics": self.last_metrics}
-        model.export_to(Path(self.args.output_dir) / "export", meta=meta)
-        loop.print(f"export written to {Path(self.args.output_dir) / 'export'}")
+        model.export_to(loop.run.export, meta=meta)
+        loop.print(f"export written to {loop.run.export}")
 
 
-def main(args: argparse.Namespace) -> TrainLoop:
+def run(cfg: VQVAEStageConfig) -> TrainLoop:
+    """Train stage 1 as ``cfg`` says; returns the finished (or stopped) loop."""
     from accelerate.utils import set_seed
 
-    if args.val_images <= 0 or args.grid_images <= 0:
-        raise ConfigError("--val_images and --grid_images must be > 0")
-    with download_lock(args.data_dir):  # every rank builds the datasets; only the first one downloads
-        train_ds, info = build_dataset(args.dataset, "train", args.data_dir, args.image_size)
-        val_ds, _ = build_dataset(args.dataset, "test", args.data_dir, args.image_size)
+    validate(cfg)
+    data = cfg.data
+    with download_lock(data.data_dir):  # every rank builds the datasets; only the first one downloads
+        train_ds, info = build_dataset(data.dataset, "train", data.data_dir, data.image_size)
+        val_ds, _ = build_dataset(data.dataset, "test", data.data_dir, data.image_size)
     if isinstance(train_ds, IterableDataset) or isinstance(val_ds, IterableDataset):
-        raise ConfigError(f"{args.dataset}: train_vqvae.py needs a map-style dataset (its exact resume indexes "
+        raise ConfigError(f"{data.dataset}: train_vqvae.py needs a map-style dataset (its exact resume indexes "
                           f"samples); WebDataset tar input is streamed. Use an image folder or an HF dataset, or "
                           f"pass the tars to extract_codes.py with an existing tokenizer")
-    config = vqvae_config_from_args(args, in_channels=info.channels, image_size=info.image_size)
-    set_seed(args.seed)  # identical initial weights on every rank
+    config = cfg.model.build(in_channels=info.channels, image_size=info.image_size)
+    set_seed(cfg.train.seed)  # identical initial weights on every rank
     model = VQVAE(config)
-    if args.channels_last:
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    run_config = {"stage": "vqvae", "model": dataclasses.asdict(config), "dataset": dataclasses.asdict(info),
-                  "args": {k: v for k, v in vars(args).items() if k != "resume"}}
-    loop = TrainLoop(args, VQVAETask(args, model, train_ds, val_ds, info), run_config)
+    record = {"stage": "vqvae", "model": dataclasses.asdict(config), "dataset": dataclasses.asdict(info)}
+    loop = TrainLoop(cfg, VQVAETask(cfg, model, train_ds, val_ds, info), record)
     loop.fit()
     return loop
