@@ -27,6 +27,7 @@ from vqgen.train import vqvae_task as train_vqvae
 from vqgen.cli import run_cli
 from vqgen.config import (EvalConfig, ExtractConfig, PipelineConfig, PriorStageConfig, SampleConfig,
                           VQVAEStageConfig, build_parser)
+from vqgen.export import ExportMeta
 from vqgen.models.prior import Prior, PriorConfig
 
 from factories import tiny_vqvae
@@ -184,7 +185,7 @@ def prior_pair(tmp_path_factory, stage2):
     sha = load_export(stage2 / "tok").sha256
     torch.manual_seed(0)
     Prior(PriorConfig(vocab_size=32, latent_h=4, latent_w=4, dim=16, depth=1, heads=2, num_classes=10)).export_to(
-        d / "ok", meta={"tokenizer_sha256": sha})
+        d / "ok", meta=ExportMeta(tokenizer_sha256=sha))
     Prior(PriorConfig(vocab_size=64, latent_h=4, latent_w=4, dim=16, depth=1, heads=2)).export_to(d / "vocab64")
     return d
 

@@ -189,10 +189,10 @@ def test_extract_and_prior_two_processes_fewer_shards_than_readers(stage1, tmp_p
                 "digits", "--data_dir", str(d / "data"), "--split", "train", "test", "--output", str(out),
                 "--batch_size", "256", "--shard_size", "1000", "--no_progress"])
     assert "on 2 process(es)" in proc.stdout
-    man = shards.read_manifest(out)
-    names = [s["name"] for s in man["splits"]["train"]["shards"]]
+    man = shards.Manifest.read(out)
+    names = [s.name for s in man.splits["train"].shards]
     assert names == ["train-r000-000000.tar", "train-r001-000000.tar"]  # one disjoint part per rank
-    assert man["splits"]["train"]["total"] == 1500
+    assert man.splits["train"].total == 1500
     # stage 3: 2 ranks x 2 DataLoader workers = 4 readers on 2 shards (the open-muse multi-node hang)
     proc = run([*cpu2(), str(ROOT / "train_prior.py"), "--shards", str(out), "--checkpoint", str(d / "one/export"),
                 *TINY_PRIOR, "--batch_size", "64", "--num_workers", "2", "--max_steps", "4",
@@ -213,9 +213,9 @@ def test_reader_fewer_shards_than_ranks_times_workers(tmp_path):
     for k in range(40):
         w.write(k, np.full((2, 2), k % 16, dtype=np.uint16), k % 4)
     w.close()
-    header = {"tokenizer": {"sha256": "b" * 64, "config": {}, "path": None}, "codebook_size": 16, "latent_h": 2,
-              "latent_w": 2, "dtype": "uint16", "num_classes": 4, "dataset": "synthetic"}
-    shards.merge_manifest(tmp_path, "train", 1, header, {"transforms": {}, "hflip": False}, expected_total=40)
+    header = shards.Manifest(tokenizer={"sha256": "b" * 64, "config": {}, "path": None}, codebook_size=16, latent_h=2,
+                             latent_w=2, dtype="uint16", num_classes=4, dataset="synthetic")
+    shards.merge_manifest(tmp_path, "train", 1, header, transforms={}, hflip=False, expected_total=40)
     counts = []
     for rank in range(3):
         loader = shards.make_token_loader(tmp_path, "train", batch_size=4, rank=rank, world_size=3, num_workers=2,

@@ -15,6 +15,7 @@ from vqgen.cli import run_cli
 from vqgen.errors import CheckpointError, ConfigError
 from vqgen.config import EvalConfig, ExtractConfig, load_config
 from vqgen.eval.evaluate import run as evaluate
+from vqgen.export import ExportMeta
 from vqgen.models.prior import Prior, PriorConfig
 from vqgen.models.vqvae import VQVAE, VQVAEConfig
 
@@ -34,13 +35,13 @@ def clf_root(tmp_path_factory) -> Path:
 def run(tmp_path_factory) -> Path:
     """runs/<x>/{vqvae,prior}/export + shards (train, test) + metrics.jsonl, as VQVAE_T.py --train lays them out."""
     root = tmp_path_factory.mktemp("run")
-    sha = tiny_vqvae().export_to(root / "vqvae" / "export", meta={"dataset": {"name": "digits"}})
+    sha = tiny_vqvae().export_to(root / "vqvae" / "export", meta=ExportMeta(dataset={"name": "digits"}))
     extract.run(load_config(ExtractConfig,
         ["--dataset", "digits", "--checkpoint", str(root / "vqvae" / "export"), "--split", "train", "test",
          "--output", str(root / "shards"), "--no_progress"]))
     torch.manual_seed(0)
     prior = Prior(PriorConfig(vocab_size=16, latent_h=4, latent_w=4, dim=16, depth=1, heads=2, num_classes=10))
-    prior.export_to(root / "prior" / "export", meta={"tokenizer_sha256": sha})
+    prior.export_to(root / "prior" / "export", meta=ExportMeta(tokenizer_sha256=sha))
     for stage, key in (("vqvae", "recon_loss"), ("prior", "bpt")):
         rows = [{"step": s, "epoch": 0, "loss": 2.0 / s, key: 1.0 / s} for s in range(1, 40, 10)]
         (root / stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -127,7 +128,7 @@ def test_inception_path_with_local_weights_file(run, clf_root, tmp_path):
 
 def test_prior_of_another_tokenizer_is_refused(run, tmp_path):
     other = tmp_path / "vqvae" / "export"
-    tiny_vqvae(seed=1).export_to(other, meta={"dataset": {"name": "digits"}})
+    tiny_vqvae(seed=1).export_to(other, meta=ExportMeta(dataset={"name": "digits"}))
     with pytest.raises(CheckpointError, match="matching --checkpoint"):
         evaluate(load_config(EvalConfig, ["--checkpoint", str(other), "--checkpoint_t", str(run / "prior" / "export"),
                                         "--num_samples", "0", "--no_plots"]))

@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from vqgen import shards
 from vqgen.cli import run_cli
 from vqgen.errors import ShardError
+from vqgen.export import check_compatible
 from vqgen.config import ExtractConfig
 from vqgen.extract import extract_split, run, tokenizer_header
 from factories import tiny_vqvae
@@ -63,15 +63,14 @@ def run_extract(model, ds, out, rank=0, world_size=1, **kw):
 
 def merge(model, out, world_size, n, hflip=False):
     header = tokenizer_header(model, "f" * 64, {}, None, 10, "fake")
-    return shards.merge_manifest(out, "train", world_size, header, {"transforms": {}, "hflip": hflip},
-                                 expected_total=n)
+    return shards.merge_manifest(out, "train", world_size, header, transforms={}, hflip=hflip, expected_total=n)
 
 
 def stored(out: Path, split="train") -> dict[int, dict]:
     """key -> raw sample, asserting every key appears once."""
     found: dict[int, dict] = {}
-    for s in shards.read_manifest(out)["splits"][split]["shards"]:
-        for sample in shards.iter_shard(out / s["name"], s["count"]):
+    for s in shards.Manifest.read(out).splits[split].shards:
+        for sample in shards.iter_shard(out / s.name, s.count):
             k = int(sample["__key__"])
             assert k not in found, f"sample {k} stored twice"
             found[k] = sample
@@ -87,7 +86,7 @@ def test_roundtrip_fake_and_hflip(tmp_path):
     model, ds = FakeTokenizer(), ImageSet(23)
     run_extract(model, ds, tmp_path, hflip=True)
     man = merge(model, tmp_path, 1, 23, hflip=True)
-    assert man["codebook_size"] == 16 and (man["latent_h"], man["latent_w"]) == (4, 4)
+    assert man.codebook_size == 16 and (man.latent_h, man.latent_w) == (4, 4)
     got = stored(tmp_path)
     assert sorted(got) == list(range(23))
     want = model.encode_to_indices(ds.x)
@@ -113,7 +112,7 @@ def test_two_ranks_exactly_once(tmp_path):
     for rank in (0, 1):
         run_extract(model, ds, tmp_path, rank=rank, world_size=2)
     man = merge(model, tmp_path, 2, 27)
-    names = [s["name"] for s in man["splits"]["train"]["shards"]]
+    names = [s.name for s in man.splits["train"].shards]
     assert names == ["train-r000-000000.tar", "train-r000-000001.tar", "train-r001-000000.tar",
                      "train-r001-000001.tar"]
     assert sorted(stored(tmp_path)) == list(range(27))
@@ -167,7 +166,7 @@ def test_resume_after_sigkill(tmp_path):
         assert ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == st
     for rank in (0, 1):  # an uninterrupted run writes byte-identical shards
         run_extract(model, ds, ref, rank=rank, world_size=2)
-    assert man == {**merge(model, ref, 2, n)}
+    assert man == merge(model, ref, 2, n)
     # rerunning a finished extraction is a no-op
     run_extract(model, ds, out, rank=0, world_size=2)
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.tar")}.items() >= before.items()
@@ -218,13 +217,13 @@ def test_cli_digits_both_splits_and_refusals(tmp_path, exports, capsys):
             "--batch_size", 128, "--shard_size", 400, "--no_progress"]
     assert cli(*base, "--split", "train") == 0
     assert cli(*base, "--split", "test", "--hflip") == 0  # merges into the same manifest
-    man = shards.read_manifest(out)
-    assert man["tokenizer"]["sha256"] == sha_a and man["dataset"] == "digits" and man["num_classes"] == 10
-    assert man["splits"]["train"]["total"] == 1500 and man["splits"]["test"]["total"] == 297
-    assert man["splits"]["test"]["hflip"] and not man["splits"]["train"]["hflip"]
-    assert man["splits"]["train"]["transforms"] and man["tokenizer"]["config"]["num_embeddings"] == 32
+    man = shards.Manifest.read(out)
+    assert man.tokenizer_sha256 == sha_a and man.dataset == "digits" and man.num_classes == 10
+    assert man.splits["train"].total == 1500 and man.splits["test"].total == 297
+    assert man.splits["test"].hflip and not man.splits["train"].hflip
+    assert man.splits["train"].transforms and man.tokenizer["config"]["num_embeddings"] == 32
     shards.verify_shards(out, "train")
-    shards.check_tokenizer(man, sha_a)
+    check_compatible(tokenizer=sha_a, shards=man)
     capsys.readouterr()
     # another tokenizer into the same folder: refused (exit 2, clear message) unless --overwrite
     base_b = [*base[:1], exp_b, *base[2:]]
@@ -232,8 +231,8 @@ def test_cli_digits_both_splits_and_refusals(tmp_path, exports, capsys):
     err = capsys.readouterr().err
     assert "another tokenizer" in err and sha_a[:12] in err and "--overwrite" in err
     assert cli(*base_b, "--split", "test", "--overwrite") == 0
-    man = shards.read_manifest(out)
-    assert man["tokenizer"]["sha256"] == sha_b and set(man["splits"]) == {"test"}
+    man = shards.Manifest.read(out)
+    assert man.tokenizer_sha256 == sha_b and set(man.splits) == {"test"}
     # tokens equal the encoder's codes for the same images
     from vqgen.data import build_dataset
     from vqgen.models.vqvae import VQVAE
@@ -257,8 +256,8 @@ def test_accelerate_launch_two_processes(tmp_path, exports):
            "--shard_size", "50", "--no_progress"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    man = shards.read_manifest(out)
-    names = [s["name"] for s in man["splits"]["test"]["shards"]]
+    man = shards.Manifest.read(out)
+    names = [s.name for s in man.splits["test"].shards]
     assert {n.split("-")[1] for n in names} == {"r000", "r001"}  # both ranks wrote shards
     assert sorted(stored(out, "test")) == list(range(297))
     assert json.loads((out / ".parts" / "test-r001.json").read_text())["complete"]

@@ -106,7 +106,7 @@ def test_classifier_stats_known_inputs():
 # ------------------------------------------------------------------------------------ feature classifier
 def test_classifier_accuracy_and_real_digits_coverage(digits_classifier, test_digits):
     x, y = test_digits
-    assert digits_classifier.export_meta["test_accuracy"] > 0.95
+    assert digits_classifier.export_meta.metrics["test_accuracy"] > 0.95
     assert accuracy(digits_classifier, x, y) > 0.95
     with torch.no_grad():
         feats, logits = digits_classifier.features_and_logits(x)

@@ -31,7 +31,7 @@ def test_train_runs_all_stages_and_ties_them_together(run_dir):
     manifest = json.loads((run_dir / "shards" / "manifest.json").read_text())
     assert set(manifest["splits"]) == {"train", "test"}
     assert manifest["splits"]["train"]["total"] == 1500 and manifest["splits"]["test"]["total"] == 297
-    assert manifest["tokenizer"]["sha256"] == tok.sha256 == prior.meta["tokenizer_sha256"]
+    assert manifest["tokenizer"]["sha256"] == tok.sha256 == prior.meta.tokenizer_sha256
     assert prior.config["vocab_size"] == 32 and prior.config["num_classes"] == 10
     # the prior learned something from the shards: its logged loss fell
     losses = [json.loads(line)["loss"] for line in (run_dir / "prior" / "metrics.jsonl").read_text().splitlines()

@@ -6,6 +6,7 @@ import torch
 
 from vqgen.export import save_export
 from vqgen.errors import CheckpointError, ConfigError
+from vqgen.export import ExportMeta
 from vqgen.config import PriorFlags, load_config
 from vqgen.models.prior import Prior, PriorConfig
 
@@ -126,9 +127,9 @@ def test_loss_decreases_on_synthetic_tokens():
 
 def test_export_round_trip(tmp_path):
     p = tiny(num_classes=3)
-    sha = p.export_to(tmp_path / "export", meta={"tokenizer_sha256": "abc"})
+    sha = p.export_to(tmp_path / "export", meta=ExportMeta(tokenizer_sha256="abc"))
     q = Prior.from_export(tmp_path / "export")
-    assert not q.training and q.config == p.config and q.export_meta["tokenizer_sha256"] == "abc"
+    assert not q.training and q.config == p.config and q.export_meta.tokenizer_sha256 == "abc"
     toks = torch.randint(0, 16, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(q(toks, torch.tensor([1, 2])), p(toks, torch.tensor([1, 2])), atol=0, rtol=0)

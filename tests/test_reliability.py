@@ -17,7 +17,6 @@ import errno
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from safetensors.torch import load_file
 from vqgen import extract, sample
 from vqgen.train import prior_task as train_prior
 from vqgen.train import vqvae_task as train_vqvae
-from vqgen.export import load_export, save_export
+from vqgen.export import load_export
 from vqgen.cli import run_cli
 from vqgen.config import ExtractConfig, PriorStageConfig, SampleConfig, VQVAEStageConfig, load_config
 from vqgen.errors import CheckpointError, DiskFullError
@@ -189,8 +188,9 @@ def test_sigkill_then_resume_is_bitwise_exact(tmp_path, stage, stage2):
 
 
 def test_resume_latest_skips_incomplete_checkpoints(tmp_path):
-    from vqgen.run_dir import checkpoint_dirs, resolve_resume
+    from vqgen.run_dir import RunDir
 
+    run = RunDir(tmp_path)
     ck = tmp_path / "checkpoints"
     for step, complete in ((2, True), (4, True), (6, False)):
         (ck / f"checkpoint-{step}").mkdir(parents=True)
@@ -198,10 +198,10 @@ def test_resume_latest_skips_incomplete_checkpoints(tmp_path):
             (ck / f"checkpoint-{step}" / "vqgen_state.json").write_text("{}")
     (ck / ".checkpoint-8.tmp").mkdir()
     (ck / ".checkpoint-8.tmp" / "vqgen_state.json").write_text("{}")
-    assert [d.name for d in checkpoint_dirs(tmp_path)] == ["checkpoint-2", "checkpoint-4"]
-    assert resolve_resume(tmp_path, "latest").name == "checkpoint-4"
+    assert [d.name for d in run.checkpoint_dirs()] == ["checkpoint-2", "checkpoint-4"]
+    assert run.resolve_resume("latest").name == "checkpoint-4"
     with pytest.raises(CheckpointError, match="not a complete vqgen checkpoint"):
-        resolve_resume(tmp_path, str(ck / "checkpoint-6"))
+        run.resolve_resume(str(ck / "checkpoint-6"))
 
 
 def test_export_killed_between_renames_stays_loadable(tmp_path):

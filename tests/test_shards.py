@@ -11,6 +11,7 @@ import torch
 
 from vqgen import shards
 from vqgen.errors import ShardError
+from vqgen.export import check_compatible
 
 SHA = "a" * 64
 H = W = 3
@@ -22,7 +23,7 @@ def tokens_for(key: int) -> np.ndarray:
 
 
 def make_shards(out: Path, n: int = 50, world_size: int = 2, shard_size: int = 7, split: str = "train",
-                hflip: bool = False, sha: str = SHA) -> dict:
+                hflip: bool = False, sha: str = SHA) -> shards.Manifest:
     settings = {"tokenizer_sha256": sha, "dataset": "synthetic", "split": split, "num_samples": n}
     for rank in range(world_size):
         w = shards.RankShardWriter(out, split, rank, settings, shard_size, (H, W), shards.token_dtype(65536))
@@ -31,10 +32,9 @@ def make_shards(out: Path, n: int = 50, world_size: int = 2, shard_size: int = 7
             flip = tokens_for(key)[:, ::-1] if hflip else None
             w.write(key, tokens_for(key), key % 10, flip)
         w.close()
-    header = {"tokenizer": {"sha256": sha, "config": {}, "path": None}, "codebook_size": 65536, "latent_h": H,
-              "latent_w": W, "dtype": "uint16", "num_classes": 10, "dataset": "synthetic"}
-    return shards.merge_manifest(out, split, world_size, header, {"transforms": {}, "hflip": hflip},
-                                 expected_total=n)
+    header = shards.Manifest(tokenizer={"sha256": sha, "config": {}, "path": None}, codebook_size=65536, latent_h=H,
+                             latent_w=W, dtype="uint16", num_classes=10, dataset="synthetic")
+    return shards.merge_manifest(out, split, world_size, header, transforms={}, hflip=hflip, expected_total=n)
 
 
 def keys_of(batches) -> list[int]:
@@ -62,12 +62,12 @@ def test_token_dtype():
 
 def test_roundtrip_and_manifest(tmp_path):
     man = make_shards(tmp_path, n=50, world_size=2, shard_size=7)
-    assert shards.read_manifest(tmp_path) == man
-    entry = man["splits"]["train"]
-    assert entry["total"] == 50 and sum(s["count"] for s in entry["shards"]) == 50
-    assert [s["name"] for s in entry["shards"]][:2] == ["train-r000-000000.tar", "train-r000-000001.tar"]
-    assert man["format"] == "vqgen-shards" and man["dtype"] == "uint16"
-    assert len(shards.verify_shards(tmp_path, "train")) == len(entry["shards"])
+    assert shards.Manifest.read(tmp_path) == man
+    entry = man.splits["train"]
+    assert entry.total == 50 and sum(s.count for s in entry.shards) == 50
+    assert [s.name for s in entry.shards][:2] == ["train-r000-000000.tar", "train-r000-000001.tar"]
+    assert man.format == "vqgen-shards" and man.dtype == "uint16"
+    assert len(shards.verify_shards(tmp_path, "train")) == len(entry.shards)
     batches = collect(tmp_path, batch_size=8, shuffle=False)
     assert [t.shape[0] for t, _ in batches] == [8] * 6 + [2]
     keys = keys_of(batches)
@@ -82,21 +82,21 @@ def test_roundtrip_and_manifest(tmp_path):
 def test_shard_bytes_reproducible(tmp_path):
     a = make_shards(tmp_path / "a")
     b = make_shards(tmp_path / "b")
-    shas = [[s["sha256"] for s in m["splits"]["train"]["shards"]] for m in (a, b)]
+    shas = [[s.sha256 for s in m.splits["train"].shards] for m in (a, b)]
     assert shas[0] == shas[1]
 
 
 def test_second_split_merges(tmp_path):
     make_shards(tmp_path, n=20, split="train")
     man = make_shards(tmp_path, n=9, split="test")
-    assert set(man["splits"]) == {"train", "test"} and man["splits"]["test"]["total"] == 9
-    assert shards.has_split(tmp_path, "test") and shards.split_total(man, "test") == 9
+    assert set(man.splits) == {"train", "test"} and man.splits["test"].total == 9
+    assert shards.has_split(tmp_path, "test") and man.split("test").total == 9
     assert keys_of(collect(tmp_path, split="test", batch_size=4, shuffle=False)) != []
 
 
 def test_missing_manifest_says_what_to_run(tmp_path):
     with pytest.raises(ShardError, match="extract_codes.py"):
-        shards.read_manifest(tmp_path / "nothing")
+        shards.Manifest.read(tmp_path / "nothing")
     make_shards(tmp_path, n=10)
     with pytest.raises(ShardError, match="no 'test' split.*extract_codes.py"):
         shards.make_token_loader(tmp_path, "test", batch_size=2)
@@ -104,9 +104,9 @@ def test_missing_manifest_says_what_to_run(tmp_path):
 
 def test_check_tokenizer(tmp_path):
     man = make_shards(tmp_path)
-    shards.check_tokenizer(man, SHA)
+    check_compatible(tokenizer=SHA, shards=man)
     with pytest.raises(ShardError) as e:
-        shards.check_tokenizer(man, "b" * 64, tmp_path)
+        check_compatible(tokenizer="b" * 64, shards=man)
     assert "a" * 12 in str(e.value) and "b" * 12 in str(e.value)
 
 

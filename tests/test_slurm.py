@@ -223,9 +223,9 @@ def test_pipeline_three_stages_on_two_nodes(slurm, tmp_path):
         ckpt = run / stage / "checkpoints/checkpoint-4"
         assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
         assert (run / stage / "export/model.safetensors").exists()
-    man = shards.read_manifest(run / "shards")
-    assert man["splits"]["train"]["total"] == 1500 and man["splits"]["test"]["total"] == 297
-    ranks = {s["name"].split("-")[1] for s in man["splits"]["train"]["shards"]}
+    man = shards.Manifest.read(run / "shards")
+    assert man.splits["train"].total == 1500 and man.splits["test"].total == 297
+    ranks = {s.name.split("-")[1] for s in man.splits["train"].shards}
     assert ranks == {"r000", "r001"}  # each node's rank encoded its own part
     assert "on 2 process(es)" in logs["extract"]
 

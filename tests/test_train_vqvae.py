@@ -42,7 +42,7 @@ def test_training_lowers_loss_and_exports(tmp_path):
     trained = loop.unwrapped_model.eval()
     assert torch.equal(model.encode_to_indices(x), trained.encode_to_indices(x))
     exp = load_export(out / "export")
-    assert exp.kind == "vqvae" and exp.meta["dataset"]["name"] == "digits"
+    assert exp.kind == "vqvae" and exp.meta.dataset["name"] == "digits"
 
 
 def test_resume_mid_epoch_is_bitwise_exact(tmp_path):

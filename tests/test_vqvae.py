@@ -7,7 +7,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from vqgen.export import load_export, save_export
+from vqgen.export import ExportMeta, load_export, save_export
 from vqgen.errors import CheckpointError, ConfigError
 from vqgen.config import VQVAEFlags, load_config
 from vqgen.models.vqvae import VQVAE, VQVAEConfig
@@ -123,7 +123,7 @@ def test_export_round_trip(tmp_path):
     for _ in range(2):
         m(x)
     m.eval()
-    sha = m.export_to(tmp_path / "export", meta={"note": "test"})
+    sha = m.export_to(tmp_path / "export", meta=ExportMeta(extra={"note": "test"}))
     loaded = VQVAE.from_export(tmp_path / "export")
     assert not loaded.training and loaded.config == m.config
     assert load_export(tmp_path / "export").sha256 == sha

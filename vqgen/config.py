@@ -37,6 +37,7 @@ from .models.prior import PriorConfig
 from .models.vqvae import VQVAEConfig, level_params
 from .run_dir import RunDir
 from .sampling import check_sampling_args
+from .shards.format import SPLITS
 
 PRECISIONS = ("no", "fp16", "bf16")
 
@@ -544,8 +545,7 @@ class ExtractConfig:
     PROG: ClassVar[str] = "extract_codes.py"
     GROUP: ClassVar[str] = "stage 2"
     checkpoint: str | None = flag(None, "stage-1 VQ-VAE export folder (runs/<name>/export)", required=True)
-    split: list[str] = flag(["train"], "split(s) to extract; each merges into the same manifest",
-                            choices=("train", "test"))
+    split: list[str] = flag(["train"], "split(s) to extract; each merges into the same manifest", choices=SPLITS)
     output_dir: str | None = flag(None, "shard folder (default: shards/<dataset>)", aliases=("--output",))
     batch_size: int = flag(256, "images per encoder batch (per process)")
     mixed_precision: str = _precision("no", "autocast dtype for the encoder (the quantizer's argmin stays fp32)")
@@ -595,7 +595,7 @@ class SampleConfig:
     GROUP: ClassVar[str] = "exports and output"
     checkpoint: str | None = flag(None, "tokenizer export folder (stage 1)", required=True)
     checkpoint_t: str | None = flag(None, "prior export folder (stage 3)", required=True)
-    output_dir: str = flag("samples", "where grid.png, images/ and tokens.npy go")
+    output_dir: str = flag(RunDir.SAMPLES, "where grid.png, images/ and tokens.npy go")
     batch_size: int = flag(64, "samples generated at once", aliases=("--sample_batch_size",))
     device: str | None = flag(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
     mixed_precision: str = _precision("no", "autocast dtype of generation and decoding (GPU)", aliases=("--precision",),

@@ -141,13 +141,14 @@ class BackgroundWriter:
             raise self.error
 
 
-def tokenizer_header(model, sha256: str, config: dict, path, num_classes: int, dataset: str) -> dict:
-    """Format-level manifest fields (everything that ties the shards to their tokenizer and dataset)."""
+def tokenizer_header(model, sha256: str, config: dict, path, num_classes: int, dataset: str) -> shards.Manifest:
+    """The format-level manifest fields (everything that ties the shards to their tokenizer and dataset); the
+    splits are added by :func:`vqgen.shards.merge_manifest`."""
     h, w = (int(v) for v in model.config.latent_size)
     k = int(model.config.num_embeddings)
-    return _json({"tokenizer": {"sha256": sha256, "config": config, "path": str(path) if path else None},
-                  "codebook_size": k, "latent_h": h, "latent_w": w, "dtype": shards.token_dtype(k).name,
-                  "num_classes": int(num_classes), "dataset": dataset})
+    return shards.Manifest(tokenizer=_json({"sha256": sha256, "config": config, "path": str(path) if path else None}),
+                           codebook_size=k, latent_h=h, latent_w=w, dtype=shards.token_dtype(k).name,
+                           num_classes=int(num_classes), dataset=dataset)
 
 
 def extract_split(model, dataset, out_dir, *, split: str, tokenizer_sha256: str, dataset_name: str,
@@ -192,7 +193,7 @@ def extract_split(model, dataset, out_dir, *, split: str, tokenizer_sha256: str,
     return part
 
 
-def run(cfg: ExtractConfig) -> dict | None:
+def run(cfg: ExtractConfig) -> shards.Manifest | None:
     """Extract every split of ``cfg.split``; returns the manifest on the main process (None elsewhere)."""
     from .data import build_dataset
     from .models.vqvae import VQVAE
@@ -235,10 +236,10 @@ def run(cfg: ExtractConfig) -> dict | None:
             header = tokenizer_header(model, export.sha256, export.config, export.path, info.num_classes, data.dataset)
             n = None if isinstance(dataset, torch.utils.data.IterableDataset) else len(dataset)
             manifest = shards.merge_manifest(out, split, state.num_processes, header,
-                                             _json({"transforms": info.transforms, "hflip": bool(sharding.hflip)}),
-                                             expected_total=n)
-            sizes = [s["bytes"] for s in manifest["splits"][split]["shards"]]
-            print(f"{split}: {manifest['splits'][split]['total']} samples in {len(sizes)} shards "
+                                             transforms=_json(info.transforms), hflip=sharding.hflip, expected_total=n)
+            entry = manifest.split(split)
+            sizes = [s.bytes for s in entry.shards]
+            print(f"{split}: {entry.total} samples in {len(sizes)} shards "
                   f"({sum(sizes) / 1e6:.2f} MB) -> {out / shards.MANIFEST_NAME}", flush=True)
         state.wait_for_everyone()
     return manifest

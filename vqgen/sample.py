@@ -14,8 +14,7 @@ import numpy as np
 import torch
 
 from .config import SampleConfig, validate
-from .errors import CheckpointError
-from .export import load_export
+from .export import check_compatible
 from .fsutil import atomic_write_bytes
 from .launch import resolve_device
 from .models.prior import Prior
@@ -26,22 +25,10 @@ AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def load_pair(tokenizer_path: str, prior_path: str) -> tuple[VQVAE, Prior]:
-    """Load both exports and refuse a prior trained on another tokenizer's codes."""
-    tok_exp = load_export(tokenizer_path, expected_kind="vqvae")
-    prior_exp = load_export(prior_path, expected_kind="prior")
-    want = prior_exp.meta.get("tokenizer_sha256")
-    if want and want != tok_exp.sha256:
-        raise CheckpointError(
-            f"the prior {prior_path} was trained on codes of tokenizer {want[:12]}..., but --checkpoint "
-            f"{tokenizer_path} is tokenizer {tok_exp.sha256[:12]}...; pass the tokenizer the prior was trained with "
-            f"(recorded path: {prior_exp.meta.get('tokenizer_path')})")
-    tok, prior = VQVAE.from_export(tok_exp), Prior.from_export(prior_exp)
-    if prior.config.vocab_size != tok.config.num_embeddings or \
-            (prior.config.latent_h, prior.config.latent_w) != tuple(tok.config.latent_size):
-        raise CheckpointError(
-            f"prior vocabulary {prior.config.vocab_size} / grid {prior.config.latent_h}x{prior.config.latent_w} does "
-            f"not match the tokenizer's codebook {tok.config.num_embeddings} / grid {tok.config.latent_size}")
-    return tok.eval(), prior.eval()
+    """Load both exports (eval mode) and refuse a prior trained on another tokenizer's codes."""
+    tok, prior = VQVAE.from_export(tokenizer_path), Prior.from_export(prior_path)
+    check_compatible(tokenizer=tok, prior=prior)
+    return tok, prior
 
 
 def run(cfg: SampleConfig) -> Path:

@@ -18,7 +18,7 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,10 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..export import Export, load_export, save_export
-
-EXPORT_KIND = "classifier"
-
+from ..export import Export, ExportMeta, Exportable, is_export
 
 @dataclass
 class ClassifierConfig:
@@ -40,8 +37,10 @@ class ClassifierConfig:
     feature_dim: int = 128     # penultimate width = the FID feature space
 
 
-class Classifier(nn.Module):
+class Classifier(Exportable, nn.Module):
     """(conv3x3-BN-ReLU x2, maxpool) x2 -> global average pool -> linear(feature_dim) -> ReLU -> linear(classes)."""
+
+    EXPORT_KIND = "classifier"
 
     def __init__(self, config: ClassifierConfig):
         super().__init__()
@@ -65,22 +64,14 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features_and_logits(x)[1]
 
-    def export_to(self, out_dir: str | os.PathLike, meta: dict | None = None) -> str:
-        return save_export(out_dir, EXPORT_KIND, asdict(self.config), self.state_dict(), meta or {})
-
     @classmethod
-    def from_export(cls, path_or_export: "str | os.PathLike | Export") -> "Classifier":
-        exp = path_or_export if isinstance(path_or_export, Export) else load_export(path_or_export, EXPORT_KIND)
-        if exp.kind != EXPORT_KIND:
-            raise CheckpointError(f"{exp.path} is a '{exp.kind}' export, but a '{EXPORT_KIND}' export is needed")
+    def from_loaded_export(cls, exp: Export) -> "Classifier":
         try:
             model = cls(ClassifierConfig(**exp.config))
             model.load_state_dict(exp.state_dict, strict=True)
         except (TypeError, RuntimeError) as e:
             raise CheckpointError(f"{exp.path}: not a loadable classifier export ({e})") from None
-        model.export_meta = dict(exp.meta)
-        model.sha256 = exp.sha256
-        return model.eval()
+        return model
 
 
 def _stack(dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +151,7 @@ def load_or_train(dataset: str, data_dir: str, image_size: int, channels: int, r
     from ..data import build_dataset
 
     out = cache_dir(root if root is not None else data_dir, dataset)
-    if not retrain and (out / "config.json").exists():
+    if not retrain and is_export(out):
         try:
             model = Classifier.from_export(out)
             c = model.config
@@ -178,5 +169,8 @@ def load_or_train(dataset: str, data_dir: str, image_size: int, channels: int, r
     log(f"training the {dataset} feature classifier ({channels}x{image_size}px, {info.num_classes} classes) -> {out}")
     config = ClassifierConfig(in_channels=channels, image_size=image_size, num_classes=info.num_classes)
     model, meta = train_classifier(train_ds, test_ds, config, epochs=epochs, seed=seed, log=log)
-    model.export_to(out, meta={"dataset": dataset, **meta})
+    accuracy_keys = ("train_accuracy", "test_accuracy")
+    model.export_to(out, meta=ExportMeta(stage="classifier", dataset={"name": dataset},
+                                         metrics={k: meta[k] for k in accuracy_keys},
+                                         extra={k: v for k, v in meta.items() if k not in accuracy_keys}))
     return Classifier.from_export(out)

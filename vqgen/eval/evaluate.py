@@ -30,7 +30,7 @@ import torch
 from .. import shards
 from ..config import EvalConfig, validate
 from ..errors import CheckpointError, ConfigError, VQGenError
-from ..export import load_export
+from ..export import check_compatible, load_export
 from ..fsutil import atomic_write_json
 from ..launch import resolve_device
 from ..models.prior import Prior
@@ -154,15 +154,6 @@ def bits_per_token(prior, shard_dir: Path, split: str, batch_size: int, device) 
             "sequences": count // max(1, prior.config.seq_len), "split": split}
 
 
-def check_prior_matches(prior, tok_export, manifest: dict | None) -> None:
-    want = prior.export_meta.get("tokenizer_sha256")
-    if want and want != tok_export.sha256:
-        raise CheckpointError(f"the prior was trained on tokens of tokenizer {want[:12]}, but the tokenizer given is "
-                              f"{tok_export.sha256[:12]} ({tok_export.path}); pass the matching --checkpoint")
-    if manifest is not None:
-        shards.check_tokenizer(manifest, tok_export)
-
-
 # ---------------------------------------------------------------------------------------------------- run
 def run(cfg: EvalConfig) -> dict:
     """Evaluate as ``cfg`` says; writes eval.json (+ plots) and returns its content."""
@@ -173,15 +164,15 @@ def run(cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.device)
     tok_export = load_export(paths.tokenizer, expected_kind="vqvae")
     tokenizer = VQVAE.from_export(tok_export).to(device).eval()
-    dataset = cfg.data.dataset or (tok_export.meta.get("dataset") or {}).get("name")
+    dataset = cfg.data.dataset or (tok_export.meta.dataset or {}).get("name")
     if not dataset:
         raise ConfigError(f"{paths.tokenizer} does not record its dataset; pass --dataset")
     prior = Prior.from_export(paths.prior).to(device).eval() if paths.prior else None
     manifest = None
     if paths.shards is not None and (paths.shards / shards.MANIFEST_NAME).exists():
-        manifest = shards.read_manifest(paths.shards)
+        manifest = shards.Manifest.read(paths.shards)
     if prior is not None:
-        check_prior_matches(prior, tok_export, manifest)
+        check_compatible(tokenizer=tokenizer, prior=prior, shards=manifest)
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -252,7 +243,7 @@ def prior_section(prior, tokenizer, space: FeatureSpace, real, dataset: str, man
             grid = fake_images[:64]
             results.setdefault("plots", {})["samples"] = str(save_image_grid(
                 grid, paths.plots / "samples.png", nrow=int(math.ceil(math.sqrt(len(grid))))))
-    if manifest is not None and cfg.split in manifest.get("splits", {}):
+    if manifest is not None and cfg.split in manifest.splits:
         t = time.perf_counter()
         pm.update(bits_per_token(prior, paths.shards, cfg.split, cfg.batch_size, device))
         seconds["bits_per_token"] = time.perf_counter() - t

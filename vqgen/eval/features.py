@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError
+from ..export import is_export
 
 INCEPTION_FILES = ("weights-inception-2015-12-05-6726825d.pth",   # torch-fidelity / torchmetrics (TF-FID port)
                    "pt_inception-2015-12-05-6726825d.pth",        # pytorch-fid (same weights)
@@ -128,12 +129,12 @@ def build_feature_space(cfg, dataset: str, image_size: int, channels: int, devic
     if mode == "inception":
         net = InceptionFeatures(weights)
         clf = None
-        if (C.cache_dir(root, dataset) / "config.json").exists():  # classifier stats when one is already cached
+        if is_export(C.cache_dir(root, dataset)):  # classifier stats when one is already cached
             clf = C.Classifier.from_export(C.cache_dir(root, dataset)).to(device)
         return FeatureSpace("inception", net, device, {"name": "inception", "weights": str(weights),
                                                        "graph": net.graph}, clf)
     clf = C.load_or_train(dataset, cfg.data.data_dir, image_size, channels, root=root, retrain=cfg.retrain_classifier,
                           epochs=cfg.classifier_epochs, seed=cfg.sampling.seed, log=log)
     info = {"name": "classifier", "export": str(C.cache_dir(root, dataset)), "sha256": clf.sha256,
-            "feature_dim": clf.config.feature_dim, "test_accuracy": clf.export_meta.get("test_accuracy")}
+            "feature_dim": clf.config.feature_dim, "test_accuracy": clf.export_meta.metrics.get("test_accuracy")}
     return FeatureSpace("classifier", clf, device, info, clf)

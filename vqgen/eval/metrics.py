@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..models.prior import token_cross_entropy
+
 PSNR_CAP_DB = 100.0  # ReconstructionMeter averages min(PSNR, 100 dB): identical images would give inf
 
 
@@ -204,7 +206,6 @@ def token_nll(prior, loader, device, max_batches: int | None = None) -> tuple[fl
             break
         tokens = tokens.to(device)
         logits = prior(tokens, labels.to(device) if conditional else None)
-        total += float(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1),
-                                       reduction="sum"))
+        total += float(token_cross_entropy(logits, tokens, reduction="sum"))
         count += tokens.numel()
     return total, count

@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError
-from ..export import Export, load_export, save_export
-
-EXPORT_KIND = "prior"
-
+from ..export import Export, Exportable
 
 @dataclass
 class PriorConfig:
@@ -77,6 +73,13 @@ class PriorConfig:
         need(0.0 <= self.class_dropout < 1.0, f"class_dropout must be in [0, 1), got {self.class_dropout}")
         need(self.num_classes >= 0, f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
         need(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+
+
+def token_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy (nats) of next-token ``logits (B, T, vocab)`` against ``tokens (B, T)``, in fp32 (bf16 logits
+    would lose the small probabilities). The one definition behind the training loss, validation bits/token and
+    evaluate.py; callers pass the logits of the model they hold (a DDP-wrapped model must run its own forward)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1), reduction=reduction)
 
 
 class KVCache(nn.Module):
@@ -149,7 +152,9 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
-class Prior(nn.Module):
+class Prior(Exportable, nn.Module):
+    EXPORT_KIND = "prior"
+
     def __init__(self, config: PriorConfig):
         super().__init__()
         config.validate()
@@ -162,7 +167,6 @@ class Prior(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, config.vocab_size, bias=False)       # untied: the input table also holds no BOS
-        self.export_meta: dict = {}
         self.apply(self._init_weights)
         nn.init.normal_(self.pos_emb, std=0.02)
         for name, p in self.named_parameters():               # GPT-2: scale residual projections by depth
@@ -221,8 +225,7 @@ class Prior(nn.Module):
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy in nats per token."""
         tokens = tokens.reshape(tokens.shape[0], -1).long()
-        logits = self(tokens, labels)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+        return token_cross_entropy(self(tokens, labels), tokens)
 
     # ---- inference ----------------------------------------------------------------------------------------
     def logits_for_prefix(self, prefix: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -267,19 +270,8 @@ class Prior(nn.Module):
         return self.head(self.ln_f(x[:, -1]))
 
     # ---- exports ------------------------------------------------------------------------------------------
-    def export_to(self, out_dir: str | os.PathLike, meta: dict | None = None) -> str:
-        """Write ``out_dir/{config.json, model.safetensors}``; returns the export sha256."""
-        return save_export(out_dir, EXPORT_KIND, asdict(self.config), self.state_dict(), meta or {})
-
     @classmethod
-    def from_export(cls, path_or_export: str | os.PathLike | Export) -> "Prior":
-        """Rebuild in eval mode from an export dir (or a loaded :class:`Export`); ``export_meta`` holds its meta."""
-        if isinstance(path_or_export, Export):
-            exp = path_or_export
-            if exp.kind != EXPORT_KIND:
-                raise CheckpointError(f"{exp.path} is a '{exp.kind}' export, but a '{EXPORT_KIND}' export is needed")
-        else:
-            exp = load_export(path_or_export, expected_kind=EXPORT_KIND)
+    def from_loaded_export(cls, exp: Export) -> "Prior":
         try:
             cfg = PriorConfig.from_dict(dict(exp.config))
         except (ConfigError, TypeError) as e:
@@ -289,5 +281,4 @@ class Prior(nn.Module):
             model.load_state_dict(exp.state_dict, strict=True)
         except RuntimeError as e:
             raise CheckpointError(f"{exp.path}: weights do not fit the prior config: {e}") from None
-        model.export_meta = dict(exp.meta)
-        return model.eval()
+        return model

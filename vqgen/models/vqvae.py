@@ -8,7 +8,6 @@ strided conv + residual units, a 3x3 conv to/from the embedding, transposed conv
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple, Sequence
 
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, ConfigError
-from ..export import Export, load_export, save_export
+from ..export import Export, Exportable
 from .quantizer import VectorQuantizerEMA
 
 ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "silu": lambda: nn.SiLU()}
@@ -231,7 +230,9 @@ class VQVAEOutput(NamedTuple):
     perplexity: torch.Tensor  # scalar
 
 
-class VQVAE(nn.Module):
+class VQVAE(Exportable, nn.Module):
+    EXPORT_KIND = "vqvae"
+
     def __init__(self, config: VQVAEConfig):
         super().__init__()
         config.validate()
@@ -265,16 +266,8 @@ class VQVAE(nn.Module):
         return self.decoder(self.quantizer.embed(indices))
 
     # ---- exports ---------------------------------------------------------------------------------------------
-    def export_to(self, out_dir: str | os.PathLike, meta: dict | None = None) -> str:
-        """Write ``out_dir/{config.json, model.safetensors}``; returns the export fingerprint (sha256)."""
-        return save_export(out_dir, "vqvae", asdict(self.config), self.state_dict(), meta)
-
     @classmethod
-    def from_export(cls, path_or_export: "str | os.PathLike | Export") -> "VQVAE":
-        """Rebuild from an export folder (or a loaded :class:`Export`); eval mode. CheckpointError on mismatch."""
-        exp = path_or_export if isinstance(path_or_export, Export) else load_export(path_or_export, "vqvae")
-        if exp.kind != "vqvae":
-            raise CheckpointError(f"{exp.path} is a '{exp.kind}' export, but a 'vqvae' export is needed here")
+    def from_loaded_export(cls, exp: Export) -> "VQVAE":
         try:
             cfg = VQVAEConfig.from_dict(dict(exp.config))
         except ConfigError as e:
@@ -282,7 +275,7 @@ class VQVAE(nn.Module):
         model = cls(cfg)
         _check_state_dict(model, exp.state_dict, exp.path)
         model.load_state_dict(exp.state_dict, strict=True)
-        return model.eval()
+        return model
 
 
 def _check_state_dict(model: nn.Module, sd: dict, where) -> None:

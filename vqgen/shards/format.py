@@ -7,21 +7,25 @@ Layout of a shard folder (see docs/ARCHITECTURE.md)::
     <out>/.parts/<split>-r{rank:03d}.json    per-rank progress record: one entry per *complete* shard
     <out>/manifest.json                       written last (the commit point), merged from the parts
 
-The writer (crash safety) is :mod:`vqgen.shards.writer`, the stage-3 token stream :mod:`vqgen.shards.reader`.
+The manifest is :class:`Manifest` (one reader, one writer). The writer (crash safety) is :mod:`vqgen.shards.writer`,
+the stage-3 token stream :mod:`vqgen.shards.reader`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ..errors import ShardError
+from ..fsutil import atomic_write_json
 
 
 FORMAT = "vqgen-shards"
@@ -34,7 +38,7 @@ KEY_FORMAT = "%09d"
 TAR_KW = dict(mtime=0, user="vqgen", group="vqgen", mode=0o444, encoder=False)
 SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-r(?P<rank>\d{3})-(?P<n>\d{6})\.tar$")
 EXTRACT_HINT = ("python extract_codes.py --checkpoint <runs/<name>/export> --dataset <name> --split {split} "
-                 "--output {dir}")
+                 "--output_dir {dir}")
 
 
 # ----------------------------------------------------------------------------------------------------- naming
@@ -79,56 +83,118 @@ def read_json(path: Path) -> dict | None:
         raise ShardError(f"corrupt record {path}: {e} (delete it, or rerun with --overwrite)") from None
 
 
-
-# ----------------------------------------------------------------------------------------------------- reader
-def read_manifest(shard_dir: str | os.PathLike) -> dict:
-    """The manifest of a finished extraction; ShardError saying which command to run when there is none."""
-    d = Path(shard_dir)
-    path = d / MANIFEST_NAME
-    if not path.is_file():
-        what = "is missing" if not d.exists() else "has no manifest.json (extraction not run or not finished)"
-        raise ShardError(f"shard folder {d} {what}. Extract the tokens first (stage 2): "
-                         + EXTRACT_HINT.format(split="train", dir=d))
-    man = read_json(path)
-    if not isinstance(man, dict) or man.get("format") != FORMAT:
-        raise ShardError(f"{path} is not a vqgen shard manifest")
-    if man.get("format_version", 0) > FORMAT_VERSION:
-        raise ShardError(f"{path} has format version {man['format_version']}, newer than this vqgen understands "
-                         f"({FORMAT_VERSION}); upgrade vqgen")
-    return man
+# ---------------------------------------------------------------------------------------------------- manifest
+def _known(cls, d: dict) -> tuple[dict, dict]:
+    """Split ``d`` into the fields of dataclass ``cls`` and the rest (kept as ``extra``: written back unchanged)."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    return {k: v for k, v in d.items() if k in names}, {k: v for k, v in d.items() if k not in names}
 
 
-def check_tokenizer(manifest: dict, tokenizer: Any, shard_dir: str | os.PathLike | None = None) -> None:
-    """Refuse shards made by another tokenizer. ``tokenizer``: an ``Export``, anything with ``.sha256``, or the
-    sha256 string itself."""
-    want = tokenizer if isinstance(tokenizer, str) else getattr(tokenizer, "sha256", None)
-    have = manifest.get("tokenizer", {}).get("sha256")
-    if want is None:
-        raise TypeError(f"check_tokenizer needs an Export or a sha256 string, got {type(tokenizer).__name__}")
-    if have != want:
-        where = f" in {shard_dir}" if shard_dir else ""
-        src = getattr(tokenizer, "path", None)
-        raise ShardError(f"the shards{where} were made with tokenizer {str(have)[:12]} but the tokenizer in use is "
-                         f"{want[:12]}{f' ({src})' if src else ''}; re-extract them with this tokenizer "
-                         f"(python extract_codes.py --checkpoint <its export> ... --overwrite) or use the matching one")
+@dataclass
+class ShardInfo:
+    """One complete shard: its file name, sample count, size (absent in early manifests) and sha256."""
+
+    name: str
+    count: int
+    sha256: str
+    bytes: int | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
-def split_entry(manifest: dict, split: str, shard_dir: str | os.PathLike = "<dir>") -> dict:
-    splits = manifest.get("splits", {})
-    if split not in splits:
-        raise ShardError(f"no {split!r} split in {shard_dir} (has: {', '.join(sorted(splits)) or 'none'}); "
-                         f"extract it: " + EXTRACT_HINT.format(split=split, dir=shard_dir))
-    return splits[split]
+@dataclass
+class SplitInfo:
+    """One extracted split: its sample total, its shards, the image transform and whether mirrored tokens exist."""
+
+    total: int
+    shards: list[ShardInfo]
+    transforms: dict = field(default_factory=dict)
+    hflip: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SplitInfo":
+        known, extra = _known(cls, d)
+        known["shards"] = [ShardInfo(**_known(ShardInfo, s)[0]) for s in known.get("shards", [])]
+        return cls(**known, extra=extra)
+
+    def to_dict(self) -> dict:
+        return {**self.extra, "total": self.total, "shards": [s.to_dict() for s in self.shards],
+                "transforms": self.transforms, "hflip": self.hflip}
 
 
-def split_total(manifest: dict, split: str) -> int:
-    """Number of samples stored for ``split`` (ShardError when the split was not extracted)."""
-    return int(split_entry(manifest, split)["total"])
+@dataclass
+class Manifest:
+    """``manifest.json``: what ties a shard folder to its tokenizer, written last by extraction (the commit point).
+
+    :meth:`read` is its one reader, :meth:`write` its one writer; the JSON layout is that of format_version 1
+    (docs/ARCHITECTURE.md), unknown keys are kept as they were. Whether a tokenizer or a prior fits these shards
+    is decided by :func:`vqgen.export.check_compatible`.
+    """
+
+    tokenizer: dict                 # {"sha256", "config", "path"} of the tokenizer export
+    codebook_size: int
+    latent_h: int
+    latent_w: int
+    dtype: str                      # numpy dtype name of the stored tokens
+    num_classes: int                # 0 = unlabeled
+    dataset: str
+    splits: dict[str, SplitInfo] = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+    path: Path | None = field(default=None, compare=False)  # the folder it was read from (not stored)
+
+    @property
+    def tokenizer_sha256(self) -> str | None:
+        return self.tokenizer.get("sha256")
+
+    @classmethod
+    def read(cls, shard_dir: str | os.PathLike) -> "Manifest":
+        """The manifest of a finished extraction; ShardError saying which command to run when there is none."""
+        d = Path(shard_dir)
+        path = d / MANIFEST_NAME
+        if not path.is_file():
+            what = "is missing" if not d.exists() else "has no manifest.json (extraction not run or not finished)"
+            raise ShardError(f"shard folder {d} {what}. Extract the tokens first (stage 2): "
+                             + EXTRACT_HINT.format(split="train", dir=d))
+        raw = read_json(path)
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise ShardError(f"{path} is not a vqgen shard manifest")
+        if raw.get("format_version", 0) > FORMAT_VERSION:
+            raise ShardError(f"{path} has format version {raw['format_version']}, newer than this vqgen understands "
+                             f"({FORMAT_VERSION}); upgrade vqgen")
+        known, extra = _known(cls, raw)
+        known.pop("path", None)
+        known["splits"] = {k: SplitInfo.from_dict(v) for k, v in known.get("splits", {}).items()}
+        try:
+            return cls(**known, extra=extra, path=d)
+        except TypeError as e:
+            raise ShardError(f"{path} lacks manifest fields ({e})") from None
+
+    def write(self, shard_dir: str | os.PathLike) -> None:
+        """Write ``manifest.json`` atomically (temp + fsync + rename)."""
+        atomic_write_json(Path(shard_dir) / MANIFEST_NAME, self.to_dict())
+
+    def to_dict(self) -> dict:
+        return {**self.extra, "format": self.format, "format_version": self.format_version,
+                "tokenizer": self.tokenizer, "codebook_size": self.codebook_size, "latent_h": self.latent_h,
+                "latent_w": self.latent_w, "dtype": self.dtype, "num_classes": self.num_classes,
+                "dataset": self.dataset, "splits": {k: v.to_dict() for k, v in self.splits.items()}}
+
+    def split(self, name: str) -> SplitInfo:
+        """The entry of split ``name``; ShardError saying how to extract it when it is absent."""
+        if name not in self.splits:
+            where = self.path or "<dir>"
+            raise ShardError(f"no {name!r} split in {where} (has: {', '.join(sorted(self.splits)) or 'none'}); "
+                             f"extract it: " + EXTRACT_HINT.format(split=name, dir=where))
+        return self.splits[name]
 
 
 def has_split(shard_dir: str | os.PathLike, split: str) -> bool:
     """True when the folder has a finished manifest with this split (e.g. the held-out 'test' split)."""
     try:
-        return split in read_manifest(shard_dir).get("splits", {})
+        return split in Manifest.read(shard_dir).splits
     except ShardError:
         return False

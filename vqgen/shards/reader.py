@@ -29,22 +29,22 @@ from webdataset.tariterators import tar_file_iterator
 
 from ..errors import ShardError
 from ..fsutil import sha256_file
-from .format import npy_header, read_manifest, split_entry
+from .format import Manifest, ShardInfo, npy_header
 
 
-def verify_shards(shard_dir: str | os.PathLike, split: str) -> list[dict]:
+def verify_shards(shard_dir: str | os.PathLike, split: str) -> list[ShardInfo]:
     """Check every shard of ``split`` against the manifest (presence, size, sha256); ShardError names the shard."""
     d = Path(shard_dir)
-    entry = split_entry(read_manifest(d), split, d)
-    for s in entry["shards"]:
-        p = d / s["name"]
+    entry = Manifest.read(d).split(split)
+    for s in entry.shards:
+        p = d / s.name
         if not p.is_file():
             raise ShardError(f"shard {p} listed in the manifest is missing")
-        if "bytes" in s and p.stat().st_size != s["bytes"]:
-            raise ShardError(f"shard {p} has {p.stat().st_size} bytes, the manifest says {s['bytes']} (truncated?)")
-        if sha256_file(p) != s["sha256"]:
+        if s.bytes is not None and p.stat().st_size != s.bytes:
+            raise ShardError(f"shard {p} has {p.stat().st_size} bytes, the manifest says {s.bytes} (truncated?)")
+        if sha256_file(p) != s.sha256:
             raise ShardError(f"shard {p} does not match its sha256 in the manifest (corrupt or modified)")
-    return entry["shards"]
+    return entry.shards
 
 
 def _seed(*parts: int) -> int:
@@ -102,23 +102,23 @@ class TokenShardStream(torch.utils.data.IterableDataset):
                  skip_batches: int = 0, resampled: bool = False, epoch_samples: int | None = None,
                  hflip: bool | None = None, drop_last: bool = False):
         self.dir = Path(shard_dir)
-        self.manifest = read_manifest(self.dir)
-        self.entry = split_entry(self.manifest, split, self.dir)
+        self.manifest = Manifest.read(self.dir)
+        self.entry = self.manifest.split(split)
         self.split, self.batch_size, self.seed, self.epoch = split, int(batch_size), int(seed), int(epoch)
         self.rank, self.world_size, self.shuffle = int(rank), int(world_size), bool(shuffle)
         self.shuffle_buffer, self.skip_batches = max(1, int(shuffle_buffer)), int(skip_batches)
         self.resampled, self.drop_last = bool(resampled), bool(drop_last)
-        self.latent_hw = (int(self.manifest["latent_h"]), int(self.manifest["latent_w"]))
-        self.dtype = np.dtype(self.manifest["dtype"])
+        self.latent_hw = (int(self.manifest.latent_h), int(self.manifest.latent_w))
+        self.dtype = np.dtype(self.manifest.dtype)
         self._npy_hdr = npy_header(self.latent_hw, self.dtype)
-        self.use_flip = bool(self.entry.get("hflip")) if hflip is None else bool(hflip)
-        if self.use_flip and not self.entry.get("hflip"):
+        self.use_flip = self.entry.hflip if hflip is None else bool(hflip)
+        if self.use_flip and not self.entry.hflip:
             raise ShardError(f"split {split!r} in {self.dir} was extracted without --hflip; no mirrored tokens to use")
-        total = int(self.entry["total"])
+        total = int(self.entry.total)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"need 0 <= rank < world_size, got {rank}, {world_size}")
         self.samples_per_rank = int(epoch_samples) if epoch_samples else total // self.world_size
-        if self.samples_per_rank <= 0 or not self.entry["shards"]:
+        if self.samples_per_rank <= 0 or not self.entry.shards:
             raise ShardError(f"split {split!r} in {self.dir} has {total} samples, fewer than the {self.world_size} "
                              f"ranks reading it")
         full, rest = divmod(self.samples_per_rank, self.batch_size)
@@ -130,8 +130,8 @@ class TokenShardStream(torch.utils.data.IterableDataset):
         return self.num_batches - self.skip_batches
 
     # -- the rank's sample stream (raw bytes; identical in every worker of the rank)
-    def _ordered_shards(self) -> Iterator[dict]:
-        shards = list(self.entry["shards"])
+    def _ordered_shards(self) -> Iterator[ShardInfo]:
+        shards = list(self.entry.shards)
         if self.resampled:  # draw with replacement, seeded per (seed, epoch, rank): ResampledShards semantics
             rng = random.Random(_seed(self.seed, self.epoch, self.rank, 1))
             while True:
@@ -143,7 +143,7 @@ class TokenShardStream(torch.utils.data.IterableDataset):
     def _rank_samples(self) -> Iterator[dict]:
         i = kept = 0
         for s in self._ordered_shards():
-            for sample in iter_shard(self.dir / s["name"], s["count"], s.get("bytes")):
+            for sample in iter_shard(self.dir / s.name, s.count, s.bytes):
                 if self.resampled or i % self.world_size == self.rank:
                     yield sample
                     kept += 1

@@ -10,6 +10,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -18,28 +19,28 @@ import webdataset as wds
 
 from ..errors import ShardError
 from ..fsutil import atomic_write_json, fsync_dir, sha256_file
-from .format import (FORMAT, FORMAT_VERSION, KEY_FORMAT, MANIFEST_NAME, PARTS_DIR, SHARD_RE, TAR_KW, npy_header,
-                     part_path, read_json, shard_name)
+from .format import (KEY_FORMAT, MANIFEST_NAME, PARTS_DIR, SHARD_RE, TAR_KW, Manifest, ShardInfo, SplitInfo,
+                     npy_header, part_path, read_json, shard_name)
 
 
 def check_output(out_dir: str | os.PathLike, tokenizer_sha256: str, dataset: str) -> None:
     """Refuse an output folder that already holds shards (finished or not) from another tokenizer or dataset."""
     out = Path(out_dir)
     records = []
-    man = read_json(out / MANIFEST_NAME)
-    if man is not None:
-        records.append((out / MANIFEST_NAME, man.get("tokenizer", {}).get("sha256"), man.get("dataset")))
+    if (out / MANIFEST_NAME).is_file():
+        man = Manifest.read(out)
+        records.append((out / MANIFEST_NAME, man.tokenizer_sha256, man.dataset))
     for p in sorted((out / PARTS_DIR).glob("*.json")) if (out / PARTS_DIR).is_dir() else []:
         s = (read_json(p) or {}).get("settings", {})
         records.append((p, s.get("tokenizer_sha256"), s.get("dataset")))
     for path, sha, ds in records:
         if sha != tokenizer_sha256:
             raise ShardError(f"{out} already holds shards made with another tokenizer ({str(sha)[:12]}, see {path}), "
-                             f"not {tokenizer_sha256[:12]}: choose another --output or pass --overwrite to replace "
-                             f"them")
+                             f"not {tokenizer_sha256[:12]}: choose another --output_dir or pass --overwrite to "
+                             f"replace them")
         if ds != dataset:
-            raise ShardError(f"{out} already holds shards of dataset {ds!r}, not {dataset!r}: choose another --output "
-                             f"or pass --overwrite to replace them")
+            raise ShardError(f"{out} already holds shards of dataset {ds!r}, not {dataset!r}: choose another "
+                             f"--output_dir or pass --overwrite to replace them")
 
 
 def clear_output(out_dir: str | os.PathLike) -> None:
@@ -172,36 +173,35 @@ class RankShardWriter:
                     Path(fname).unlink(missing_ok=True)
 
 
-def merge_manifest(out_dir: str | os.PathLike, split: str, world_size: int, header: dict, split_info: dict,
-                   expected_total: int | None = None) -> dict:
+def merge_manifest(out_dir: str | os.PathLike, split: str, world_size: int, header: Manifest, *, transforms: dict,
+                   hflip: bool, expected_total: int | None = None) -> Manifest:
     """Main process, after every rank closed its writer: merge the parts of ``split`` into manifest.json.
 
-    ``header``: format-level fields (tokenizer, codebook_size, latent_h/w, dtype, num_classes, dataset);
-    ``split_info``: transforms, hflip. An existing manifest (another split) is kept and must name the same
-    tokenizer. Raises ShardError when a part is missing/incomplete or the counts do not add up.
+    ``header``: the format-level fields (a :class:`Manifest` without splits: tokenizer, codebook size, grid, dtype,
+    classes, dataset). An existing manifest (another split) is kept and must name the same tokenizer. Raises
+    ShardError when a part is missing/incomplete or the counts do not add up.
     """
     out = Path(out_dir)
-    shards: list[dict] = []
+    shards: list[ShardInfo] = []
     for r in range(world_size):
         rec = read_json(part_path(out, split, r))
         if rec is None or not rec.get("complete"):
             raise ShardError(f"rank {r} did not finish split {split!r} in {out} (no complete "
                              f"{part_path(out, split, r).name}); rerun the same command to resume")
-        shards.extend(rec["shards"])
+        shards.extend(ShardInfo(**s) for s in rec["shards"])
     stale = [p.name for p in (out / PARTS_DIR).glob(f"{split}-r*.json") if int(p.stem.rsplit("-r", 1)[1]) >= world_size]
     if stale:
         raise ShardError(f"{out} holds parts of an extraction with more ranks ({', '.join(sorted(stale))}); "
                          f"pass --overwrite to start fresh")
-    shards.sort(key=lambda s: s["name"])
-    total = sum(s["count"] for s in shards)
+    shards.sort(key=lambda s: s.name)
+    total = sum(s.count for s in shards)
     if expected_total is not None and total != expected_total:
         raise ShardError(f"split {split!r} in {out}: shards hold {total} samples, the dataset has {expected_total}")
-    man = read_json(out / MANIFEST_NAME) or {}
-    if man and man.get("tokenizer", {}).get("sha256") != header["tokenizer"]["sha256"]:
+    old = Manifest.read(out) if (out / MANIFEST_NAME).is_file() else None
+    if old is not None and old.tokenizer_sha256 != header.tokenizer_sha256:
         raise ShardError(f"{out / MANIFEST_NAME} names another tokenizer; pass --overwrite to replace it")
-    splits = dict(man.get("splits", {}))
-    splits[split] = {**split_info, "total": total, "shards": shards}
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **header, "splits": splits}
-    atomic_write_json(out / MANIFEST_NAME, manifest)
+    splits = {**(old.splits if old is not None else {}),
+              split: SplitInfo(total=total, shards=shards, transforms=transforms, hflip=bool(hflip))}
+    manifest = dataclasses.replace(header, splits=splits, path=out)
+    manifest.write(out)
     return manifest
-

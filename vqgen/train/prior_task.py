@@ -12,14 +12,14 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .. import shards
+from ..shards import Manifest
 from ..config import PriorStageConfig, validate
 from ..errors import ConfigError
 from ..eval.metrics import bits_per_token, token_nll
-from ..export import load_export
-from ..models.prior import Prior
+from ..export import ExportMeta, check_compatible, load_export
+from ..models.prior import Prior, token_cross_entropy
 from ..sampling import class_labels, decode_to_images, generate, save_image_grid
 from .loop import TrainLoop
 
@@ -29,7 +29,7 @@ class PriorTask:
 
     name = "prior"
 
-    def __init__(self, cfg: PriorStageConfig, model: Prior, manifest: dict, tokenizer_sha: str,
+    def __init__(self, cfg: PriorStageConfig, model: Prior, manifest: Manifest, tokenizer_sha: str,
                  tokenizer_path: str | None):
         self.cfg, self.model, self.manifest, self.tokenizer_sha = cfg, model, manifest, tokenizer_sha
         self.tokenizer_path = tokenizer_path  # decodes the sample grids (None: no grids)
@@ -38,7 +38,7 @@ class PriorTask:
         self._tokenizer = None
 
     def batches_per_epoch(self, world_size: int) -> int:
-        per_rank = shards.split_total(self.manifest, self.cfg.split) // world_size
+        per_rank = self.manifest.split(self.cfg.split).total // world_size
         return math.ceil(per_rank / self.cfg.train.batch_size)
 
     def epoch_batches(self, epoch: int, skip_batches: int, rank: int, world_size: int):
@@ -53,12 +53,12 @@ class PriorTask:
     def compute_loss(self, model, batch):
         tokens, labels = batch
         logits = model(tokens, self._labels(labels))  # call forward: DDP syncs gradients through it
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tokens.reshape(-1))
+        loss = token_cross_entropy(logits, tokens)
         return loss, {"bpt": loss.detach() / math.log(2)}  # bits/token; a tensor until the loop logs it
 
     @torch.no_grad()
     def validation_bits(self, loop: TrainLoop) -> float | None:
-        if self.cfg.val_split not in self.manifest["splits"]:
+        if self.cfg.val_split not in self.manifest.splits:
             return None
         loader = shards.make_token_loader(self.cfg.shards, self.cfg.val_split, batch_size=self.cfg.train.batch_size,
                                           seed=0, epoch=0, rank=0, world_size=1, num_workers=0, shuffle=False,
@@ -71,7 +71,7 @@ class PriorTask:
         from ..models.vqvae import VQVAE
 
         if self._tokenizer is None:
-            if self.tokenizer_path:  # checked against the manifest in main()
+            if self.tokenizer_path:  # checked against the manifest in run()
                 self._tokenizer = VQVAE.from_export(self.tokenizer_path).to(device).eval()
         return self._tokenizer
 
@@ -100,11 +100,10 @@ class PriorTask:
         return metrics
 
     def export(self, loop: TrainLoop) -> None:
-        meta = {"stage": "prior", "tokenizer_sha256": self.tokenizer_sha, "step": loop.state.global_step,
-                "shards": {k: self.manifest.get(k) for k in ("dataset", "codebook_size", "latent_h", "latent_w",
-                                                             "num_classes")},
-                "tokenizer_path": self.tokenizer_path,
-                "metrics": self.last_metrics}
+        shards_used = {k: getattr(self.manifest, k) for k in ("dataset", "codebook_size", "latent_h", "latent_w",
+                                                              "num_classes")}
+        meta = ExportMeta(stage="prior", step=loop.state.global_step, metrics=self.last_metrics,
+                          tokenizer_sha256=self.tokenizer_sha, tokenizer_path=self.tokenizer_path, shards=shards_used)
         loop.unwrapped_model.export_to(loop.run.export, meta=meta)
         loop.print(f"export written to {loop.run.export}")
 
@@ -114,26 +113,26 @@ def run(cfg: PriorStageConfig) -> TrainLoop:
     from accelerate.utils import set_seed
 
     validate(cfg)
-    manifest = shards.read_manifest(cfg.shards)
-    if cfg.split not in manifest["splits"]:
-        raise ConfigError(f"{cfg.shards}: no '{cfg.split}' split in the manifest (has: {sorted(manifest['splits'])})")
-    tokenizer_sha = manifest["tokenizer"]["sha256"]
+    manifest = Manifest.read(cfg.shards)
+    if cfg.split not in manifest.splits:
+        raise ConfigError(f"{cfg.shards}: no '{cfg.split}' split in the manifest (has: {sorted(manifest.splits)})")
+    tokenizer_sha = manifest.tokenizer_sha256
     # sha256 of every shard against the manifest before training: a corrupt or truncated shard is named now, not
     # hours into an epoch (and a same-size bit flip, which the tar reader cannot see, is caught too).
     for split in (cfg.split, cfg.val_split):
-        if split in manifest["splits"]:
+        if split in manifest.splits:
             shards.verify_shards(cfg.shards, split)
     # The tokenizer that decodes sample grids is checked here, on every rank, before training: a mismatch found
     # later inside the main-process-only evaluation would leave the other ranks waiting at a barrier.
-    tok_path = cfg.checkpoint or manifest["tokenizer"].get("path")
+    tok_path = cfg.checkpoint or manifest.tokenizer.get("path")
     if cfg.checkpoint or (tok_path and Path(tok_path).exists()):
-        shards.check_tokenizer(manifest, load_export(tok_path, expected_kind="vqvae").sha256)
+        check_compatible(tokenizer=load_export(tok_path, expected_kind="vqvae"), shards=manifest)
     else:
         print(f"note: the tokenizer recorded in the manifest ({tok_path}) is not on disk and --checkpoint is not "
               f"given: training runs, but no sample grids are written", flush=True)
         tok_path = None
-    config = cfg.model.build(vocab_size=manifest["codebook_size"], latent_h=manifest["latent_h"],
-                             latent_w=manifest["latent_w"], num_classes=max(0, manifest.get("num_classes", 0)))
+    config = cfg.model.build(vocab_size=manifest.codebook_size, latent_h=manifest.latent_h,
+                             latent_w=manifest.latent_w, num_classes=max(0, manifest.num_classes))
     set_seed(cfg.train.seed)
     model = Prior(config)
     record = {"stage": "prior", "model": dataclasses.asdict(config), "tokenizer_sha256": tokenizer_sha}

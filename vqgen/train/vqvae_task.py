@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 from ..config import VQVAEStageConfig, validate
 from ..data import build_dataset, download_lock
 from ..errors import ConfigError
+from ..export import ExportMeta
 from ..eval.metrics import ReconstructionMeter
 from ..models.vqvae import VQVAE
 from ..sampling import save_image_grid
@@ -91,8 +92,8 @@ class VQVAETask:
 
     def export(self, loop: TrainLoop) -> None:
         model = loop.unwrapped_model
-        meta = {"dataset": dataclasses.asdict(self.info), "stage": "vqvae", "step": loop.state.global_step,
-                "metrics": self.last_metrics}
+        meta = ExportMeta(stage="vqvae", step=loop.state.global_step, dataset=dataclasses.asdict(self.info),
+                          metrics=self.last_metrics)
         model.export_to(loop.run.export, meta=meta)
         loop.print(f"export written to {loop.run.export}")
 
