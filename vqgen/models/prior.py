@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError
 from ..export import Export, Exportable
+from .optim import adamw
 
 @dataclass
 class PriorConfig:
@@ -268,6 +269,10 @@ class Prior(Exportable, nn.Module):
         for block in self.blocks:
             x = block(x, input_pos)
         return self.head(self.ln_f(x[:, -1]))
+
+    def configure_optimizer(self, lr: float, weight_decay: float, device_type: str) -> torch.optim.Optimizer:
+        """AdamW with GPT's betas (0.9, 0.95): a lower beta2 steadies Transformer training (GPT-3, nanoGPT)."""
+        return adamw(self, lr, weight_decay, (0.9, 0.95), device_type)
 
     # ---- exports ------------------------------------------------------------------------------------------
     @classmethod

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..export import Export, Exportable
+from .optim import adamw
 from .quantizer import VectorQuantizerEMA
 
 ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "silu": lambda: nn.SiLU()}
@@ -264,6 +265,10 @@ class VQVAE(Exportable, nn.Module):
             raise ValueError(f"code indices must be in [0, {self.config.num_embeddings}), got "
                              f"[{int(indices.min())}, {int(indices.max())}] (tokens from another tokenizer?)")
         return self.decoder(self.quantizer.embed(indices))
+
+    def configure_optimizer(self, lr: float, weight_decay: float, device_type: str) -> torch.optim.Optimizer:
+        """AdamW with the usual betas (0.9, 0.999) of convolutional autoencoders (MONAI, taming)."""
+        return adamw(self, lr, weight_decay, (0.9, 0.999), device_type)
 
     # ---- exports ---------------------------------------------------------------------------------------------
     @classmethod

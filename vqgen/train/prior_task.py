@@ -37,6 +37,9 @@ class PriorTask:
         self.last_metrics: dict[str, float] = {}
         self._tokenizer = None
 
+    def configure_optimizers(self, train, device_type: str) -> list[torch.optim.Optimizer]:
+        return [self.model.configure_optimizer(train.lr, train.weight_decay, device_type)]
+
     def batches_per_epoch(self, world_size: int) -> int:
         per_rank = self.manifest.split(self.cfg.split).total // world_size
         return math.ceil(per_rank / self.cfg.train.batch_size)

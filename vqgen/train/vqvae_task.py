@@ -41,6 +41,9 @@ class VQVAETask:
         self.cfg, self.model, self.train_ds, self.val_ds, self.info = cfg, model, train_ds, val_ds, info
         self.last_metrics: dict[str, float] = {}
 
+    def configure_optimizers(self, train, device_type: str) -> list[torch.optim.Optimizer]:
+        return [self.model.configure_optimizer(train.lr, train.weight_decay, device_type)]
+
     def batches_per_epoch(self, world_size: int) -> int:
         return math.ceil((len(self.train_ds) // world_size) / self.cfg.train.batch_size)
 
