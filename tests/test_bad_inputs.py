@@ -26,8 +26,9 @@ from vqgen.train import prior_task as train_prior
 from vqgen.train import vqvae_task as train_vqvae
 from vqgen.cli import run_cli
 from vqgen.config import (EvalConfig, ExtractConfig, PipelineConfig, PriorStageConfig, SampleConfig,
-                          VQVAEStageConfig, build_parser)
+                          VQVAEStageConfig)
 from vqgen.export import ExportMeta
+from vqgen.flags import build_parser
 from vqgen.models.prior import Prior, PriorConfig
 
 from factories import tiny_vqvae
@@ -93,7 +94,7 @@ def _image_folder(root: Path) -> Path:
 
 
 def test_mixed_sizes_and_modes_train(tmp_path, capsys):
-    """Images of mixed sizes and modes are converted and resized (vqgen/data.py docstring): training runs."""
+    """Images of mixed sizes and modes are converted and resized (vqgen/data/ docstring): training runs."""
     (tmp_path / "imgs").mkdir()
     folder = _image_folder(tmp_path / "imgs")
     code, err = cli(train_vqvae, ["--dataset", folder, "--image_size", "16", *TINY_VQ, "--batch_size", "4",

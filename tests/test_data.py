@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vqgen.config import DataConfig, build_parser, load_config
+from vqgen.config import DataConfig
+
+from vqgen.flags import build_parser, load_config
 from vqgen.data import offline
 from vqgen.data import DATASETS, build_dataset
 from vqgen.errors import ConfigError, DatasetUnavailableError

@@ -29,7 +29,8 @@ from safetensors.torch import load_file
 from vqgen import shards
 from vqgen.train import vqvae_task as train_vqvae
 from vqgen.cli import run_cli
-from vqgen.config import VQVAEStageConfig, load_config
+from vqgen.config import VQVAEStageConfig
+from vqgen.flags import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"

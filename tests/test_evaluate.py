@@ -13,7 +13,8 @@ import torch
 from vqgen import extract
 from vqgen.cli import run_cli
 from vqgen.errors import CheckpointError, ConfigError
-from vqgen.config import EvalConfig, ExtractConfig, load_config
+from vqgen.config import EvalConfig, ExtractConfig
+from vqgen.flags import load_config
 from vqgen.eval.evaluate import run as evaluate
 from vqgen.export import ExportMeta
 from vqgen.models.prior import Prior, PriorConfig

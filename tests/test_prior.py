@@ -7,7 +7,8 @@ import torch
 from vqgen.export import save_export
 from vqgen.errors import CheckpointError, ConfigError
 from vqgen.export import ExportMeta
-from vqgen.config import PriorFlags, load_config
+from vqgen.config import PriorFlags
+from vqgen.flags import load_config
 from vqgen.models.prior import Prior, PriorConfig
 
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from vqgen.train import vqvae_task as train_vqvae
 from vqgen.export import load_export
 from vqgen.cli import run_cli
-from vqgen.config import VQVAEStageConfig, load_config
+from vqgen.config import VQVAEStageConfig
+from vqgen.flags import load_config
 from vqgen.models.vqvae import VQVAE
 
 TINY = ["--dataset", "digits", "--num_channels", "16", "32", "--num_res_channels", "16", "32",

@@ -9,7 +9,8 @@ import torch
 
 from vqgen.export import ExportMeta, load_export, save_export
 from vqgen.errors import CheckpointError, ConfigError
-from vqgen.config import VQVAEFlags, load_config
+from vqgen.config import VQVAEFlags
+from vqgen.flags import load_config
 from vqgen.models.vqvae import VQVAE, VQVAEConfig
 
 

@@ -1,7 +1,8 @@
 """vqgen: VQ-VAE tokenizer -> WebDataset code shards -> autoregressive Transformer prior.
 
-Stages (one direction): ``train_vqvae`` -> ``extract_codes`` -> ``train_prior`` -> ``sample``.
-Each top-level script only parses flags and calls ``vqgen.<stage>.main(args)``.
+Stages (one direction): ``train_vqvae`` -> ``extract_codes`` -> ``train_prior`` -> ``sample`` / ``evaluate``.
+Each top-level script is ``run_cli(run, StageConfig)``: flags (and ``--config``) -> a typed stage config
+(:mod:`vqgen.config`) -> that stage's ``run(config)``. Module map and contracts: docs/ARCHITECTURE.md.
 """
 
 __version__ = "0.1.0"

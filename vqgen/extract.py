@@ -21,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import shards
-from .config import ExtractConfig, validate
+from .config import ExtractConfig
+from .flags import validate
 from .errors import ConfigError
 from .export import load_export
 from .launch import start_processes

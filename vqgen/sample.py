@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import SampleConfig, validate
+from .config import SampleConfig
+
+from .flags import validate
 from .export import check_compatible
 from .fsutil import atomic_write_bytes
 from .launch import resolve_device

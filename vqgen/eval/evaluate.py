@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from .. import shards
-from ..config import EvalConfig, validate
+from ..config import EvalConfig
+from ..flags import validate
 from ..errors import CheckpointError, ConfigError, VQGenError
 from ..export import check_compatible, load_export
 from ..fsutil import atomic_write_json

@@ -1,9 +1,9 @@
 """Vector quantiser with an EMA codebook (VQ-VAE-2 / Sonnet ``VectorQuantizerEMA``), made robust for training.
 
 Adapted from: Sonnet v2 ``VectorQuantizerEMA`` and MONAI ``EMAQuantizer`` (EMA update with Laplace smoothing),
-OpenAI Jukebox ``vqvae/bottleneck.py`` (codebook initialised from encoder outputs, dead codes restarted from
-random encoder outputs, EMA usage threshold), EnCodec ``quantization/core_vq.py`` (k-means initialisation on the
-first batch).
+OpenAI Jukebox ``vqvae/bottleneck.py`` (codebook initialised from encoder outputs, dead codes restarted at encoder
+outputs; Jukebox judges death on the EMA usage, vqgen on a window of steps), EnCodec ``quantization/core_vq.py``
+(k-means initialisation on the first batch).
 
 What this adds over MONAI's quantizer:
 
@@ -269,11 +269,12 @@ class VectorQuantizerEMA(nn.Module):
         self.step.add_(1)
 
         if restarts:
-            # Dead = EMA usage below the threshold, checked every `restart_every` steps. A restarted code sits on
-            # a random encoder output with a light cluster (size = threshold) so it moves fast; it survives the
-            # next check only if it wins about `threshold` vectors per step.
-            # The window counts react within `restart_every` steps; the EMA alone (decay 0.99) takes hundreds of
-            # steps to fall below the threshold, far too slow for short runs.
+            # Dead = fewer than `threshold` assignments per step over the last `restart_every` steps (the window
+            # counts), checked at the end of each window. The window reacts within `restart_every` steps; the EMA
+            # usage alone (decay 0.99) takes hundreds of steps to fall below the threshold, far too slow for short
+            # runs. A restarted code sits on an error-weighted encoder output with a light cluster (size =
+            # threshold) so it moves fast; it survives the next check only if it wins about `threshold` vectors per
+            # step.
             due = (self.step % self.restart_every) == 0                         # (1,) bool
             dead = (self.window_counts < self.dead_code_threshold * self.restart_every) & due  # (K,)
             self.window_counts.mul_((~due).float())

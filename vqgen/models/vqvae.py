@@ -55,11 +55,12 @@ class VQVAEConfig:
 
     ``downsample_parameters``: per level (stride, kernel, dilation, padding) of the encoder's strided conv.
     ``upsample_parameters``: per level (stride, kernel, dilation, padding, output_padding) of the decoder's
-    transposed conv (level 0 of the decoder is the deepest). ``dead_code_threshold``: a code whose EMA usage
-    (assignments per training step, summed over ranks) falls below it is restarted from a random encoder output;
-    1.0 (OpenAI Jukebox's choice; EnCodec uses 2) means "wins less than one vector per step"; 0 disables restarts.
-    ``restart_every``: how often (training steps) dead codes are checked. ``init_kmeans_iters``: Lloyd
-    iterations refining the codebook initialisation from the first batch (0 = random encoder outputs only).
+    transposed conv (level 0 of the decoder is the deepest). ``dead_code_threshold``: a code that won fewer than
+    this many vectors per training step (summed over ranks) over the last ``restart_every`` steps is restarted at
+    an encoder output drawn in proportion to its quantisation error (see :mod:`vqgen.models.quantizer`); 1.0
+    (OpenAI Jukebox's choice; EnCodec uses 2) means "wins less than one vector per step"; 0 disables restarts.
+    ``restart_every``: the length of that window, in training steps. ``init_kmeans_iters``: Lloyd iterations
+    refining the codebook initialisation from the first batch (0 = random encoder outputs only).
     """
 
     in_channels: int = 1

@@ -29,7 +29,9 @@ from typing import Any, Iterable, Protocol
 import torch
 from torch import nn
 
-from ..config import TrainConfig, to_dict, to_yaml
+from ..config import TrainConfig
+
+from ..flags import to_dict, to_yaml
 from ..errors import ConfigError, TrainingAborted
 from ..launch import build_accelerator, fill_deepspeed_config
 from ..run_dir import RunDir

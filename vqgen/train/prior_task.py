@@ -15,7 +15,8 @@ import torch
 
 from .. import shards
 from ..shards import Manifest
-from ..config import PriorStageConfig, validate
+from ..config import PriorStageConfig
+from ..flags import validate
 from ..errors import ConfigError
 from ..eval.metrics import bits_per_token, token_nll
 from ..export import ExportMeta, check_compatible, load_export

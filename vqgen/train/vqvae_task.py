@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from ..config import VQVAEStageConfig, validate
+from ..config import VQVAEStageConfig
+
+from ..flags import validate
 from ..data import build_dataset, download_lock
 from ..errors import ConfigError
 from ..export import ExportMeta
