@@ -304,7 +304,8 @@ class SampleConfig:
     output_dir: str = flag(RunDir.SAMPLES, "where grid.png, images/ and tokens.npy go")
     batch_size: int = flag(64, "samples generated at once", aliases=("--sample_batch_size",))
     device: str | None = flag(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
-    mixed_precision: str = _precision("no", "autocast dtype of generation and decoding (GPU)", aliases=("--precision",),
+    mixed_precision: str = _precision("no", "autocast dtype of generation and decoding (GPU; the old spelling "
+                                      "--precision fp32 means no)", aliases=("--precision",),
                                       value_aliases={"fp32": "no"})
     sampling: SamplingConfig = part(SamplingConfig, title="sampling")
 
@@ -315,7 +316,8 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluate a run: tokenizer reconstruction over a split, prior samples vs the split, bits/token on held-out shards."""
+    """Evaluate a run: tokenizer reconstruction over a split, prior samples vs the split, bits/token on held-out
+    shards."""
 
     PROG: ClassVar[str] = "evaluate.py"
     GROUP: ClassVar[str] = "inputs and output"

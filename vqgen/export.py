@@ -191,7 +191,8 @@ def _load_legacy(path: Path) -> Export:
         raise CheckpointError(f"{path} holds plain weights without a vqgen config; legacy files must be a dict with "
                               f"'kind', 'config' and 'state_dict' (use an export folder instead)")
     sd = {k: v for k, v in obj["state_dict"].items() if isinstance(v, torch.Tensor)}
-    return Export(kind=obj["kind"], config=dict(obj["config"]), meta=ExportMeta.from_dict(obj.get("meta")), state_dict=sd,
+    return Export(kind=obj["kind"], config=dict(obj["config"]), meta=ExportMeta.from_dict(obj.get("meta")),
+                  state_dict=sd,
                   sha256=export_fingerprint(obj["kind"], dict(obj["config"]), sd), path=path)
 
 
@@ -215,7 +216,8 @@ class Exportable:
         """Rebuild in eval mode from an export folder (or a loaded :class:`Export`); CheckpointError on mismatch."""
         exp = path_or_export if isinstance(path_or_export, Export) else load_export(path_or_export, cls.EXPORT_KIND)
         if exp.kind != cls.EXPORT_KIND:
-            raise CheckpointError(f"{exp.path} is a '{exp.kind}' export, but a '{cls.EXPORT_KIND}' export is needed here")
+            raise CheckpointError(f"{exp.path} is a '{exp.kind}' export, but a '{cls.EXPORT_KIND}' export is needed "
+                                  f"here")
         model = cls.from_loaded_export(exp)
         model.sha256, model.export_meta, model.export_path = exp.sha256, exp.meta, exp.path
         return model.eval()
@@ -261,7 +263,8 @@ def check_compatible(tokenizer: Any = None, prior: Any = None, shards: Any = Non
         if (want and want != shards.tokenizer_sha256) or _prior_grid(prior) != grid:
             raise ShardError(f"the shards{where} (tokenizer {str(shards.tokenizer_sha256)[:12]}, {grid[0]} codes, "
                              f"{grid[1]}x{grid[2]} grid) are not the ones the prior was trained on (tokenizer "
-                             f"{str(want)[:12]}, vocabulary {grid[0]}, {prior.config.latent_h}x{prior.config.latent_w})")
+                             f"{str(want)[:12]}, vocabulary {prior.config.vocab_size}, "
+                             f"{prior.config.latent_h}x{prior.config.latent_w})")
 
 
 def _tokenizer_identity(tokenizer: Any) -> tuple[str | None, Any, tuple[int, int, int] | None]:

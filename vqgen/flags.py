@@ -89,8 +89,9 @@ def _flags(cls: type, instance: Any = None, prefix: tuple[str, ...] = (), pmeta:
             continue
         name = pmeta.get("rename", {}).get(f.name, f.name)
         aliases = tuple(f.metadata["aliases"]) + tuple(pmeta.get("aliases", {}).get(f.name, ()))
-        out.append(_Flag(prefix + (f.name,), f"--{name}", aliases, pmeta.get("help", {}).get(f.name, f.metadata["help"]),
-                         getattr(instance, f.name), hints[f.name], dict(f.metadata)))
+        help_text = pmeta.get("help", {}).get(f.name, f.metadata["help"])
+        out.append(_Flag(prefix + (f.name,), f"--{name}", aliases, help_text, getattr(instance, f.name),
+                         hints[f.name], dict(f.metadata)))
     return out
 
 

@@ -61,7 +61,8 @@ def save_checkpoint(acc, run: RunDir, state: LoopState, schedulers: list, total_
             shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(e):
             raise DiskFullError(f"disk full while writing checkpoint {final}; the previous checkpoints in "
-                                f"{run.checkpoints} are intact. Free some space and rerun with --resume latest") from None
+                                f"{run.checkpoints} are intact. Free some space and rerun with --resume "
+                                f"latest") from None
         raise
     if acc.is_main_process:
         if final.exists():  # same step saved twice (e.g. --checkpointing_steps hit at an epoch end)

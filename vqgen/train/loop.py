@@ -139,7 +139,8 @@ class TrainLoop:
                    f"  processes = {self.world_size}, device = {acc.device}, mixed precision = {acc.mixed_precision}\n"
                    f"  batch per process = {cfg.batch_size}, accumulation = {cfg.gradient_accumulation_steps}, "
                    f"global batch = {cfg.batch_size * self.world_size * cfg.gradient_accumulation_steps}\n"
-                   f"  epochs = {cfg.n_epochs}, batches/epoch/process = {n_batches}, optimizer steps = {self.total_steps}\n"
+                   f"  epochs = {cfg.n_epochs}, batches/epoch/process = {n_batches}, "
+                   f"optimizer steps = {self.total_steps}\n"
                    f"  parameters = {sum(p.numel() for p in self.unwrapped_model.parameters()):,}")
 
     def _run_epoch(self, sig: "_SignalFlag", bar) -> str | None:
