@@ -1,14 +1,14 @@
-"""Typed stage configs: every flag of every script is a dataclass field, declared once here with its help and default.
+"""Typed stage configs: every flag of every script is a dataclass field declared here, with its help and default.
 
-How it works
-  * A flag is a field made with :func:`flag` (help, choices, aliases...). A field made with :func:`part` holds a
-    shared group (:class:`DataConfig`, :class:`TrainConfig`, :class:`SamplingConfig`, the model flags). A stage
-    config (:class:`VQVAEStageConfig` ... :class:`PipelineConfig`) composes parts and its own flags; its
-    ``run(config)`` function (in the stage module) takes nothing else.
-  * :func:`build_parser` walks the fields: one argparse option per flag, one option group per part, each default
+How it works (the mechanism is :mod:`vqgen.flags`)
+  * A flag is a field made with ``flag`` (help, choices, aliases...). A field made with ``part`` holds a shared
+    group (:class:`DataConfig`, :class:`TrainConfig`, :class:`SamplingConfig`, the model flags). A stage config
+    (:class:`VQVAEStageConfig` ... :class:`PipelineConfig`) composes parts and its own flags; its ``run(config)``
+    function (in the stage module) takes nothing else.
+  * ``flags.build_parser`` walks the fields: one argparse option per flag, one option group per part, each default
     shown once in ``--help``. Two fields of one script with the same flag name are refused when the parser is
     built, so a flag can only be declared once per script.
-  * :func:`load_config`: dataclass defaults < ``--config FILE.yaml`` (nested like the dataclasses; a file may hold
+  * ``flags.load_config``: dataclass defaults < ``--config FILE.yaml`` (nested like the dataclasses; a file may hold
     one section per script, keyed by its name, e.g. ``train_prior.py:``) < flags given on the command line. With
     ``--resume`` the run folder's ``config.yaml`` (written by every trainer) comes right after the defaults.
   * A stage's defaults differ through ``part(TrainConfig, lr_schedule="cosine", ...)``: the one place saying so.
