@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 from .data import DATASETS
 from .errors import ConfigError
 from .flags import flag, int_list, part
+from .hub import check_push_target
 from .models.prior import PriorConfig
 from .models.vqvae import VQVAEConfig, level_params
 from .run_dir import RunDir
@@ -34,6 +35,9 @@ from .sampling import check_sampling_args
 from .shards.format import SPLITS
 
 PRECISIONS = ("no", "fp16", "bf16")
+# What every --checkpoint / --checkpoint_t accepts besides a local export folder (vqgen.hub, vqgen.models.tokenizer).
+_HUB_REF = "hf:<user>/<repo>[/<subfolder>][@<revision>] (read from the local Hugging Face cache)"
+_TOKENIZER_REFS = f"a diffusers VQModel folder (pip install \"vqgen[diffusers]\"), or {_HUB_REF} of either"
 
 
 def _precision(default: str | None, help: str, **kw):
@@ -96,8 +100,14 @@ class TrainConfig:
     max_bad_steps: int = flag(20, "stop after this many consecutive steps with a non-finite loss (each is skipped)")
     max_steps: int = flag(0, "stop after this many optimizer steps (0: run all epochs)", persist=False)
     sample_and_save_freq: int = flag(5, "every N epochs: validate, write an image grid, log metrics")
-    no_wandb: bool = flag(False, "disable Weights & Biases logging")
-    wandb_project: str = flag("vqgen", "wandb project name")
+    report_to: str = flag("wandb", "experiment trackers: wandb (online when logged in and reachable, else offline in "
+                          "<output_dir>/wandb with one warning), tensorboard (<output_dir>/logs), all, or none",
+                          choices=("wandb", "tensorboard", "all", "none"))
+    no_wandb: bool = flag(False, "drop wandb from --report_to (with the default: no tracker; the original tool's flag)")
+    wandb_project: str = flag("vqgen", "wandb project name (also the TensorBoard subfolder of <output_dir>/logs)")
+    push_to_hub: str | None = flag(None, "after training, upload the export folder (+ a model card) to this Hub model "
+                                   "repo (<user>/<repo>; token from `hf auth login` or HF_TOKEN, checked before "
+                                   "training); a failed upload only warns", metavar="REPO_ID")
     stop_file: str | None = flag(None, "if this file appears (default <output_dir>/STOP), save a checkpoint and exit; "
                                  "the Slurm scripts create it on preemption, then requeue", persist=False)
     timeout_minutes: int = flag(30, "process-group timeout: a rank that dies makes the others fail instead of "
@@ -109,6 +119,7 @@ class TrainConfig:
         if self.lr <= 0:
             raise ConfigError(f"learning rate must be > 0, got {self.lr}")
         _positive(self, "warmup_steps", "checkpointing_steps", "max_steps", zero_ok=True)
+        check_push_target(self.push_to_hub)  # a missing token is found now, not after training
 
 
 @dataclass
@@ -251,7 +262,8 @@ class ExtractConfig:
 
     PROG: ClassVar[str] = "extract_codes.py"
     GROUP: ClassVar[str] = "stage 2"
-    checkpoint: str | None = flag(None, "stage-1 VQ-VAE export folder (runs/<name>/export)", required=True)
+    checkpoint: str | None = flag(None, f"tokenizer: a stage-1 export folder (runs/<name>/export), {_TOKENIZER_REFS}",
+                                  required=True)
     split: list[str] = flag(["train"], "split(s) to extract; each merges into the same manifest", choices=SPLITS)
     output_dir: str | None = flag(None, "shard folder (default: shards/<dataset>)", aliases=("--output",))
     batch_size: int = flag(256, "images per encoder batch (per process)")
@@ -274,8 +286,8 @@ class PriorStageConfig(_Trainer):
     PROG: ClassVar[str] = "train_prior.py"
     GROUP: ClassVar[str] = "input"
     shards: str | None = flag(None, "stage-2 output folder (holds manifest.json)", required=True)
-    checkpoint: str | None = flag(None, "tokenizer export used to decode sample grids (default: the path recorded "
-                                  "in the manifest)")
+    checkpoint: str | None = flag(None, f"tokenizer used to decode sample grids: an export folder, {_TOKENIZER_REFS} "
+                                  "(default: the one recorded in the manifest)")
     split: str = flag("train", "manifest split to train on", aliases=("--train_split",))
     val_split: str = flag("test", "held-out manifest split for bits/token (skipped if absent)")
     shuffle_buffer: int = flag(1000, "samples in the streaming shuffle buffer")
@@ -299,8 +311,8 @@ class SampleConfig:
 
     PROG: ClassVar[str] = "sample.py"
     GROUP: ClassVar[str] = "exports and output"
-    checkpoint: str | None = flag(None, "tokenizer export folder (stage 1)", required=True)
-    checkpoint_t: str | None = flag(None, "prior export folder (stage 3)", required=True)
+    checkpoint: str | None = flag(None, f"tokenizer: a stage-1 export folder, {_TOKENIZER_REFS}", required=True)
+    checkpoint_t: str | None = flag(None, f"prior: a stage-3 export folder or {_HUB_REF}", required=True)
     output_dir: str = flag(RunDir.SAMPLES, "where grid.png, images/ and tokens.npy go")
     batch_size: int = flag(64, "samples generated at once", aliases=("--sample_batch_size",))
     device: str | None = flag(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -322,8 +334,10 @@ class EvalConfig:
     PROG: ClassVar[str] = "evaluate.py"
     GROUP: ClassVar[str] = "inputs and output"
     run_dir: str | None = flag(None, "run folder of VQVAE_T.py --train (holds vqvae/, prior/, shards/)")
-    checkpoint: str | None = flag(None, "tokenizer export (default: <run_dir>/vqvae/export)")
-    checkpoint_t: str | None = flag(None, "prior export (default: <run_dir>/prior/export; none: skip the prior)")
+    checkpoint: str | None = flag(None, f"tokenizer: an export folder, {_TOKENIZER_REFS} (default: "
+                                  "<run_dir>/vqvae/export)")
+    checkpoint_t: str | None = flag(None, f"prior: an export folder or {_HUB_REF} (default: <run_dir>/prior/export; "
+                                    "none: skip the prior)")
     shards: str | None = flag(None, "token shard folder for bits/token (default: <run_dir>/shards)")
     split: str = flag("test", "split for reconstruction, FID reference and bits/token")
     max_images: int | None = flag(None, "use at most this many split images (default: all)")
@@ -357,8 +371,8 @@ class EvalConfig:
 
 
 # What VQVAE_T.py shares between its two trainers (each keeps its own stage defaults for the rest).
-PIPELINE_TRAINING = ("batch_size", "n_epochs", "lr", "seed", "mixed_precision", "sample_and_save_freq", "no_wandb",
-                     "wandb_project", "gradient_accumulation_steps", "max_grad_norm", "checkpointing_steps",
+PIPELINE_TRAINING = ("batch_size", "n_epochs", "lr", "seed", "mixed_precision", "sample_and_save_freq", "report_to",
+                     "no_wandb", "wandb_project", "gradient_accumulation_steps", "max_grad_norm", "checkpointing_steps",
                      "checkpoints_total_limit", "max_bad_steps", "timeout_minutes")
 
 
@@ -371,8 +385,10 @@ class PipelineConfig:
     train: bool = flag(False, "train stages 1-3 (resumable; finished stages are skipped)")
     sample: bool = flag(False, "sample from --checkpoint and --checkpoint_t")
     output_dir: str | None = flag(None, "run folder (default: runs/<dataset>)")
-    checkpoint: str | None = flag(None, "tokenizer export for --sample (default: <output_dir>/vqvae/export)")
-    checkpoint_t: str | None = flag(None, "prior export for --sample (default: <output_dir>/prior/export)")
+    checkpoint: str | None = flag(None, f"tokenizer for --sample: an export folder, {_TOKENIZER_REFS} (default: "
+                                  "<output_dir>/vqvae/export)")
+    checkpoint_t: str | None = flag(None, f"prior for --sample: an export folder or {_HUB_REF} (default: "
+                                    "<output_dir>/prior/export)")
     # The original tool's default dataset (mnist) holds here only; every other script defaults to digits.
     data: DataConfig = part(DataConfig, title="data", dataset="mnist")
     vqvae: VQVAEFlags = part(VQVAEFlags, title="VQ-VAE model (stage 1)")

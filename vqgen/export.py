@@ -10,9 +10,10 @@ Export layout (``<output_dir>/export/``)::
 :func:`save_export` is its one writer and :func:`load_export` its one reader; models wrap them as
 ``Model.export_to(folder, meta)`` / ``Model.from_export(folder_or_export)``.
 
-Stages 2/3 and sampling load exports only. A legacy ``.pt``/``.pth`` file is accepted only through
-``torch.load(weights_only=True)`` and must hold ``{"kind", "config", "state_dict"}``; anything that tries to
-run code while unpickling is refused.
+Stages 2/3 and sampling load exports only; ``hf:<user>/<repo>[/<subfolder>][@<revision>]`` names one in the local
+Hugging Face cache (:mod:`vqgen.hub`, which also gives the models ``from_pretrained``/``push_to_hub``). A legacy
+``.pt``/``.pth`` file is accepted only through ``torch.load(weights_only=True)`` and must hold ``{"kind", "config",
+"state_dict"}``; anything that tries to run code while unpickling is refused.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError, ShardError
 from .fsutil import atomic_directory, disk_full_guard, recover_directory
+from .hub import resolve_model_path
 from .run_dir import RunDir
 
 EXPORT_FORMAT = "vqgen-export"
@@ -117,9 +119,16 @@ def save_export(out_dir: str | os.PathLike, kind: str, config: dict, state_dict:
     }
     with disk_full_guard(f"the export {out_dir}", "the previous export (if any) is intact"), \
             atomic_directory(out_dir) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": EXPORT_FORMAT, "kind": kind})
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=weights_metadata(kind, sha))
         (tmp / CONFIG_NAME).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return sha
+
+
+def weights_metadata(kind: str, sha256: str) -> dict[str, str]:
+    """safetensors header metadata. ``format: pt`` is what transformers/diffusers/the Hub expect of a PyTorch
+    safetensors file (transformers refuses other values); vqgen's own keys are extra. Exports written before said
+    ``format: vqgen-export``: they load unchanged (vqgen never reads this metadata)."""
+    return {"format": "pt", "vqgen_format": EXPORT_FORMAT, "kind": kind, "sha256": sha256}
 
 
 def is_export(path: str | os.PathLike) -> bool:
@@ -137,8 +146,9 @@ def _resolve_export_dir(path: Path) -> Path:
 
 
 def load_export(path: str | os.PathLike, expected_kind: str | None = None) -> Export:
-    """Load an export directory (or a run dir holding ``export/``, or a legacy .pt/.pth file)."""
-    path = recover_directory(path)  # a writer killed between its two renames left only .<name>.old
+    """Load an export directory (or a run dir holding ``export/``, a legacy .pt/.pth file, or ``hf:user/repo``)."""
+    path = recover_directory(resolve_model_path(path))  # hf:... -> its cached folder; a writer killed between its
+    # two renames left only .<name>.old
     if not path.exists():
         raise CheckpointError(f"checkpoint not found: {path} (pass an export folder written by training, "
                               f"e.g. runs/<name>/export)")

@@ -24,7 +24,7 @@ from . import shards
 from .config import ExtractConfig
 from .flags import validate
 from .errors import ConfigError
-from .export import load_export
+from .hub import is_hub_ref
 from .launch import start_processes
 
 AUTOCAST_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -197,13 +197,15 @@ def extract_split(model, dataset, out_dir, *, split: str, tokenizer_sha256: str,
 def run(cfg: ExtractConfig) -> shards.Manifest | None:
     """Extract every split of ``cfg.split``; returns the manifest on the main process (None elsewhere)."""
     from .data import build_dataset
-    from .models.vqvae import VQVAE
+    from .models.tokenizer import load_tokenizer
 
     validate(cfg)
     data, sharding = cfg.data, cfg.sharding
     state = start_processes()
-    export = load_export(cfg.checkpoint, expected_kind="vqvae")
-    model = VQVAE.from_export(export).to(state.device).eval()
+    model, export = load_tokenizer(cfg.checkpoint)  # a vqgen export or a diffusers VQModel (hf: refs too)
+    model = model.to(state.device).eval()
+    # the manifest records where the tokenizer is: an hf: ref as given (the cache folder differs per machine)
+    tok_path = cfg.checkpoint if is_hub_ref(cfg.checkpoint) else export.path
     tok = model.config
     if data.image_size not in (None, tok.image_size):
         raise ConfigError(f"--image_size {data.image_size} differs from the tokenizer's image size {tok.image_size}; "
@@ -234,7 +236,7 @@ def run(cfg: ExtractConfig) -> shards.Manifest | None:
                       progress=state.is_local_main_process and not cfg.no_progress)
         state.wait_for_everyone()
         if state.is_main_process:
-            header = tokenizer_header(model, export.sha256, export.config, export.path, info.num_classes, data.dataset)
+            header = tokenizer_header(model, export.sha256, export.config, tok_path, info.num_classes, data.dataset)
             n = None if isinstance(dataset, torch.utils.data.IterableDataset) else len(dataset)
             manifest = shards.merge_manifest(out, split, state.num_processes, header,
                                              transforms=_json(info.transforms), hflip=sharding.hflip, expected_total=n)

@@ -14,6 +14,7 @@ from datetime import timedelta
 import torch
 
 from .errors import ConfigError
+from .run_dir import RunDir
 
 _FP16_CPU = ("--mixed_precision fp16 needs a GPU (fp16 training uses a gradient scaler, which accelerate only runs "
              "on CUDA; on CPU it would silently train in fp32). On CPU use --mixed_precision bf16 (faster on CPUs "
@@ -29,7 +30,7 @@ def build_accelerator(train, log_with: str | None):
     from accelerate.utils import DistributedType, InitProcessGroupKwargs, ProjectConfiguration
 
     _refuse_fp16_on_cpu(train.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION"))
-    project = ProjectConfiguration(project_dir=train.output_dir, logging_dir=os.path.join(train.output_dir, "logs"))
+    project = ProjectConfiguration(project_dir=train.output_dir, logging_dir=str(RunDir(train.output_dir).logs))
     kwargs = {"mixed_precision": train.mixed_precision} if train.mixed_precision is not None else {}
     # A new run in a process that already built an Accelerator (VQVAE_T.py runs the stages in-process; tests)
     # may ask for another mixed precision: forget the old AcceleratorState (not the process group).

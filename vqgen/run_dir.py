@@ -9,6 +9,8 @@ A training run (:class:`RunDir`, one per trainer)::
                  config.yaml                     the resolved stage config (flags); ``--resume`` reuses it
                  run_config.json                 what the flags built: the model config, dataset / tokenizer
                  STOP                            the default stop file (preemption)
+                 logs/<wandb_project>/           TensorBoard event files (--report_to tensorboard|all)
+                 wandb/                          wandb's run folders (offline ones: ``wandb sync``)
 
 The folder of ``VQVAE_T.py`` (:class:`PipelineLayout`) holds one run per trainer plus the shards and samples::
 
@@ -33,7 +35,7 @@ from .fsutil import atomic_write_json, atomic_write_text
 class RunDir:
     """A training run folder (``--output_dir`` of a trainer)."""
 
-    CHECKPOINTS, EXPORT, SAMPLES = "checkpoints", "export", "samples"
+    CHECKPOINTS, EXPORT, SAMPLES, LOGS = "checkpoints", "export", "samples", "logs"
     METRICS, CONFIG, RECORD, STATE, STOP = "metrics.jsonl", "config.yaml", "run_config.json", "vqgen_state.json", "STOP"
 
     def __init__(self, root: str | os.PathLike):
@@ -60,6 +62,10 @@ class RunDir:
     @property
     def samples(self) -> Path:
         return self.root / self.SAMPLES
+
+    @property
+    def logs(self) -> Path:
+        return self.root / self.LOGS
 
     @property
     def metrics_file(self) -> Path:
@@ -136,7 +142,7 @@ class RunDir:
 
     def clear(self) -> None:
         """--overwrite: remove what an earlier run wrote (checkpoints first: the folder stops being resumable)."""
-        for sub in (self.CHECKPOINTS, self.EXPORT, f".{self.EXPORT}.old", self.SAMPLES):
+        for sub in (self.CHECKPOINTS, self.EXPORT, f".{self.EXPORT}.old", self.SAMPLES, self.LOGS):
             shutil.rmtree(self.root / sub, ignore_errors=True)
         for f in (self.RECORD, self.CONFIG, self.METRICS):
             with contextlib.suppress(FileNotFoundError):

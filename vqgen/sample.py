@@ -20,15 +20,16 @@ from .export import check_compatible
 from .fsutil import atomic_write_bytes
 from .launch import resolve_device
 from .models.prior import Prior
-from .models.vqvae import VQVAE
+from .models.tokenizer import load_tokenizer
 from .sampling import class_labels, decode_to_images, generate, save_image_grid
 
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def load_pair(tokenizer_path: str, prior_path: str) -> tuple[VQVAE, Prior]:
-    """Load both exports (eval mode) and refuse a prior trained on another tokenizer's codes."""
-    tok, prior = VQVAE.from_export(tokenizer_path), Prior.from_export(prior_path)
+def load_pair(tokenizer_path: str, prior_path: str) -> tuple[torch.nn.Module, Prior]:
+    """Load both (eval mode; a vqgen export or a diffusers VQModel tokenizer, hf: refs too) and refuse a prior
+    trained on another tokenizer's codes."""
+    tok, prior = load_tokenizer(tokenizer_path)[0], Prior.from_export(prior_path)
     check_compatible(tokenizer=tok, prior=prior)
     return tok, prior
 

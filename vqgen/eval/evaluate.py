@@ -31,11 +31,12 @@ from .. import shards
 from ..config import EvalConfig
 from ..flags import validate
 from ..errors import CheckpointError, ConfigError, VQGenError
-from ..export import check_compatible, load_export
+from ..export import check_compatible
 from ..fsutil import atomic_write_json
+from ..hub import is_hub_ref, resolve_model_path
 from ..launch import resolve_device
 from ..models.prior import Prior
-from ..models.vqvae import VQVAE
+from ..models.tokenizer import load_tokenizer
 from ..run_dir import PipelineLayout, RunDir
 from ..sampling import class_labels, decode_to_images, generate, save_image_grid
 from . import metrics as M
@@ -56,6 +57,7 @@ class EvalInputs:
     output: Path                       # eval.json
     plots: Path                        # folder of the PNG plots
     runs: dict[str, RunDir]            # "vqvae"/"prior" -> run folder (their metrics.jsonl feed the loss plot)
+    names: dict[str, str]              # "tokenizer"/"prior" -> as eval.json records it (hf: refs as given)
 
 
 def resolve_paths(cfg: EvalConfig) -> EvalInputs:
@@ -63,12 +65,13 @@ def resolve_paths(cfg: EvalConfig) -> EvalInputs:
     if layout is not None and not layout.root.is_dir():
         raise ConfigError(f"--run_dir {layout.root} does not exist (train first: python VQVAE_T.py --train "
                           f"--output_dir {layout.root})")
-    tok = Path(cfg.checkpoint) if cfg.checkpoint else (layout.vqvae.export if layout else None)
+    # hf:<user>/<repo> -> its folder in the local Hub cache (vqgen.hub); outputs never go there
+    tok = resolve_model_path(cfg.checkpoint) if cfg.checkpoint else (layout.vqvae.export if layout else None)
     if tok is None:
         raise ConfigError("pass --run_dir, or --checkpoint (tokenizer export) [--checkpoint_t --shards]")
     if not tok.exists():
         raise CheckpointError(f"tokenizer export {tok} not found (stage 1: python train_vqvae.py --output_dir ...)")
-    prior = Path(cfg.checkpoint_t) if cfg.checkpoint_t else (layout.prior.export if layout else None)
+    prior = resolve_model_path(cfg.checkpoint_t) if cfg.checkpoint_t else (layout.prior.export if layout else None)
     if cfg.checkpoint_t and not prior.exists():
         raise CheckpointError(f"prior export {prior} not found")
     if prior is not None and not prior.exists():
@@ -76,10 +79,16 @@ def resolve_paths(cfg: EvalConfig) -> EvalInputs:
     shard_dir = Path(cfg.shards) if cfg.shards else (layout.shards if layout else None)
     if cfg.shards and not (shard_dir / shards.MANIFEST_NAME).exists():
         raise ConfigError(f"--shards {shard_dir} has no manifest.json (stage 2 not run or not finished)")
-    root = layout.root if layout else RunDir.of_export(tok).root.parent
+    local = {name: p for name, ref, p in (("vqvae", cfg.checkpoint, tok), ("prior", cfg.checkpoint_t, prior))
+             if p is not None and not is_hub_ref(ref)}  # models in a run folder (not the Hub cache)
+    if layout is None and not local and not cfg.output:
+        raise ConfigError("the models come from the Hub cache: pass --output (where eval.json goes) or --run_dir")
+    root = layout.root if layout else (RunDir.of_export(next(iter(local.values()))).root.parent if local else None)
     out = Path(cfg.output) if cfg.output else PipelineLayout(root).eval_json
-    runs = {"vqvae": RunDir.of_export(tok), **({"prior": RunDir.of_export(prior)} if prior else {})}
-    return EvalInputs(tok, prior, shard_dir, out, out.parent / out.stem, runs)
+    runs = {name: RunDir.of_export(p) for name, p in local.items()}
+    names = {"tokenizer": cfg.checkpoint if is_hub_ref(cfg.checkpoint) else str(tok),
+             "prior": (cfg.checkpoint_t if is_hub_ref(cfg.checkpoint_t) else str(prior)) if prior else None}
+    return EvalInputs(tok, prior, shard_dir, out, out.parent / out.stem, runs, names)
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -163,8 +172,8 @@ def run(cfg: EvalConfig) -> dict:
     find_inception_weights(cfg.inception_weights)                    # fail fast, before loading anything
     paths = resolve_paths(cfg)
     device = resolve_device(cfg.device)
-    tok_export = load_export(paths.tokenizer, expected_kind="vqvae")
-    tokenizer = VQVAE.from_export(tok_export).to(device).eval()
+    tokenizer, tok_export = load_tokenizer(paths.tokenizer)  # a vqgen export or a diffusers VQModel
+    tokenizer = tokenizer.to(device).eval()
     dataset = cfg.data.dataset or (tok_export.meta.dataset or {}).get("name")
     if not dataset:
         raise ConfigError(f"{paths.tokenizer} does not record its dataset; pass --dataset")
@@ -187,8 +196,8 @@ def run(cfg: EvalConfig) -> dict:
 
     results: dict = {"format": "vqgen-eval", "format_version": EVAL_FORMAT_VERSION, "dataset": dataset,
                      "split": cfg.split, "feature_space": space.info,
-                     "inputs": {"tokenizer": str(paths.tokenizer), "tokenizer_sha256": tok_export.sha256,
-                                "prior": str(paths.prior) if paths.prior else None,
+                     "inputs": {"tokenizer": paths.names["tokenizer"], "tokenizer_sha256": tok_export.sha256,
+                                "prior": paths.names["prior"],
                                 "shards": str(paths.shards) if manifest else None}}
     t = time.perf_counter()
     results["tokenizer"], counts, real = tokenizer_section(tokenizer, images, space, cfg, device)

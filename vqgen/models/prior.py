@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError
 from ..export import Export, Exportable
+from ..hub import HubMixin
 from .optim import adamw
 
 @dataclass
@@ -153,7 +154,9 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
-class Prior(Exportable, nn.Module):
+class Prior(Exportable, nn.Module, HubMixin, tags=["autoregressive", "image-generation"]):
+    """Token prior. ``from_pretrained``/``save_pretrained``/``push_to_hub``: see :mod:`vqgen.hub`."""
+
     EXPORT_KIND = "prior"
 
     def __init__(self, config: PriorConfig):

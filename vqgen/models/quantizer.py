@@ -39,6 +39,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 
@@ -133,13 +134,13 @@ class VectorQuantizerEMA(nn.Module):
 
     def indices_of(self, z: torch.Tensor) -> torch.Tensor:
         """(B, D, H, W) → (B, H, W) long code indices. Never touches the EMA state."""
-        B, D, H, W = z.shape
-        flat = z.detach().permute(0, 2, 3, 1).reshape(-1, D)
-        return self.nearest(flat).view(B, H, W)
+        B, _, H, _ = z.shape
+        flat = rearrange(z.detach(), "b d h w -> (b h w) d")
+        return rearrange(self.nearest(flat), "(b h w) -> b h w", b=B, h=H)
 
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, H, W) long → (B, D, H, W) fp32 codes (a channels-last view: no copy)."""
-        return F.embedding(indices, self.embedding).permute(0, 3, 1, 2)
+        return rearrange(F.embedding(indices, self.embedding), "b h w d -> b d h w")
 
     # ---- usage ------------------------------------------------------------------------------------------------
     def usage_fraction(self) -> float:
@@ -159,17 +160,17 @@ class VectorQuantizerEMA(nn.Module):
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         if z.dim() != 4 or z.shape[1] != self.embedding_dim:
             raise ValueError(f"quantizer expects (B, {self.embedding_dim}, H, W), got {tuple(z.shape)}")
-        B, D, H, W = z.shape
+        B, _, H, W = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
             zf = z.float()
-            flat = zf.detach().permute(0, 2, 3, 1).reshape(-1, D)  # (N, D); a view when z is channels-last
+            flat = rearrange(zf.detach(), "b d h w -> (b h w) d")  # (N, D); a view when z is channels-last
             if self.training and not self._is_initialized():
                 self.init_codebook(flat)
             idx = self.nearest(flat)                               # (N,)
             # (K,) local counts; index_add_ rather than bincount, which syncs with the GPU to size its output.
             counts = torch.zeros(self.num_embeddings, dtype=torch.long, device=idx.device).index_add_(
                 0, idx, torch.ones_like(idx))
-            q = F.embedding(idx, self.embedding).view(B, H, W, D).permute(0, 3, 1, 2)  # pre-update codes
+            q = rearrange(F.embedding(idx, self.embedding), "(b h w) d -> b d h w", b=B, h=H)  # pre-update codes
             if self.training:
                 self._train_update(flat, idx, counts)
             loss = self.commitment_cost * F.mse_loss(zf, q)        # q carries no grad: sg(q)

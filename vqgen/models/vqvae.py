@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..export import Export, Exportable
+from ..hub import HubMixin
 from .optim import adamw
 from .quantizer import VectorQuantizerEMA
 
@@ -232,7 +233,9 @@ class VQVAEOutput(NamedTuple):
     perplexity: torch.Tensor  # scalar
 
 
-class VQVAE(Exportable, nn.Module):
+class VQVAE(Exportable, nn.Module, HubMixin, tags=["vq-vae", "image-tokenizer"]):
+    """Conv VQ-VAE tokenizer. ``from_pretrained``/``save_pretrained``/``push_to_hub``: see :mod:`vqgen.hub`."""
+
     EXPORT_KIND = "vqvae"
 
     def __init__(self, config: VQVAEConfig):

@@ -33,10 +33,12 @@ from ..config import TrainConfig
 
 from ..flags import to_dict, to_yaml
 from ..errors import ConfigError, TrainingAborted
+from ..hub import push_export
 from ..launch import build_accelerator, fill_deepspeed_config
 from ..run_dir import RunDir
 from .checkpointing import LoopState, load_checkpoint, save_checkpoint
 from .schedule import make_scheduler
+from .tracking import STATE_KEY, plan_trackers, start_trackers
 
 STOP_REQUESTED = "stop requested (signal or stop file)"
 
@@ -79,8 +81,9 @@ class TrainLoop:
         self.stop_file = cfg.stop_file or str(self.run.stop_file)
         record = json.loads(json.dumps(record))  # tuples -> lists: compared as saved
         self.resume_dir = self.run.check_policy(record, cfg.resume, cfg.overwrite)
-        log_with = None if cfg.no_wandb else "wandb"
-        acc = self.accelerator = build_accelerator(cfg, log_with)
+        # Trackers are decided before anything is written (no wandb login / no network -> offline; tracking.py)
+        self.trackers = plan_trackers(cfg, self.run.root, self.resume_dir)
+        acc = self.accelerator = build_accelerator(cfg, self.trackers.log_with)
         if cfg.overwrite and not cfg.resume and acc.is_main_process:
             self.run.clear()  # only now: every check that can refuse the run has passed
         self.world_size, self.rank = acc.num_processes, acc.process_index
@@ -95,11 +98,13 @@ class TrainLoop:
         self.model, *self.optimizers = acc.prepare(task.model, *optimizers)
         if acc.is_main_process:
             self.run.root.mkdir(parents=True, exist_ok=True)
+        # Trackers start before run_config.json/config.yaml mark the folder as a run: a tracker that cannot start
+        # leaves nothing that would make the rerun refuse the folder ("already holds a run").
+        flat = _flat_config({**record, "config": to_dict(stage_config)})
+        start_trackers(acc, self.trackers, cfg.wandb_project, flat, self.run.root)
+        if acc.is_main_process:
             self.run.write_record(record)
             self.run.write_config(to_yaml(stage_config))
-        if log_with:
-            acc.init_trackers(cfg.wandb_project, config=_flat_config({**record, "config": to_dict(stage_config)}),
-                              init_kwargs={"wandb": {"dir": str(self.run.root), "name": self.run.root.name}})
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> LoopState:
@@ -131,6 +136,7 @@ class TrainLoop:
                        f"{self.state.batches_done} batches into the epoch")
         elif cfg.resume:
             self.print(f"--resume {cfg.resume}: no checkpoint in {self.run.root}, starting from scratch")
+        self.state.extra[STATE_KEY] = self.trackers.state()  # the wandb run id: --resume continues that run
         n_batches = task.batches_per_epoch(self.world_size)
         if n_batches == 0:
             raise ConfigError(f"the dataset gives no full batch per process ({self.world_size} processes x batch "
@@ -269,6 +275,8 @@ class TrainLoop:
         self.state.finished = self.state.epoch >= self.cfg.n_epochs or stop == "max_steps"
         if acc.is_main_process:
             self.task.export(self)
+            if self.cfg.push_to_hub and self.state.finished:
+                push_export(self.run.export, self.cfg.push_to_hub, self.unwrapped_model)
         acc.wait_for_everyone()
         acc.end_training()
         return self.state

@@ -17,10 +17,12 @@ from .. import shards
 from ..shards import Manifest
 from ..config import PriorStageConfig
 from ..flags import validate
-from ..errors import ConfigError
+from ..errors import CheckpointError, ConfigError
 from ..eval.metrics import bits_per_token, token_nll
-from ..export import ExportMeta, check_compatible, load_export
+from ..export import ExportMeta, check_compatible
+from ..hub import is_hub_ref, resolve_model_path
 from ..models.prior import Prior, token_cross_entropy
+from ..models.tokenizer import load_tokenizer
 from ..sampling import class_labels, decode_to_images, generate, save_image_grid
 from .loop import TrainLoop
 
@@ -72,11 +74,9 @@ class PriorTask:
         return bits_per_token(total / max(1, count))
 
     def tokenizer(self, device):
-        from ..models.vqvae import VQVAE
-
         if self._tokenizer is None:
             if self.tokenizer_path:  # checked against the manifest in run()
-                self._tokenizer = VQVAE.from_export(self.tokenizer_path).to(device).eval()
+                self._tokenizer = load_tokenizer(self.tokenizer_path)[0].to(device).eval()
         return self._tokenizer
 
     @torch.no_grad()
@@ -129,8 +129,9 @@ def run(cfg: PriorStageConfig) -> TrainLoop:
     # The tokenizer that decodes sample grids is checked here, on every rank, before training: a mismatch found
     # later inside the main-process-only evaluation would leave the other ranks waiting at a barrier.
     tok_path = cfg.checkpoint or manifest.tokenizer.get("path")
-    if cfg.checkpoint or (tok_path and Path(tok_path).exists()):
-        check_compatible(tokenizer=load_export(tok_path, expected_kind="vqvae"), shards=manifest)
+    tokenizer = _grid_tokenizer(tok_path, given=bool(cfg.checkpoint))
+    if tokenizer is not None:
+        check_compatible(tokenizer=tokenizer, shards=manifest)  # a vqgen export or a diffusers VQModel
     else:
         print(f"note: the tokenizer recorded in the manifest ({tok_path}) is not on disk and --checkpoint is not "
               f"given: training runs, but no sample grids are written", flush=True)
@@ -143,3 +144,16 @@ def run(cfg: PriorStageConfig) -> TrainLoop:
     loop = TrainLoop(cfg, PriorTask(cfg, model, manifest, tokenizer_sha, tok_path), record)
     loop.fit()
     return loop
+
+
+def _grid_tokenizer(ref: str | None, given: bool):
+    """The tokenizer that decodes sample grids, or None when the manifest's (not ``--checkpoint``) is not on this
+    machine: a local path that does not exist, or an hf: ref missing from the local Hub cache."""
+    if not given and not (ref and (is_hub_ref(ref) or Path(ref).exists())):
+        return None
+    if not given and is_hub_ref(ref):
+        try:
+            resolve_model_path(ref)
+        except CheckpointError:
+            return None
+    return load_tokenizer(ref)[0]
