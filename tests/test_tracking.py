@@ -2,6 +2,7 @@
 wandb run id reused on --resume. All offline (no wandb server is reachable from the tests)."""
 
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -114,7 +115,8 @@ def test_tensorboard_events_under_the_run_folder_and_wandb_run_id_reused_on_resu
     run_id = state["extra"]["trackers"]["wandb_run_id"]
     assert train(tmp_path, "r", "--report_to", "all", "--resume", "latest") == 0
     runs = sorted((tmp_path / "r" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)
+    # wandb names a run folder offline-run-<time>-<id>, adding "-1" when two starts fall in the same second
+    assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", r.name) for r in runs)
     last = sorted((tmp_path / "r" / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name[11:]))[-1]
     assert json.loads((last / "vqgen_state.json").read_text())["extra"]["trackers"]["wandb_run_id"] == run_id
     events = sorted((tmp_path / "r" / "logs" / "vqgen").glob("events.out.tfevents.*"))
@@ -153,4 +155,5 @@ def test_two_processes_without_api_key_one_wandb_run_continued_on_resume(tmp_pat
                            capture_output=True, text=True, timeout=500)
     assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-3000:]
     runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs)  # one per launch, not per rank
+    # wandb names a run folder offline-run-<time>-<id>, adding "-1" when two starts fall in the same second
+    assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", r.name) for r in runs)  # one per launch, not per rank
