@@ -258,6 +258,39 @@ def test_killed_rank_fails_the_launch_quickly(tmp_path):
     assert "FAILED" in out or "SIGKILL" in out or "exitcode" in out, out[-3000:]
 
 
+# ------------------------------------------------------------------------------------------- VQGAN (2 optimizers)
+@pytest.mark.distributed
+@pytest.mark.timeout(400)
+def test_vqgan_two_processes_match_one_and_resume(tmp_path):
+    """--disc_weight > 0 under DDP: the discriminator and its optimizer are prepared, saved by both ranks and resumed;
+    the adaptive weight uses the process-averaged gradients, so 2 x 64 logs what 1 x 128 does (GroupNorm
+    discriminator: BatchNorm statistics would be per rank)."""
+    common = [*TINY_VQ, "--disc_weight", "0.5", "--disc_channels", "16", "--disc_norm", "group",
+              "--data_dir", str(tmp_path / "data"), "--sample_and_save_freq", "100", "--checkpointing_steps", "2"]
+
+    def two(*extra):
+        return run([*cpu2(), str(ROOT / "train_vqvae.py"), *common, "--batch_size", "64", *extra])
+
+    log = two("--max_steps", "4", "--output_dir", str(tmp_path / "two"))
+    assert "processes = 2" in log.stdout + log.stderr
+    two("--max_steps", "2", "--output_dir", str(tmp_path / "cut"))
+    resumed = two("--max_steps", "4", "--resume", "latest", "--output_dir", str(tmp_path / "cut"))
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    train_vqvae.run(load_config(VQVAEStageConfig, [*common, "--batch_size", "128", "--max_steps", "4",
+                                                   "--output_dir", str(tmp_path / "one")]))
+    ckpt = tmp_path / "two/checkpoints/checkpoint-4"
+    assert_two_ranks_checkpoint(ckpt)
+    assert {"model_1.safetensors", "optimizer_1.bin"} <= {p.name for p in ckpt.iterdir()}
+    rows = {name: json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0]) for name in ("one", "two")}
+    for key in ("loss", "d_loss", "g_loss", "adaptive_weight"):
+        assert rows["one"][key] == pytest.approx(rows["two"][key], rel=EQUIV_RTOL), key
+    assert_close_exports(tmp_path / "two", tmp_path / "cut")  # resumed = uninterrupted (same world size)
+    da = load_file(str(ckpt / "model_1.safetensors"))
+    db = load_file(str(tmp_path / "cut/checkpoints/checkpoint-4/model_1.safetensors"))
+    for k in da:
+        assert torch.allclose(da[k], db[k], atol=WEIGHT_ATOL, rtol=0), k
+
+
 # ------------------------------------------------------------------------------------------- DeepSpeed
 @pytest.mark.distributed
 @pytest.mark.timeout(400)

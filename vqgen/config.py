@@ -28,6 +28,8 @@ from .data import DATASETS
 from .errors import ConfigError
 from .flags import flag, int_list, part
 from .hub import check_push_target
+from .models.discriminator import NORMS
+from .models.losses import DISC_LOSSES, VGG16_FILE
 from .models.prior import PriorConfig
 from .models.vqvae import VQVAEConfig, level_params
 from .run_dir import RunDir
@@ -221,6 +223,37 @@ class ShardingConfig:
         _positive(self, "shard_size")
 
 
+@dataclass
+class GANConfig:
+    """The VQGAN recipe's terms of stage 1 (opt-in: the defaults train the plain VQ-VAE). See vqgen/train/gan.py."""
+
+    disc_weight: float = flag(0.0, "weight of the PatchGAN adversarial loss (times the adaptive weight); 0: no "
+                              "discriminator. Not with DeepSpeed or fp16 (a clear error says why)")
+    disc_start: int = flag(0, "optimizer step from which the discriminator trains and the adversarial term counts "
+                           "(taming: after the reconstruction has converged)")
+    disc_loss: str = flag("hinge", "discriminator / adversarial loss", choices=DISC_LOSSES)
+    disc_channels: int = flag(64, "channels of the discriminator's first conv (doubling per layer, at most x8)")
+    disc_layers: int = flag(2, "PatchGAN conv layers (2: 6x6 patch logits on 32x32 images; taming uses 3 at 256px)")
+    disc_norm: str = flag("batch", "discriminator normalisation (group: no running statistics)", choices=NORMS)
+    disc_lr: float | None = flag(None, "discriminator learning rate (default: --lr); AdamW betas (0.5, 0.9)")
+    no_adaptive_weight: bool = flag(False, "use disc_weight as is instead of scaling it by ||grad rec|| / ||grad "
+                                    "gan|| at the decoder's last layer")
+    perceptual_weight: float = flag(0.0, "weight of the LPIPS (VGG) loss; needs the lpips package and VGG-16 "
+                                    "weights on disk (never downloaded)")
+    lpips_weights: str | None = flag(None, f"torchvision's VGG-16 weights file for LPIPS (default: "
+                                     f"<torch hub dir>/checkpoints/{VGG16_FILE})")
+
+    def check(self) -> None:
+        _positive(self, "disc_weight", "disc_start", "perceptual_weight", zero_ok=True)
+        _positive(self, "disc_channels", "disc_layers")
+        if self.disc_lr is not None:
+            _positive(self, "disc_lr")
+
+    @property
+    def enabled(self) -> bool:
+        return self.disc_weight > 0 or self.perceptual_weight > 0
+
+
 # ------------------------------------------------------------------------------------------------ stage configs
 GRID_SAMPLING = ("num_samples", "temperature", "top_k", "top_p", "cfg_scale")
 
@@ -245,6 +278,7 @@ class VQVAEStageConfig(_Trainer):
     data: DataConfig = part(DataConfig, title="data")
     model: VQVAEFlags = part(VQVAEFlags, title="VQ-VAE model")
     train: TrainConfig = part(TrainConfig, title="training")
+    gan: GANConfig = part(GANConfig, title="VQGAN losses (opt-in)")
     recon_loss: str = flag("mse", "reconstruction loss", choices=("mse", "l1"))
     val_images: int = flag(2048, "validation images per evaluation (test split)")
     grid_images: int = flag(32, "images in each reconstruction grid")

@@ -248,6 +248,11 @@ class VQVAE(Exportable, nn.Module, HubMixin, tags=["vq-vae", "image-tokenizer"])
                                             config.restart_every, config.init_kmeans_iters)
         self.decoder = build_decoder(config)
 
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """Weight of the decoder's output layer: where the VQGAN adaptive weight compares gradient norms."""
+        return self.decoder[-1].weight
+
     def forward(self, x: torch.Tensor) -> VQVAEOutput:
         q = self.quantizer(self.encoder(x))
         return VQVAEOutput(self.decoder(q.quantized), q.loss, q.indices, q.perplexity)

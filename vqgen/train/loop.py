@@ -49,6 +49,12 @@ class StageTask(Protocol):
     name: str  # "vqvae" | "prior"
     model: nn.Module  # trained and exported; the first optimizer's parameters
 
+    # Optional: ``extra_models`` (list of other trained modules, e.g. a GAN discriminator) and ``bind(loop,
+    # prepared_extra_models)``. The loop prepares the extra modules with the model (DDP-wrapped, in every
+    # checkpoint), hands the prepared ones to ``bind`` and includes them in gradient accumulation. A task with
+    # extra models cannot run under DeepSpeed (one engine per prepare) or fp16 (one grad scaler updated after each
+    # optimizer): refused with a ConfigError.
+
     def configure_optimizers(self, train: TrainConfig, device_type: str) -> list[torch.optim.Optimizer]:
         """The task's optimizers, built by its models (``model.configure_optimizer``, as nanoGPT). The loop gives
         each the run's learning-rate schedule, prepares it with accelerate, steps them all after each backward and
@@ -84,6 +90,8 @@ class TrainLoop:
         # Trackers are decided before anything is written (no wandb login / no network -> offline; tracking.py)
         self.trackers = plan_trackers(cfg, self.run.root, self.resume_dir)
         acc = self.accelerator = build_accelerator(cfg, self.trackers.log_with)
+        extra = list(getattr(task, "extra_models", ()))
+        _check_extra_models(acc, extra)
         if cfg.overwrite and not cfg.resume and acc.is_main_process:
             self.run.clear()  # only now: every check that can refuse the run has passed
         self.world_size, self.rank = acc.num_processes, acc.process_index
@@ -95,7 +103,10 @@ class TrainLoop:
         # checkpointing either: their state goes into vqgen_state.json as JSON (see checkpointing.py).
         self.schedulers = [make_scheduler(o, cfg.lr_schedule, cfg.warmup_steps, self.total_steps) for o in optimizers]
         self.input_dtype = fill_deepspeed_config(acc, cfg)
-        self.model, *self.optimizers = acc.prepare(task.model, *optimizers)
+        self.model, *prepared = acc.prepare(task.model, *extra, *optimizers)
+        self.extra_models, self.optimizers = prepared[:len(extra)], prepared[len(extra):]
+        if hasattr(task, "bind"):
+            task.bind(self, self.extra_models)
         if acc.is_main_process:
             self.run.root.mkdir(parents=True, exist_ok=True)
         # Trackers start before run_config.json/config.yaml mark the folder as a run: a tracker that cannot start
@@ -154,7 +165,8 @@ class TrainLoop:
         from accelerate.utils import send_to_device
 
         epoch = self.state.epoch
-        self.model.train()
+        for m in (self.model, *self.extra_models):
+            m.train()
         self._t0, self._seen = time.perf_counter(), 0
         for batch in self.task.epoch_batches(epoch, self.state.batches_done, self.rank, self.world_size):
             batch = self.cast_inputs(send_to_device(batch, self.accelerator.device))
@@ -172,7 +184,7 @@ class TrainLoop:
     def _micro_step(self, batch, sig: "_SignalFlag") -> tuple[bool, bool, float, dict]:
         """Forward, the one host sync, backward, clip, step: (finite, stop requested, global mean loss, logs)."""
         acc = self.accelerator
-        with acc.accumulate(self.model):
+        with acc.accumulate(self.model, *self.extra_models):
             with acc.autocast():
                 loss, logs = self.task.compute_loss(self.model, batch)
             # One tiny all-reduce decides, identically on every rank, whether this step is skipped (non-finite loss
@@ -330,6 +342,21 @@ class _SignalFlag:
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
+
+
+def _check_extra_models(acc, extra: list) -> None:
+    """A second trained module (GAN discriminator) needs DDP-style prepare and one grad scaler per optimizer."""
+    from accelerate.utils import DistributedType
+
+    if not extra:
+        return
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("a second trained model (--disc_weight > 0: the discriminator) is not supported under "
+                          "DeepSpeed (accelerate builds one engine per prepare, and the engine owns backward and "
+                          "step); launch with DDP (e.g. accelerate_configs/cpu_2proc.yaml or a multi-GPU config)")
+    if acc.mixed_precision == "fp16":
+        raise ConfigError("--mixed_precision fp16 with a second optimizer (--disc_weight > 0): accelerate updates the "
+                          "one grad scaler after each optimizer step, which mis-scales the second; use bf16 or no")
 
 
 def _cast_floats(batch, dtype: torch.dtype | None):

@@ -22,6 +22,7 @@ from ..export import ExportMeta
 from ..eval.metrics import ReconstructionMeter
 from ..models.vqvae import VQVAE
 from ..sampling import save_image_grid
+from .gan import VQGANTerms
 from .loop import TrainLoop
 from .schedule import epoch_generator, epoch_indices
 
@@ -42,9 +43,17 @@ class VQVAETask:
     def __init__(self, cfg: VQVAEStageConfig, model: VQVAE, train_ds, val_ds, info):
         self.cfg, self.model, self.train_ds, self.val_ds, self.info = cfg, model, train_ds, val_ds, info
         self.last_metrics: dict[str, float] = {}
+        # --disc_weight / --perceptual_weight: the VQGAN terms (train/gan.py); the discriminator is a second model
+        self.gan = VQGANTerms(cfg.gan, model.config.in_channels, cfg.train.seed) if cfg.gan.enabled else None
+        self.extra_models = self.gan.modules if self.gan else []
 
     def configure_optimizers(self, train, device_type: str) -> list[torch.optim.Optimizer]:
-        return [self.model.configure_optimizer(train.lr, train.weight_decay, device_type)]
+        gan = self.gan.optimizers(train, device_type) if self.gan else []
+        return [self.model.configure_optimizer(train.lr, train.weight_decay, device_type), *gan]
+
+    def bind(self, loop: TrainLoop, prepared: list) -> None:
+        if self.gan:
+            self.gan.bind(loop, prepared)
 
     def batches_per_epoch(self, world_size: int) -> int:
         return math.ceil((len(self.train_ds) // world_size) / self.cfg.train.batch_size)
@@ -67,9 +76,11 @@ class VQVAETask:
         out = model(x)
         recon = out.recon.float()
         rec = F.mse_loss(recon, x) if self.cfg.recon_loss == "mse" else F.l1_loss(recon, x)
-        loss = rec + out.vq_loss
         # detached tensors: the loop converts them only on logging steps (no per-step host sync on GPUs)
-        return loss, {"recon_loss": rec.detach(), "vq_loss": out.vq_loss.detach(), "perplexity": out.perplexity.detach()}
+        logs = {"recon_loss": rec.detach(), "vq_loss": out.vq_loss.detach(), "perplexity": out.perplexity.detach()}
+        if self.gan is not None:
+            rec = self.gan.loss(x.float(), recon, rec, self.gan.loop.unwrapped_model.last_layer, logs)
+        return rec + out.vq_loss, logs
 
     @torch.no_grad()
     def evaluate(self, loop: TrainLoop, epoch: int) -> dict[str, float]:
