@@ -168,8 +168,11 @@ def test_shards_of_another_tokenizer_and_corrupt_shards(tmp_path, capsys, stage2
     data = bytearray(first.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped byte inside a token array: same size, tar still parses
     first.write_bytes(bytes(data))
-    refused(train_prior, ["--shards", sh, "--output_dir", tmp_path / "p", *TINY_PRIOR], capsys, first.name,
+    # Same size: the start-up check (one stat per shard) passes; the rank reading the shard from its first byte
+    # hashes it as it reads and names it (issue 12: no rank hashes every shard at start-up), so training had begun.
+    refused(train_prior, ["--shards", sh, "--output_dir", tmp_path / "hashed", *TINY_PRIOR], capsys, first.name,
             "sha256")
+    assert not (tmp_path / "hashed/checkpoints").exists() and not (tmp_path / "hashed/export").exists()
     first.write_bytes(bytes(data[: len(data) // 3]))
     refused(train_prior, ["--shards", sh, "--output_dir", tmp_path / "p", *TINY_PRIOR], capsys, first.name,
             "truncated")

@@ -4,7 +4,9 @@ What is checked: two processes really ran (one random_states_<rank>.pkl per rank
 one shard series per rank), each checkpoint is written once, 1 x 128 and 2 x 64 give the same training, a
 2-process checkpoint resumes on 1 process (or is refused with a clear error), a simulated 2-node launch on
 localhost, a killed rank fails the launch quickly, DeepSpeed ZeRO-2 (DS_ACCELERATOR=cpu) saves/resumes/exports,
-and the stage-3 reader with fewer shards than ranks x workers neither hangs nor starves a rank.
+the stage-3 reader with fewer shards than ranks x workers neither hangs nor starves a rank, and a 2-process prior
+checkpoint resumes on 1 process with the unseen rest of its epoch (tests/test_token_reader.py: the reader's own
+2-process test).
 Recipes: docs/CLUSTER.md. Kept small (digits 16x16, tiny models) for 2 CPU cores.
 """
 
@@ -27,9 +29,10 @@ import torch
 from safetensors.torch import load_file
 
 from vqgen import shards
+from vqgen.train import prior_task as train_prior
 from vqgen.train import vqvae_task as train_vqvae
 from vqgen.cli import run_cli
-from vqgen.config import VQVAEStageConfig
+from vqgen.config import PriorStageConfig, VQVAEStageConfig
 from vqgen.flags import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +186,7 @@ def test_simulated_two_nodes_on_localhost(tmp_path):
 # ------------------------------------------------------------------------------------------- stages 2 + 3
 @pytest.mark.distributed
 @pytest.mark.timeout(400)
-def test_extract_and_prior_two_processes_fewer_shards_than_readers(stage1, tmp_path):
+def test_extract_and_prior_two_processes_fewer_shards_than_readers(stage1, tmp_path, capsys):
     d, _ = stage1
     out = tmp_path / "shards"
     proc = run([*cpu2(), str(ROOT / "extract_codes.py"), "--checkpoint", str(d / "one/export"), "--dataset",
@@ -202,6 +205,16 @@ def test_extract_and_prior_two_processes_fewer_shards_than_readers(stage1, tmp_p
     assert "processes = 2" in log
     assert_two_ranks_checkpoint(tmp_path / "prior/checkpoints/checkpoint-4")
     assert (tmp_path / "prior/export/model.safetensors").exists()
+    # that mid-epoch checkpoint (4 of 12 batches per rank) resumed on ONE process: the epoch goes on with the
+    # 1500 - 2 x 4 x 64 = 988 samples not yet seen (16 batches), one warning line, and finishes
+    capsys.readouterr()
+    loop = train_prior.run(load_config(PriorStageConfig, ["--output_dir", str(tmp_path / "prior"), "--resume",
+                                                          "latest"]))
+    out = capsys.readouterr().out
+    assert out.count("warning: resuming mid-epoch with another reader setup (world_size 2 -> 1)") == 1, out
+    assert loop.state.finished and loop.state.global_step == 4 + 16
+    state = json.loads((tmp_path / "prior/checkpoints/checkpoint-20/vqgen_state.json").read_text())
+    assert state["world_size"] == 1 and state["epoch"] == 1
 
 
 @pytest.mark.distributed

@@ -221,6 +221,28 @@ class ShardingConfig:
         _positive(self, "shard_size")
 
 
+@dataclass
+class TokenReaderConfig:
+    """How stage 3 reads token shards (train_prior.py; evaluate.py takes --verify_shards): vqgen/shards/reader.py."""
+
+    verify_shards: str = flag("full", "shard checks: full = size of every shard at start-up + the sha256 of each "
+                              "shard as the rank holding its first sample reads it; size = sizes only; none",
+                              choices=("full", "size", "none"))
+    reader_streams: int = flag(8, "shuffled read streams per process (a multiple of --num_workers reads every byte "
+                               "once; the batches do not depend on --num_workers)")
+    resampled: bool = flag(False, "draw shards with replacement (very large or growing shard sets); an epoch is "
+                           "--epoch_samples samples per process")
+    epoch_samples: int | None = flag(None, "samples per process per epoch with --resampled (default: split size / "
+                                     "processes)")
+
+    def check(self) -> None:
+        _positive(self, "reader_streams")
+        if self.epoch_samples is not None:
+            _positive(self, "epoch_samples")
+            if not self.resampled:
+                raise ConfigError("--epoch_samples needs --resampled (without it an epoch is one pass over the split)")
+
+
 # ------------------------------------------------------------------------------------------------ stage configs
 GRID_SAMPLING = ("num_samples", "temperature", "top_k", "top_p", "cfg_scale")
 
@@ -290,9 +312,11 @@ class PriorStageConfig(_Trainer):
                                   "(default: the one recorded in the manifest)")
     split: str = flag("train", "manifest split to train on", aliases=("--train_split",))
     val_split: str = flag("test", "held-out manifest split for bits/token (skipped if absent)")
-    shuffle_buffer: int = flag(1000, "samples in the streaming shuffle buffer")
+    shuffle_buffer: int = flag(1000, "shuffle window of each read stream, in samples (a process holds up to "
+                               "--reader_streams x this many decoded samples)")
     num_workers: int = flag(0, "token-loading worker processes per process")
     val_batches: int = flag(50, "max held-out batches per evaluation")
+    reader: TokenReaderConfig = part(TokenReaderConfig, title="token reader")
     model: PriorFlags = part(PriorFlags, title="prior (transformer)")
     # The prior's own defaults: warm-up + cosine decay and AdamW weight decay, as GPT training does.
     train: TrainConfig = part(TrainConfig, title="training", lr_schedule="cosine", warmup_steps=100, weight_decay=0.05,
@@ -356,6 +380,7 @@ class EvalConfig:
     confidence_threshold: float = flag(0.9, "max softmax counted as a confident classification")
     pr_k: int = flag(3, "k of the k-NN manifold precision/recall")
     is_splits: int = flag(10, "splits of the Inception Score")
+    reader: TokenReaderConfig = part(TokenReaderConfig, title="token shards", only=("verify_shards",))
     data: DataConfig = part(DataConfig, title="data", dataset=None, only=("dataset", "data_dir", "num_workers"),
                             help={"dataset": "dataset to compare against (default: the one in the tokenizer export)"})
     sampling: SamplingConfig = part(SamplingConfig, title="sampling", num_samples=1000,

@@ -155,10 +155,13 @@ def sample_quality(space: FeatureSpace, real: tuple[torch.Tensor, torch.Tensor],
 
 
 @torch.no_grad()
-def bits_per_token(prior, shard_dir: Path, split: str, batch_size: int, device) -> dict:
-    """Mean cross-entropy of the prior on every token of ``split`` in the shards, in bits."""
-    loader = shards.make_token_loader(shard_dir, split, batch_size=batch_size, shuffle=False, num_workers=0,
-                                      hflip=False)
+def bits_per_token(prior, manifest: shards.Manifest, split: str, batch_size: int, device,
+                   verify: str = "full") -> dict:
+    """Mean cross-entropy of the prior on every token of ``split`` in the shards, in bits. ``verify``: the shard
+    checks of :mod:`vqgen.shards.reader` (``full``: sizes first, then each shard's sha256 as it is read)."""
+    shards.check_split(shards.TokenSplit.from_manifest(manifest, split), verify)
+    loader = shards.make_token_loader(manifest, split, batch_size=batch_size, shuffle=False, num_workers=0,
+                                      hflip=False, verify=verify)
     total, count = M.token_nll(prior, loader, device)
     return {"bits_per_token": M.bits_per_token(total / max(1, count)), "tokens": count,
             "sequences": count // max(1, prior.config.seq_len), "split": split}
@@ -255,7 +258,7 @@ def prior_section(prior, tokenizer, space: FeatureSpace, real, dataset: str, man
                 grid, paths.plots / "samples.png", nrow=int(math.ceil(math.sqrt(len(grid))))))
     if manifest is not None and cfg.split in manifest.splits:
         t = time.perf_counter()
-        pm.update(bits_per_token(prior, paths.shards, cfg.split, cfg.batch_size, device))
+        pm.update(bits_per_token(prior, manifest, cfg.split, cfg.batch_size, device, cfg.reader.verify_shards))
         seconds["bits_per_token"] = time.perf_counter() - t
     elif manifest is not None:
         print(f"note: no {cfg.split!r} split in {paths.shards}: bits/token skipped", flush=True)

@@ -8,7 +8,7 @@ Layout of a shard folder (see docs/ARCHITECTURE.md)::
     <out>/manifest.json                       written last (the commit point), merged from the parts
 
 The manifest is :class:`Manifest` (one reader, one writer). The writer (crash safety) is :mod:`vqgen.shards.writer`,
-the stage-3 token stream :mod:`vqgen.shards.reader`.
+the stage-3 token reader :mod:`vqgen.shards.reader`.
 """
 
 from __future__ import annotations

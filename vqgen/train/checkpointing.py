@@ -21,6 +21,9 @@ from pathlib import Path
 from ..errors import CheckpointError, DiskFullError
 from ..fsutil import atomic_write_json, fsync_dir, fsync_tree, is_disk_full
 from ..run_dir import RunDir
+from .schedule import map_style_skip
+
+DATA_STATE = "data"  # LoopState.extra key of the task's data_state() (see StageTask in loop.py)
 
 
 @dataclass
@@ -34,7 +37,7 @@ class LoopState:
     batch_size: int = 0
     bad_steps_total: int = 0
     finished: bool = False
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # extra[DATA_STATE]: the task's data layout at this position
 
 
 def save_checkpoint(acc, run: RunDir, state: LoopState, schedulers: list, total_limit: int) -> Path:
@@ -86,14 +89,21 @@ def _state_json(state: LoopState, schedulers: list) -> dict:
 
 
 def load_checkpoint(acc, path: Path, schedulers: list, world_size: int, batch_size: int) -> LoopState:
-    """Restore everything ``path`` holds; returns the loop position, re-expressed in this run's global batches.
+    """Restore everything ``path`` holds; returns the loop position as saved, ``batches_done`` in the saved layout.
 
-    A mid-epoch position carries over to another world size or batch size only when the samples done are a whole
-    number of the new global batches (CheckpointError otherwise).
+    The loop then converts it with the task's ``resume_batches(extra[DATA_STATE], ...)``. A checkpoint of an older
+    vqgen has no data state: its position is converted here by the map-style rule
+    (:func:`~vqgen.train.schedule.map_style_skip`, CheckpointError when not a whole number of new global batches).
     """
     raw = json.loads((path / RunDir.STATE).read_text())
     states = [raw.pop("scheduler", None)] + raw.pop("other_schedulers", [])
     saved = LoopState(**raw)
+    if DATA_STATE not in saved.extra:  # checked before anything is restored
+        try:
+            saved.batches_done = map_style_skip(saved.batches_done, saved.world_size, saved.batch_size, world_size,
+                                                batch_size)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     acc.load_state(str(path))
     for scheduler, sched_state in zip(schedulers, states):
         if sched_state is not None:
@@ -103,14 +113,6 @@ def load_checkpoint(acc, path: Path, schedulers: list, world_size: int, batch_si
                 warnings.simplefilter("ignore")
                 for _ in range(saved.global_step):
                     scheduler.step()
-    old_global, new_global = saved.batch_size * saved.world_size, batch_size * world_size
-    if saved.batches_done and (saved.batches_done * old_global) % new_global:
-        raise CheckpointError(
-            f"cannot resume {path} mid-epoch with {world_size} processes x batch {batch_size}: it was saved with "
-            f"{saved.world_size} x {saved.batch_size} after {saved.batches_done} batches, which is not a whole number "
-            f"of the new global batches. Resume with the old world size/batch, or from an epoch-end checkpoint.")
-    saved.batches_done = saved.batches_done * old_global // new_global
-    saved.world_size, saved.batch_size = world_size, batch_size
     return saved
 
 

@@ -23,7 +23,7 @@ from ..eval.metrics import ReconstructionMeter
 from ..models.vqvae import VQVAE
 from ..sampling import save_image_grid
 from .loop import TrainLoop
-from .schedule import epoch_generator, epoch_indices
+from .schedule import epoch_generator, epoch_indices, map_style_skip
 
 
 def interleave_rows(inputs: torch.Tensor, recons: torch.Tensor, per_row: int) -> torch.Tensor:
@@ -42,12 +42,26 @@ class VQVAETask:
     def __init__(self, cfg: VQVAEStageConfig, model: VQVAE, train_ds, val_ds, info):
         self.cfg, self.model, self.train_ds, self.val_ds, self.info = cfg, model, train_ds, val_ds, info
         self.last_metrics: dict[str, float] = {}
+        self.world_size = 1
 
     def configure_optimizers(self, train, device_type: str) -> list[torch.optim.Optimizer]:
         return [self.model.configure_optimizer(train.lr, train.weight_decay, device_type)]
 
     def batches_per_epoch(self, world_size: int) -> int:
+        self.world_size = world_size
         return math.ceil((len(self.train_ds) // world_size) / self.cfg.train.batch_size)
+
+    def data_state(self) -> dict:
+        return {"world_size": self.world_size, "batch_size": self.cfg.train.batch_size,
+                "num_workers": self.cfg.data.num_workers}
+
+    def resume_batches(self, saved: dict | None, epoch: int, batches_done: int, world_size: int):
+        """Map-style data (:func:`epoch_indices`): exact when the samples done are whole new global batches, else
+        CheckpointError (:func:`map_style_skip`); the worker count never matters."""
+        if saved is None:  # an older checkpoint: load_checkpoint converted it already
+            return batches_done, None
+        return map_style_skip(batches_done, saved["world_size"], saved["batch_size"], world_size,
+                              self.cfg.train.batch_size), None
 
     def epoch_batches(self, epoch: int, skip_batches: int, rank: int, world_size: int):
         idx = epoch_indices(len(self.train_ds), self.cfg.train.seed, epoch, rank, world_size)
