@@ -24,6 +24,7 @@ from ..hub import is_hub_ref, resolve_model_path
 from ..models.prior import Prior, token_cross_entropy
 from ..models.tokenizer import load_tokenizer
 from ..sampling import class_labels, decode_to_images, generate, save_image_grid
+from .checkpointing import map_style_resume
 from .loop import TrainLoop
 
 
@@ -39,13 +40,22 @@ class PriorTask:
         self.conditional = model.config.num_classes > 0
         self.last_metrics: dict[str, float] = {}
         self._tokenizer = None
+        self._world_size = 1
 
     def configure_optimizers(self, train, device_type: str) -> list[torch.optim.Optimizer]:
         return [self.model.configure_optimizer(train.lr, train.weight_decay, device_type)]
 
     def batches_per_epoch(self, world_size: int) -> int:
+        self._world_size = world_size
         per_rank = self.manifest.split(self.cfg.split).total // world_size
         return math.ceil(per_rank / self.cfg.train.batch_size)
+
+    def data_state(self) -> dict:
+        return {"world_size": self._world_size, "batch_size": self.cfg.train.batch_size,
+                "num_workers": self.cfg.num_workers}
+
+    def resume_batches(self, saved: dict | None, epoch: int, batches_done: int, world_size: int):
+        return map_style_resume(saved, epoch, batches_done, world_size, self.cfg.train.batch_size)
 
     def epoch_batches(self, epoch: int, skip_batches: int, rank: int, world_size: int):
         return shards.make_token_loader(
