@@ -4,7 +4,9 @@ What is checked: two processes really ran (one random_states_<rank>.pkl per rank
 one shard series per rank), each checkpoint is written once, 1 x 128 and 2 x 64 give the same training, a
 2-process checkpoint resumes on 1 process (or is refused with a clear error), a simulated 2-node launch on
 localhost, a killed rank fails the launch quickly, DeepSpeed ZeRO-2 (DS_ACCELERATOR=cpu) saves/resumes/exports,
-and the stage-3 reader with fewer shards than ranks x workers neither hangs nor starves a rank.
+the stage-3 reader with fewer shards than ranks x workers neither hangs nor starves a rank, and a 2-process prior
+checkpoint resumes on 1 process with the unseen rest of its epoch (tests/test_token_reader.py: the reader's own
+2-process test).
 Recipes: docs/CLUSTER.md. Kept small (digits 16x16, tiny models) for 2 CPU cores.
 """
 
@@ -27,9 +29,10 @@ import torch
 from safetensors.torch import load_file
 
 from vqgen import shards
+from vqgen.train import prior_task as train_prior
 from vqgen.train import vqvae_task as train_vqvae
 from vqgen.cli import run_cli
-from vqgen.config import VQVAEStageConfig
+from vqgen.config import PriorStageConfig, VQVAEStageConfig
 from vqgen.flags import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,12 +155,16 @@ def test_resume_two_process_checkpoint_on_one_process(stage1, tmp_path, capsys):
                                               str(tmp_path / "same_global")]) == 0
     assert "resumed from" in capsys.readouterr().out
     assert_close_exports(d / "two", tmp_path / "same_global")  # = the uninterrupted 2 x 64 run
-    # 640 samples done is not a whole number of 96-sample batches: a clear refusal, nothing overwritten
+    # 640 samples done is not a whole number of 96-sample batches: the nearest exact continuation (batch 6 =
+    # 576 samples; the 64 after it are seen twice) with one warning line
     assert run_cli(train_vqvae.run, VQVAEStageConfig, [*argv, "--batch_size", "96", "--output_dir",
-                                              str(tmp_path / "other_global")]) == 2
-    err = capsys.readouterr().err
-    assert "cannot resume" in err and "2 x 64" in err
-    assert sorted(p.name for p in (tmp_path / "other_global/checkpoints").iterdir()) == ["checkpoint-5"]
+                                              str(tmp_path / "other_global")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("warning: resuming epoch 0 with 1 processes x batch 96") == 1
+    assert "continuing at batch 6, so 64 samples of this epoch are seen twice" in out and "2 x 64" in out
+    state = json.loads((tmp_path / "other_global/checkpoints/checkpoint-10/vqgen_state.json").read_text())
+    assert (state["batches_done"], state["extra"]["data"]["world_size"], state["extra"]["data"]["batch_size"]) == \
+        (11, 1, 96)
 
 
 @pytest.mark.distributed
@@ -183,7 +190,7 @@ def test_simulated_two_nodes_on_localhost(tmp_path):
 # ------------------------------------------------------------------------------------------- stages 2 + 3
 @pytest.mark.distributed
 @pytest.mark.timeout(400)
-def test_extract_and_prior_two_processes_fewer_shards_than_readers(stage1, tmp_path):
+def test_extract_and_prior_two_processes_fewer_shards_than_readers(stage1, tmp_path, capsys):
     d, _ = stage1
     out = tmp_path / "shards"
     proc = run([*cpu2(), str(ROOT / "extract_codes.py"), "--checkpoint", str(d / "one/export"), "--dataset",
@@ -202,6 +209,16 @@ def test_extract_and_prior_two_processes_fewer_shards_than_readers(stage1, tmp_p
     assert "processes = 2" in log
     assert_two_ranks_checkpoint(tmp_path / "prior/checkpoints/checkpoint-4")
     assert (tmp_path / "prior/export/model.safetensors").exists()
+    # that mid-epoch checkpoint (4 of 12 batches per rank) resumed on ONE process: the epoch goes on with the
+    # 1500 - 2 x 4 x 64 = 988 samples not yet seen (16 batches), one warning line, and finishes
+    capsys.readouterr()
+    loop = train_prior.run(load_config(PriorStageConfig, ["--output_dir", str(tmp_path / "prior"), "--resume",
+                                                          "latest"]))
+    out = capsys.readouterr().out
+    assert out.count("warning: resuming mid-epoch with another reader setup (world_size 2 -> 1)") == 1, out
+    assert loop.state.finished and loop.state.global_step == 4 + 16
+    state = json.loads((tmp_path / "prior/checkpoints/checkpoint-20/vqgen_state.json").read_text())
+    assert state["world_size"] == 1 and state["epoch"] == 1
 
 
 @pytest.mark.distributed

@@ -67,7 +67,9 @@ def test_roundtrip_and_manifest(tmp_path):
     assert entry.total == 50 and sum(s.count for s in entry.shards) == 50
     assert [s.name for s in entry.shards][:2] == ["train-r000-000000.tar", "train-r000-000001.tar"]
     assert man.format == "vqgen-shards" and man.dtype == "uint16"
-    assert len(shards.verify_shards(tmp_path, "train")) == len(entry.shards)
+    split = shards.TokenSplit.read(tmp_path, "train")
+    assert [s.path.name for s in split.shards] == [s.name for s in entry.shards]
+    shards.check_split(split, "full")
     batches = collect(tmp_path, batch_size=8, shuffle=False)
     assert [t.shape[0] for t, _ in batches] == [8] * 6 + [2]
     keys = keys_of(batches)
@@ -180,11 +182,15 @@ def test_truncated_shard_named(tmp_path):
     data = p.read_bytes()
     p.write_bytes(data[: len(data) // 2 + 100])
     with pytest.raises(ShardError, match=p.name):
-        shards.verify_shards(tmp_path, "train")
+        shards.check_split(shards.TokenSplit.read(tmp_path, "train"), "size")
     with pytest.raises(ShardError, match=p.name):
         collect(tmp_path, batch_size=4, shuffle=False)
-    with pytest.raises(ShardError, match="truncated"):  # even without the size record
-        list(shards.iter_shard(p, expected=None))
+    man = shards.Manifest.read(tmp_path)  # a manifest from before shard sizes were recorded
+    for s in man.splits["train"].shards:
+        s.bytes = None
+    man.write(tmp_path)
+    with pytest.raises(ShardError, match="truncated shard .*" + p.name):  # even without the size record
+        collect(tmp_path, batch_size=4, shuffle=False, verify="none")
 
 
 def test_corrupt_shard_named(tmp_path):
@@ -193,10 +199,10 @@ def test_corrupt_shard_named(tmp_path):
     data = bytearray(p.read_bytes())
     data[0:600] = b"\x07" * 600  # clobber the first tar header, same size
     p.write_bytes(bytes(data))
-    with pytest.raises(ShardError, match=p.name):
-        shards.verify_shards(tmp_path, "train")
-    with pytest.raises(ShardError, match=p.name):
-        collect(tmp_path, batch_size=4, shuffle=False)
+    shards.check_split(shards.TokenSplit.read(tmp_path, "train"), "full")  # start-up: the size is right
+    for verify in ("full", "none"):  # the reader that opens it names it
+        with pytest.raises(ShardError, match=p.name):
+            collect(tmp_path, batch_size=4, shuffle=False, verify=verify)
 
 
 def test_writer_resume_keeps_complete_shards(tmp_path):

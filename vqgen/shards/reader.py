@@ -1,248 +1,252 @@
-"""Stage-3 token stream: exact, equal-length per-rank batches from the shards of one split.
+"""Stage-3 token stream whose per-rank cost is ~1/W of the split (issue 12).
 
-Shards are split across ranks at the *sample* level: every rank reads every shard of the split (in an order
-shuffled by (seed, epoch)) and keeps global stream positions ``i % world_size == rank``, truncated to
-``total // world_size`` samples (the remainder, < world_size samples, is dropped each epoch; a different one each
-epoch when shuffling). Why not WebDataset's shard-level ``split_by_node``/``split_by_worker``: with fewer shards
-than ranks x workers it starves or hangs a rank (the open-muse multi-node failure) and with unequal shard sizes
-ranks get unequal batch counts, which deadlocks DDP. Sample-level splitting is correct for any shard count; its
-cost is that each rank parses every shard, which for token shards (~2 KB per sample) is cheap next to a training
-step. HF ``datasets`` falls back to the same scheme. DataLoader workers split a rank's *batches* round-robin (batch
-b goes to worker (b - skip_batches) % num_workers) and every batch carries its index, so the loader re-orders
-them: the rank's batch stream is identical for any num_workers, and ``skip_batches=N`` is exactly "drop the first
-N batches" (exact mid-epoch resume). ``resampled=True`` instead draws shards with replacement per (seed, epoch,
-rank) (WebDataset ``ResampledShards`` + ``with_epoch`` semantics) for ``epoch_samples`` samples per rank.
+What each rank reads, in which batches and order: :mod:`vqgen.shards.plan` (a pure function of the manifest's
+per-shard counts, seed, epoch, rank and the :class:`~vqgen.shards.plan.PlanSpec`). How a range of samples is read
+from inside a shard and checked: :mod:`vqgen.shards.access`. This module ties them to a DataLoader.
+
+Guarantees. Every rank gets ``len(loader)`` batches (equal on all ranks); the batch stream of a rank is a pure
+function of (manifest, seed, epoch, rank, spec): never of ``num_workers`` or scheduling; ``skip_batches=k``
+yields exactly the full stream minus its first k batches, reading only what those batches need (exact mid-epoch
+resume on the same world size). A resume under another spec passes the interrupted run as ``history`` (see
+:func:`vqgen.shards.plan.resume_history`) and continues with the samples it had not seen.
+
+Why not WebDataset's ``split_by_node``/``split_by_worker`` (whole shards per reader): with fewer shards than
+ranks x workers it starves or hangs a rank (the open-muse multi-node failure), and unequal shard sizes give ranks
+unequal batch counts, which deadlocks DDP. Reading every shard and keeping 1/W of it (vqgen before issue 12) is
+correct but costs every rank the whole split.
+
+``verify`` (flag ``--verify_shards``): ``full`` (default) hashes each shard a rank reads from its first byte,
+while reading, and :func:`check_split` stats every shard at start-up; ``size`` only the stat; ``none`` neither
+(a shard is still checked against its manifest size when a reader opens it, and the tar layout is always checked).
 """
 
 from __future__ import annotations
 
-import io
 import os
-import random
-import tarfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from webdataset.tariterators import tar_file_iterator
 
 from ..errors import ShardError
-from ..fsutil import sha256_file
-from .format import Manifest, ShardInfo, npy_header
+from .access import Decoded, Hasher, ShardFile, ShardFiles
+from .format import Manifest, npy_header
+from .plan import PlanSpec, RankPlan, ResumePoint, plan_epoch
+
+VERIFY_MODES = ("full", "size", "none")
+CHUNK_BYTES = 1 << 20  # read size inside a stream when shuffling
 
 
-def verify_shards(shard_dir: str | os.PathLike, split: str) -> list[ShardInfo]:
-    """Check every shard of ``split`` against the manifest (presence, size, sha256); ShardError names the shard."""
-    d = Path(shard_dir)
-    entry = Manifest.read(d).split(split)
-    for s in entry.shards:
-        p = d / s.name
-        if not p.is_file():
-            raise ShardError(f"shard {p} listed in the manifest is missing")
-        if s.bytes is not None and p.stat().st_size != s.bytes:
-            raise ShardError(f"shard {p} has {p.stat().st_size} bytes, the manifest says {s.bytes} (truncated?)")
-        if sha256_file(p) != s.sha256:
-            raise ShardError(f"shard {p} does not match its sha256 in the manifest (corrupt or modified)")
-    return entry.shards
+@dataclass(frozen=True)
+class TokenSplit:
+    """What the reader needs of one split of a :class:`~vqgen.shards.format.Manifest`."""
+
+    dir: Path
+    split: str
+    shards: tuple[ShardFile, ...]
+    total: int
+    hflip: bool
+    latent_hw: tuple[int, int]
+    dtype: np.dtype
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, split: str) -> "TokenSplit":
+        """ShardError (saying how to extract it) when the split is absent."""
+        d, entry = Path(manifest.path), manifest.split(split)
+        files = tuple(ShardFile(d / s.name, int(s.count), s.bytes, s.sha256) for s in entry.shards)
+        return cls(d, split, files, int(entry.total), bool(entry.hflip),
+                   (int(manifest.latent_h), int(manifest.latent_w)), np.dtype(manifest.dtype))
+
+    @classmethod
+    def read(cls, shard_dir: str | os.PathLike, split: str) -> "TokenSplit":
+        return cls.from_manifest(Manifest.read(shard_dir), split)
 
 
-def _seed(*parts: int) -> int:
-    """A 64-bit seed that is a pure function of the integers given (platform independent)."""
-    s = np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2)
-    return int(s[0]) << 32 | int(s[1])
+def check_split(split: TokenSplit, verify: str = "full") -> None:
+    """Start-up check, on every rank (W-independent: one stat per shard, no reads): every shard of the split is
+    there with its manifest size. The sha256 is checked later, by the rank that reads each shard."""
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    if verify == "none":
+        return
+    for s in split.shards:
+        try:
+            size = s.path.stat().st_size
+        except FileNotFoundError:
+            raise ShardError(f"shard {s.path} listed in the manifest is missing") from None
+        if s.bytes is not None and size != s.bytes:
+            raise ShardError(f"corrupt or truncated shard {s.path}: {size} bytes, the manifest says {s.bytes}; "
+                             f"re-extract (rerun extract_codes.py with --overwrite)")
 
 
-def iter_shard(path: Path, expected: int | None = None, expected_bytes: int | None = None) -> Iterator[dict]:
-    """Raw samples ``{"__key__", "tokens.npy": bytes, "cls": bytes, ...}`` of one shard, in order.
+class _Cursor:
+    """Reads one stream's samples in position order, a chunk at a time, and keeps each decoded chunk until the
+    samples this worker needs from it are taken (at most ~shuffle_buffer samples, see .plan)."""
 
-    A corrupt or truncated tar (or one with fewer samples than the manifest records) raises ShardError naming it.
-    """
-    if expected_bytes is not None and path.is_file() and path.stat().st_size != expected_bytes:
-        raise ShardError(f"corrupt or truncated shard {path}: {path.stat().st_size} bytes, the manifest says "
-                         f"{expected_bytes}; re-extract (rerun extract_codes.py with --overwrite)")
-    n, cur = 0, None
-    try:
-        with open(path, "rb") as f:
-            # A tar cut at a member boundary reads as a shorter valid tar: require the end-of-archive zero blocks.
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(0, size - 1024))
-            if size % 512 or size < 1024 or f.read(1024).strip(b"\0"):
-                raise ShardError(f"corrupt or truncated shard {path}: no end-of-archive marker ({size} bytes)")
-            f.seek(0)
-            for item in tar_file_iterator(f):
-                key, _, ext = item["fname"].partition(".")
-                if cur is None or cur["__key__"] != key:
-                    if cur is not None:
-                        yield cur
-                        n += 1
-                    cur = {"__key__": key}
-                cur[ext] = item["data"]
-        if cur is not None:
-            yield cur
-            n += 1
-    except FileNotFoundError:
-        raise ShardError(f"shard {path} listed in the manifest is missing") from None
-    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-        raise ShardError(f"corrupt or truncated shard {path}: {e}") from None
-    if expected is not None and n != expected:
-        raise ShardError(f"corrupt or truncated shard {path}: {n} samples, the manifest says {expected}")
+    def __init__(self, plan: RankPlan, s: int, needed: np.ndarray, files: ShardFiles, chunk: int, hashing: bool):
+        self.files, self.hashing = files, hashing
+        pos = plan.stream_positions(s)
+        slot, sample = plan.locate(pos)
+        run_starts = np.flatnonzero((np.diff(slot) != 0) | (np.diff(pos) != 1)) + 1
+        self.start = np.union1d(np.concatenate([[0], run_starts]), np.arange(0, len(pos), chunk)).astype(np.int64)
+        self.length = np.diff(np.append(self.start, len(pos)))
+        self.shard = plan.order[slot[self.start]]
+        self.slot, self.sample = slot[self.start], sample[self.start]
+        self.left = np.add.reduceat(needed.astype(np.int64), self.start) if len(pos) else np.zeros(0, np.int64)
+        todo = np.flatnonzero(self.left)  # chunks with samples for this worker, in read order
+        # After reading chunk c, the hash of its shard can be finished when no later chunk of that slot is needed.
+        self.last_of_slot = {int(c): (k + 1 == len(todo) or self.slot[todo[k + 1]] != self.slot[c])
+                             for k, c in enumerate(todo)}
+        self.next, self.live = 0, {}
+        self.hasher: Hasher | None = None
+
+    def _read(self, c: int) -> Decoded:
+        i, a, n, f = int(self.shard[c]), int(self.sample[c]), int(self.length[c]), self.files
+        if a == 0 and self.hashing and i not in f.verified:
+            self.hasher = Hasher(f, i)
+        h = self.hasher if self.hasher is not None and self.hasher.i == i else None
+        lay = f.layout(i)
+        if lay is None:
+            data, whole = f.whole(i)
+            if h is not None and h.next == 0:
+                h.feed(0, data)
+            dec = whole.rows(a, a + n)
+        else:
+            buf = f.read(i, a * lay.stride, n * lay.stride)
+            if h is not None:
+                h.feed(a * lay.stride, buf)
+            dec = f.decode(i, buf, a, n)
+        if h is not None and self.last_of_slot[c]:
+            self.hasher = None
+            h.finish()  # reads the rest of the shard for the hash; ShardError names it on a mismatch
+        return dec
+
+    def take(self, local: np.ndarray) -> Decoded:
+        """Samples at these stream indices (all needed by this worker), reading chunks as far as required."""
+        cid = np.searchsorted(self.start, local, side="right") - 1
+        while self.next <= cid.max():
+            c, self.next = self.next, self.next + 1
+            if self.left[c]:
+                self.live[c] = self._read(c)
+        parts = []
+        for c in np.unique(cid):
+            m = cid == c
+            parts.append((m, self.live[c], local[m] - self.start[c]))
+            self.left[c] -= int(m.sum())
+            if self.left[c] == 0:
+                del self.live[c]
+        n, flip = len(local), parts[0][1].flip is not None
+        tokens = np.empty((n, parts[0][1].tokens.shape[1]), dtype=np.int64)
+        flips = np.empty_like(tokens) if flip else None
+        labels = np.empty(n, dtype=np.int64)
+        for m, d, rows in parts:
+            tokens[m], labels[m] = d.tokens[rows], d.labels[rows]
+            if flip:
+                flips[m] = d.flip[rows]
+        return Decoded(tokens, flips, labels)
 
 
-class TokenShardStream(torch.utils.data.IterableDataset):
-    """Batches ``(index, tokens LongTensor [B, h*w], labels LongTensor [B])`` of one rank and DataLoader worker.
+class TokenStream(torch.utils.data.IterableDataset):
+    """Batches ``(index, tokens LongTensor [B, h*w], labels LongTensor [B], bytes read since the last batch)`` of
+    one rank and DataLoader worker. Use :func:`make_token_loader`, which re-orders and sums the bytes."""
 
-    The stream is a pure function of (manifest, seed, epoch, rank, world_size, worker, num_workers, batch_size,
-    skip_batches): see the module docstring. Use :func:`make_token_loader`, which drops the index and re-orders.
-    ``hflip``: when the split stores mirrored tokens, pick them with probability 1/2 per sample (seeded).
-    """
-
-    def __init__(self, shard_dir: str | os.PathLike, split: str = "train", *, batch_size: int, seed: int = 0,
-                 epoch: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True, shuffle_buffer: int = 2000,
-                 skip_batches: int = 0, resampled: bool = False, epoch_samples: int | None = None,
-                 hflip: bool | None = None, drop_last: bool = False):
-        self.dir = Path(shard_dir)
-        self.manifest = Manifest.read(self.dir)
-        self.entry = self.manifest.split(split)
-        self.split, self.batch_size, self.seed, self.epoch = split, int(batch_size), int(seed), int(epoch)
-        self.rank, self.world_size, self.shuffle = int(rank), int(world_size), bool(shuffle)
-        self.shuffle_buffer, self.skip_batches = max(1, int(shuffle_buffer)), int(skip_batches)
-        self.resampled, self.drop_last = bool(resampled), bool(drop_last)
-        self.latent_hw = (int(self.manifest.latent_h), int(self.manifest.latent_w))
-        self.dtype = np.dtype(self.manifest.dtype)
-        self._npy_hdr = npy_header(self.latent_hw, self.dtype)
-        self.use_flip = self.entry.hflip if hflip is None else bool(hflip)
-        if self.use_flip and not self.entry.hflip:
-            raise ShardError(f"split {split!r} in {self.dir} was extracted without --hflip; no mirrored tokens to use")
-        total = int(self.entry.total)
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got {rank}, {world_size}")
-        self.samples_per_rank = int(epoch_samples) if epoch_samples else total // self.world_size
-        if self.samples_per_rank <= 0 or not self.entry.shards:
-            raise ShardError(f"split {split!r} in {self.dir} has {total} samples, fewer than the {self.world_size} "
-                             f"ranks reading it")
-        full, rest = divmod(self.samples_per_rank, self.batch_size)
-        self.num_batches = full + (0 if self.drop_last or rest == 0 else 1)
-        if self.skip_batches > self.num_batches:
-            raise ValueError(f"skip_batches={skip_batches} > {self.num_batches} batches per epoch")
+    def __init__(self, info: TokenSplit, spec: PlanSpec, *, epoch: int = 0, rank: int = 0, skip_batches: int = 0,
+                 hflip: bool | None = None, verify: str = "full", history: Sequence[ResumePoint] = ()):
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+        self.info, self.spec, self.verify = info, spec, verify
+        self.use_flip = info.hflip if hflip is None else bool(hflip)
+        if self.use_flip and not info.hflip:
+            raise ShardError(f"split {info.split!r} in {info.dir} was extracted without --hflip; no mirrored tokens "
+                             f"to use")
+        if info.total == 0 or (info.total < spec.world_size and not (spec.resampled and spec.epoch_samples)):
+            raise ShardError(f"split {info.split!r} in {info.dir} has {info.total} samples, fewer than the "
+                             f"{spec.world_size} ranks reading it")
+        self.plan = plan_epoch([s.count for s in info.shards], spec, epoch, rank, history)
+        self.num_batches, self.skip_batches = self.plan.num_batches, int(skip_batches)
+        if not 0 <= self.skip_batches <= self.num_batches:
+            raise ValueError(f"skip_batches={skip_batches} not in [0, {self.num_batches}] batches per epoch")
+        sized = [s for s in info.shards if s.bytes is not None]  # (manifests before sizes: assume ~4 KB/sample)
+        sample_bytes = sum(s.bytes for s in sized) / max(1, sum(s.count for s in sized)) if sized else 4096.0
+        self.chunk = spec.batch_size if not spec.shuffle else max(16, int(CHUNK_BYTES // max(1.0, sample_bytes)))
 
     def __len__(self) -> int:
         return self.num_batches - self.skip_batches
 
-    # -- the rank's sample stream (raw bytes; identical in every worker of the rank)
-    def _ordered_shards(self) -> Iterator[ShardInfo]:
-        shards = list(self.entry.shards)
-        if self.resampled:  # draw with replacement, seeded per (seed, epoch, rank): ResampledShards semantics
-            rng = random.Random(_seed(self.seed, self.epoch, self.rank, 1))
-            while True:
-                yield shards[rng.randrange(len(shards))]
-        if self.shuffle:
-            random.Random(_seed(self.seed, self.epoch, 0)).shuffle(shards)  # same order on every rank
-        yield from shards
-
-    def _rank_samples(self) -> Iterator[dict]:
-        i = kept = 0
-        for s in self._ordered_shards():
-            for sample in iter_shard(self.dir / s.name, s.count, s.bytes):
-                if self.resampled or i % self.world_size == self.rank:
-                    yield sample
-                    kept += 1
-                    if kept == self.samples_per_rank:
-                        return
-                i += 1
-
-    def _shuffled(self, it: Iterator[dict]) -> Iterator[dict]:
-        if not self.shuffle:
-            yield from it
-            return
-        rng = random.Random(_seed(self.seed, self.epoch, self.rank, 2))
-        buf: list[dict] = []
-        for x in it:
-            if len(buf) < self.shuffle_buffer:
-                buf.append(x)
-                continue
-            j = rng.randrange(len(buf))
-            yield buf[j]
-            buf[j] = x
-        rng.shuffle(buf)
-        yield from buf
-
-    # -- decoding (only the worker's own batches)
-    def _decode(self, raw: bytes, name: str) -> np.ndarray:
-        hdr = self._npy_hdr  # fast path: the exact header the writer emits -> no np.load parsing
-        if len(raw) == len(hdr) + self.dtype.itemsize * self.latent_hw[0] * self.latent_hw[1] and raw.startswith(hdr):
-            return np.frombuffer(raw, dtype=self.dtype, offset=len(hdr))
-        try:
-            a = np.load(io.BytesIO(raw), allow_pickle=False)
-        except ValueError as e:
-            raise ShardError(f"undecodable tokens in {self.dir} sample {name}: {e}") from None
-        if tuple(a.shape) != self.latent_hw:
-            raise ShardError(f"sample {name} in {self.dir} has tokens of shape {a.shape}, manifest says "
-                             f"{self.latent_hw}")
-        return a.reshape(-1)
-
-    def _collate(self, b: int, samples: list[dict], flips: list[bool]) -> tuple[int, torch.Tensor, torch.Tensor]:
-        toks = np.stack([self._decode(s["tokens_flip.npy" if f else "tokens.npy"], s["__key__"])
-                         for s, f in zip(samples, flips)]).astype(np.int64)  # (B, h*w)
-        labels = torch.tensor([int(s.get("cls", b"-1")) for s in samples], dtype=torch.long)
-        return b, torch.from_numpy(toks), labels
-
-    def __iter__(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, int]]:
         info = torch.utils.data.get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        flip_rng = random.Random(_seed(self.seed, self.epoch, self.rank, 3))
-        b, batch, flips = 0, [], []
-        for sample in self._shuffled(self._rank_samples()):
-            batch.append(sample)
-            flips.append(self.use_flip and flip_rng.random() < 0.5)  # drawn for every sample: worker-independent
-            if len(batch) == self.batch_size:
-                if b >= self.skip_batches and (b - self.skip_batches) % num_workers == worker:
-                    yield self._collate(b, batch, flips)
-                b, batch, flips = b + 1, [], []
-                if b == self.num_batches:
-                    return
-        mine = b >= self.skip_batches and (b - self.skip_batches) % num_workers == worker
-        if batch and b < self.num_batches and mine:
-            yield self._collate(b, batch, flips)
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        mine = range(self.skip_batches + worker, self.num_batches, workers)
+        plan, needed = self.plan, {}
+        for b in mine:
+            s, local = plan.batch(b)
+            needed.setdefault(s, np.zeros(len(plan.stream_positions(s)), dtype=bool))[local] = True
+        files = ShardFiles(list(self.info.shards), self.info.latent_hw, self.info.dtype,
+                           npy_header(self.info.latent_hw, self.info.dtype), self.use_flip)
+        cursors = {s: _Cursor(plan, s, m, files, self.chunk, self.verify == "full") for s, m in needed.items()}
+        reported = 0
+        try:
+            for b in mine:
+                s, local = plan.batch(b)
+                d = cursors[s].take(local)
+                tokens = d.tokens
+                if self.use_flip:
+                    tokens = np.where(plan.flips(plan.stream_positions(s)[local])[:, None], d.flip, d.tokens)
+                yield b, torch.from_numpy(tokens), torch.from_numpy(d.labels), files.bytes_read - reported
+                reported = files.bytes_read
+        finally:
+            files.close()
 
 
 class TokenLoader:
-    """Iterable of ``(tokens [B, h*w] long, labels [B] long)`` over a DataLoader of :class:`TokenShardStream`;
-    re-orders worker outputs by batch index so the stream never depends on num_workers or scheduling.
-    Do not pass it through ``accelerator.prepare`` (it would split an already rank-split stream again)."""
+    """Iterable of ``(tokens [B, h*w] long, labels [B] long)`` over a DataLoader of :class:`TokenStream`;
+    re-orders worker outputs by batch index, so the stream never depends on num_workers or scheduling.
+    ``bytes_read``: shard bytes this rank read so far (all workers). Do not pass it through
+    ``accelerator.prepare`` (it would split an already rank-split stream again)."""
 
-    def __init__(self, stream: TokenShardStream, num_workers: int = 0):
-        self.stream = stream
-        # Own generator: starting a DataLoader iterator draws its worker base seed from the *global* RNG unless
-        # given one, which would shift every later random draw (dropout...) of a resumed run.
+    def __init__(self, stream: TokenStream, num_workers: int = 0):
+        self.stream, self.bytes_read = stream, 0
+        # Own generator: a DataLoader iterator otherwise draws its base seed from the global RNG, which would shift
+        # every later random draw (dropout...) of a resumed run.
         self.loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
                                                   persistent_workers=False,
-                                                  generator=torch.Generator().manual_seed(stream.seed))
+                                                  generator=torch.Generator().manual_seed(stream.spec.seed))
 
     def __len__(self) -> int:
         return len(self.stream)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         want, pending = self.stream.skip_batches, {}
-        for b, toks, labels in self.loader:
+        for b, toks, labels, nbytes in self.loader:
+            self.bytes_read += nbytes
             pending[b] = (toks, labels)
             while want in pending:
                 yield pending.pop(want)
                 want += 1
         if pending or want != self.stream.num_batches:
-            raise ShardError(f"token stream of {self.stream.dir} ended after batch {want} of "
+            raise ShardError(f"token stream of {self.stream.info.dir} ended after batch {want} of "
                              f"{self.stream.num_batches} (shards changed while reading?)")
 
 
-def make_token_loader(shard_dir: str | os.PathLike, split: str = "train", batch_size: int = 64, seed: int = 0,
+def make_token_loader(shard_dir: str | os.PathLike | Manifest, split: str = "train", batch_size: int = 64, seed: int = 0,
                       epoch: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0, shuffle: bool = True,
                       shuffle_buffer: int = 2000, skip_batches: int = 0, resampled: bool = False,
-                      epoch_samples: int | None = None, hflip: bool | None = None,
-                      drop_last: bool = False) -> TokenLoader:
-    """The stage-3 token stream for one (epoch, rank). Every rank gets ``len(loader)`` batches (equal across ranks);
-    ``skip_batches=N`` yields exactly the full stream minus its first N batches (exact mid-epoch resume)."""
-    stream = TokenShardStream(shard_dir, split, batch_size=batch_size, seed=seed, epoch=epoch, rank=rank,
-                              world_size=world_size, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
-                              skip_batches=skip_batches, resampled=resampled, epoch_samples=epoch_samples,
-                              hflip=hflip, drop_last=drop_last)
+                      epoch_samples: int | None = None, hflip: bool | None = None, drop_last: bool = False,
+                      streams: int = 8, verify: str = "full", history: Sequence[ResumePoint] = ()) -> TokenLoader:
+    """The stage-3 token stream of one (epoch, rank), batches ``(tokens long [B, h*w], labels long [B])``.
+
+    ``streams``: shuffled streams per rank (a multiple of ``num_workers`` reads every byte once); ``verify``: see
+    the module docstring; ``history``: earlier interrupted runs of this epoch under another spec
+    (:func:`~vqgen.shards.plan.resume_history`); ``epoch_samples`` only with ``resampled``. Every rank gets
+    ``len(loader)`` batches; ``skip_batches=N`` yields exactly the full stream minus its first N batches.
+    ``shard_dir`` may be the folder's :class:`~vqgen.shards.format.Manifest`, already read."""
+    spec = PlanSpec(batch_size=batch_size, world_size=world_size, seed=seed, shuffle=shuffle,
+                    shuffle_buffer=shuffle_buffer, streams=streams, drop_last=drop_last, resampled=resampled,
+                    epoch_samples=epoch_samples)
+    info = TokenSplit.from_manifest(shard_dir, split) if isinstance(shard_dir, Manifest) else \
+        TokenSplit.read(shard_dir, split)
+    stream = TokenStream(info, spec, epoch=epoch, rank=rank, skip_batches=skip_batches,
+                         hflip=hflip, verify=verify, history=history)
     return TokenLoader(stream, num_workers=num_workers)

@@ -7,9 +7,11 @@ the processes, :class:`vqgen.run_dir.RunDir` owns the folder and its policy, :mo
 files, :mod:`.schedule` the data order and learning-rate schedule.
 
 Exact resume: the data stream of an epoch is a pure function of (seed, epoch, rank, world_size) (see
-:func:`vqgen.train.schedule.epoch_indices`), a checkpoint stores (epoch, micro-batches done) next to the
-model/optimizer/scheduler/RNG state, and a resumed run rebuilds the same stream and skips what was done. On CPU in
-fp32 a killed-and-resumed run ends with bitwise the same weights as an uninterrupted one (tests check it).
+:func:`vqgen.train.schedule.epoch_indices`, :mod:`vqgen.shards.plan`), a checkpoint stores (epoch, micro-batches
+done) and the task's ``data_state()`` next to the model/optimizer/scheduler/RNG state, and a resumed run asks the
+task's ``resume_batches`` how many batches of the rebuilt stream to skip (the task alone knows its data layout:
+another world size may need a conversion or an inexact continuation, which it says in one warning line). On CPU
+in fp32 a killed-and-resumed run ends with bitwise the same weights as an uninterrupted one (tests check it).
 
 Adapted from: the diffusers accelerate example scripts (one Accelerator, banner, global_step on sync steps).
 """
@@ -36,7 +38,7 @@ from ..errors import ConfigError, TrainingAborted
 from ..hub import push_export
 from ..launch import build_accelerator, fill_deepspeed_config
 from ..run_dir import RunDir
-from .checkpointing import LoopState, load_checkpoint, save_checkpoint
+from .checkpointing import DATA_STATE, LoopState, load_checkpoint, save_checkpoint, saved_data_state
 from .schedule import make_scheduler
 from .tracking import STATE_KEY, plan_trackers, start_trackers
 
@@ -66,6 +68,16 @@ class StageTask(Protocol):
 
     def epoch_batches(self, epoch: int, skip_batches: int, rank: int, world_size: int) -> Iterable:
         """The epoch's batches for this rank, the first ``skip_batches`` left out; deterministic."""
+
+    def data_state(self) -> dict:
+        """JSON-able description of this run's data layout (world size, batch size, workers, reader streams, and any
+        resume history), saved in every checkpoint's vqgen_state.json (``LoopState.extra["data"]``)."""
+
+    def resume_batches(self, saved: dict | None, epoch: int, batches_done: int,
+                       world_size: int) -> tuple[int, str | None]:
+        """``skip_batches`` for the current layout, plus one warning line when the resume is not exact (None when it
+        is). ``saved``: the checkpoint's ``data_state`` (for checkpoints of older vqgen versions, the world size and
+        batch size their loop recorded: :func:`~vqgen.train.checkpointing.saved_data_state`)."""
 
     def compute_loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss to backpropagate and detached scalar tensors to log (converted to floats only on logging
@@ -142,7 +154,11 @@ class TrainLoop:
             self.run.clean_stale_checkpoints()
         acc.wait_for_everyone()
         if self.resume_dir is not None:
-            self.state = load_checkpoint(acc, self.resume_dir, self.schedulers, self.world_size, cfg.batch_size)
+            st = self.state = load_checkpoint(acc, self.resume_dir, self.schedulers)
+            skip, warning = task.resume_batches(saved_data_state(st), st.epoch, st.batches_done, self.world_size)
+            if warning:
+                self.print(warning)
+            st.batches_done, st.world_size, st.batch_size = skip, self.world_size, cfg.batch_size
             self.print(f"resumed from {self.resume_dir}: step {self.state.global_step}, epoch {self.state.epoch}, "
                        f"{self.state.batches_done} batches into the epoch")
         elif cfg.resume:
@@ -295,6 +311,7 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ helpers for the loop and the tasks
     def save_checkpoint(self) -> Path:
+        self.state.extra[DATA_STATE] = self.task.data_state()
         return save_checkpoint(self.accelerator, self.run, self.state, self.schedulers,
                                self.cfg.checkpoints_total_limit)
 

@@ -2,7 +2,9 @@
 
 Reads only the shards written by stage 2 (never images, never the encoder): vocabulary, sequence length and
 class count come from the shard manifest. The tokenizer export is loaded on the main process only to decode
-sample grids, and must be the one the shards were made with (manifest sha256).
+sample grids, and must be the one the shards were made with (manifest sha256). Each rank reads ~1/W of the split
+(:mod:`vqgen.shards.reader`); a checkpoint stores the reader's spec, so a resume on another world size continues
+the interrupted epoch with the samples it had not seen (:func:`vqgen.shards.plan.resume_history`).
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .. import shards
-from ..shards import Manifest
+from ..shards import (Manifest, PlanSpec, ResumePoint, TokenLoader, TokenSplit, TokenStream, check_split,
+                      make_token_loader, resume_history)
 from ..config import PriorStageConfig
 from ..flags import validate
 from ..errors import CheckpointError, ConfigError
@@ -24,6 +26,7 @@ from ..hub import is_hub_ref, resolve_model_path
 from ..models.prior import Prior, token_cross_entropy
 from ..models.tokenizer import load_tokenizer
 from ..sampling import class_labels, decode_to_images, generate, save_image_grid
+from .checkpointing import map_style_resume
 from .loop import TrainLoop
 
 
@@ -39,19 +42,57 @@ class PriorTask:
         self.conditional = model.config.num_classes > 0
         self.last_metrics: dict[str, float] = {}
         self._tokenizer = None
+        self.world_size, self.epoch = 1, 0
+        self._history: list[ResumePoint] = []  # interrupted runs of epoch self._history_epoch under other specs
+        self._history_epoch: int | None = None
 
     def configure_optimizers(self, train, device_type: str) -> list[torch.optim.Optimizer]:
         return [self.model.configure_optimizer(train.lr, train.weight_decay, device_type)]
 
+    def reader_spec(self, world_size: int) -> PlanSpec:
+        """Everything besides (epoch, rank) that decides a rank's batches (saved in checkpoints)."""
+        r = self.cfg.reader
+        return PlanSpec(batch_size=self.cfg.train.batch_size, world_size=world_size, seed=self.cfg.train.seed,
+                        shuffle_buffer=self.cfg.shuffle_buffer, streams=r.reader_streams, resampled=r.resampled,
+                        epoch_samples=r.epoch_samples)
+
     def batches_per_epoch(self, world_size: int) -> int:
-        per_rank = self.manifest.split(self.cfg.split).total // world_size
-        return math.ceil(per_rank / self.cfg.train.batch_size)
+        self.world_size = world_size
+        return self.reader_spec(world_size).num_batches(self.manifest.split(self.cfg.split).total)
+
+    def history(self, epoch: int) -> list[ResumePoint]:
+        return self._history if epoch == self._history_epoch else []
 
     def epoch_batches(self, epoch: int, skip_batches: int, rank: int, world_size: int):
-        return shards.make_token_loader(
-            self.cfg.shards, self.cfg.split, batch_size=self.cfg.train.batch_size, seed=self.cfg.train.seed,
-            epoch=epoch, rank=rank, world_size=world_size, num_workers=self.cfg.num_workers, shuffle=True,
-            shuffle_buffer=self.cfg.shuffle_buffer, skip_batches=skip_batches)
+        self.world_size, self.epoch = world_size, epoch
+        stream = TokenStream(TokenSplit.from_manifest(self.manifest, self.cfg.split), self.reader_spec(world_size),
+                             epoch=epoch, rank=rank, skip_batches=skip_batches, verify=self.cfg.reader.verify_shards,
+                             history=self.history(epoch))
+        return TokenLoader(stream, num_workers=self.cfg.num_workers)
+
+    def data_state(self) -> dict:
+        return {"world_size": self.world_size, "batch_size": self.cfg.train.batch_size,
+                "num_workers": self.cfg.num_workers,
+                "reader": {"spec": dataclasses.asdict(self.reader_spec(self.world_size)), "epoch": self.epoch,
+                           "history": [p.to_dict() for p in self.history(self.epoch)]}}
+
+    def resume_batches(self, saved: dict | None, epoch: int, batches_done: int, world_size: int):
+        """Same reader spec: skip the batches done (exact). Another one (world size, batch, streams...) mid-epoch:
+        continue with the samples the interrupted run had not seen, each once, and say so."""
+        self.world_size, reader = world_size, (saved or {}).get("reader")
+        if reader is None:  # a checkpoint of the reader before issue 12: another sample order
+            skip, _ = map_style_resume(saved, epoch, batches_done, world_size, self.cfg.train.batch_size)
+            return skip, (f"warning: this checkpoint was written by an older vqgen token reader: the epoch "
+                          f"continues after the first {skip} batches of the new order, not exactly "
+                          f"where it stopped") if skip else None
+        saved_history = [ResumePoint.from_dict(p) for p in reader["history"]] if reader["epoch"] == epoch else []
+        try:
+            history, skip, warning = resume_history(saved_history, PlanSpec.from_dict(reader["spec"]), batches_done,
+                                                    self.reader_spec(world_size))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        self._history, self._history_epoch = history, epoch
+        return skip, warning
 
     def _labels(self, labels: torch.Tensor):
         return labels if self.conditional else None
@@ -66,9 +107,9 @@ class PriorTask:
     def validation_bits(self, loop: TrainLoop) -> float | None:
         if self.cfg.val_split not in self.manifest.splits:
             return None
-        loader = shards.make_token_loader(self.cfg.shards, self.cfg.val_split, batch_size=self.cfg.train.batch_size,
-                                          seed=0, epoch=0, rank=0, world_size=1, num_workers=0, shuffle=False,
-                                          hflip=False)  # held-out bits/token on the images as they are
+        loader = make_token_loader(self.manifest, self.cfg.val_split, batch_size=self.cfg.train.batch_size,
+                                   shuffle=False, hflip=False,  # held-out bits/token on the images as they are
+                                   verify=self.cfg.reader.verify_shards)
         with loop.accelerator.autocast():
             total, count = token_nll(loop.unwrapped_model, loader, loop.accelerator.device, self.cfg.val_batches)
         return bits_per_token(total / max(1, count))
@@ -121,11 +162,11 @@ def run(cfg: PriorStageConfig) -> TrainLoop:
     if cfg.split not in manifest.splits:
         raise ConfigError(f"{cfg.shards}: no '{cfg.split}' split in the manifest (has: {sorted(manifest.splits)})")
     tokenizer_sha = manifest.tokenizer_sha256
-    # sha256 of every shard against the manifest before training: a corrupt or truncated shard is named now, not
-    # hours into an epoch (and a same-size bit flip, which the tar reader cannot see, is caught too).
+    # Every shard present with its manifest size (one stat each, on every rank: a missing or truncated shard is
+    # named now, not hours into an epoch); the sha256 is checked by the rank that reads each shard, as it reads.
     for split in (cfg.split, cfg.val_split):
         if split in manifest.splits:
-            shards.verify_shards(cfg.shards, split)
+            check_split(TokenSplit.from_manifest(manifest, split), cfg.reader.verify_shards)
     # The tokenizer that decodes sample grids is checked here, on every rank, before training: a mismatch found
     # later inside the main-process-only evaluation would leave the other ranks waiting at a barrier.
     tok_path = cfg.checkpoint or manifest.tokenizer.get("path")

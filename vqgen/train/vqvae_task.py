@@ -1,30 +1,34 @@
 """Stage 1: train the VQ-VAE tokenizer (``accelerate launch train_vqvae.py --dataset ...``).
 
 Writes ``<output_dir>/checkpoints/checkpoint-{step}/`` (training state), ``samples/recon_epoch*.png``
-(each row of inputs followed by its row of reconstructions), ``metrics.jsonl`` and finally ``export/`` for stages 2 and 3.
+(each row of inputs followed by its row of reconstructions), ``metrics.jsonl`` and finally ``export/`` for stages 2
+and 3. Input: a map-style dataset or a stream (WebDataset urls, ``hf:<name> --streaming``), prepared once per node
+(:func:`build_inputs`), with optional seeded augmentation (:mod:`vqgen.train.stage1_data`). Unreadable images are
+dropped from their batch and counted (``skipped_images``: on rank 0 since the process started).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from ..config import VQVAEStageConfig
 
 from ..flags import validate
-from ..data import build_dataset, download_lock
-from ..errors import ConfigError
+from ..data import GENERIC_CHANNELS, GENERIC_IMAGE_SIZE, build_dataset
+from ..data.augment import Augment
+from ..data.stream_input import is_streamed, open_stream
+from ..data.streaming import StreamedImages
 from ..export import ExportMeta
 from ..eval.metrics import ReconstructionMeter
+from ..launch import prepare_first, start_processes
 from ..models.vqvae import VQVAE
 from ..sampling import save_image_grid
 from .gan import VQGANTerms
 from .loop import TrainLoop
-from .schedule import epoch_generator, epoch_indices
+from .stage1_data import MapInput, StreamInput, first_images
 
 
 def interleave_rows(inputs: torch.Tensor, recons: torch.Tensor, per_row: int) -> torch.Tensor:
@@ -36,13 +40,14 @@ def interleave_rows(inputs: torch.Tensor, recons: torch.Tensor, per_row: int) ->
 
 
 class VQVAETask:
-    """Stage-1 plug-in for :class:`TrainLoop`."""
+    """Stage-1 plug-in for :class:`TrainLoop`; the data side is a :class:`MapInput` or a :class:`StreamInput`."""
 
     name = "vqvae"
 
-    def __init__(self, cfg: VQVAEStageConfig, model: VQVAE, train_ds, val_ds, info):
-        self.cfg, self.model, self.train_ds, self.val_ds, self.info = cfg, model, train_ds, val_ds, info
+    def __init__(self, cfg: VQVAEStageConfig, model: VQVAE, train_input, val_ds, info):
+        self.cfg, self.model, self.input, self.val_ds, self.info = cfg, model, train_input, val_ds, info
         self.last_metrics: dict[str, float] = {}
+        self.skipped = 0  # unreadable images dropped on this rank since the process started (a device tensor)
         # --disc_weight / --perceptual_weight: the VQGAN terms (train/gan.py); the discriminator is a second model
         self.gan = VQGANTerms(cfg.gan, model.config.in_channels, cfg.train.seed) if cfg.gan.enabled else None
         self.extra_models = self.gan.modules if self.gan else []
@@ -56,28 +61,28 @@ class VQVAETask:
             self.gan.bind(loop, prepared)
 
     def batches_per_epoch(self, world_size: int) -> int:
-        return math.ceil((len(self.train_ds) // world_size) / self.cfg.train.batch_size)
+        return self.input.batches_per_epoch(world_size)
 
     def epoch_batches(self, epoch: int, skip_batches: int, rank: int, world_size: int):
-        idx = epoch_indices(len(self.train_ds), self.cfg.train.seed, epoch, rank, world_size)
-        idx = idx[skip_batches * self.cfg.train.batch_size:]
-        # Own generator: a DataLoader iterator otherwise draws its worker base seed from the global RNG, so the
-        # iterator a resumed run starts mid-epoch would shift every later global draw (the quantizer's dead-code
-        # restart samples from it) and break bitwise-exact resume.
-        return DataLoader(Subset(self.train_ds, idx), batch_size=self.cfg.train.batch_size, shuffle=False,
-                          num_workers=self.cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=False,
-                          generator=epoch_generator(self.cfg.train.seed, epoch))
+        return self.input.epoch_batches(epoch, skip_batches, rank, world_size)
+
+    def data_state(self) -> dict:
+        return self.input.data_state()
+
+    def resume_batches(self, saved: dict | None, epoch: int, batches_done: int, world_size: int):
+        return self.input.resume_batches(saved, epoch, batches_done, world_size)
 
     def compute_loss(self, model, batch):
-        x, _ = batch
+        x, _, skipped = batch  # unreadable images were dropped by the collate (stage1_data.collate_readable)
+        self.skipped = self.skipped + skipped
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = model(x)
         recon = out.recon.float()
         rec = F.mse_loss(recon, x) if self.cfg.recon_loss == "mse" else F.l1_loss(recon, x)
         # detached tensors: the loop converts them only on logging steps (no per-step host sync on GPUs)
-        logs = {"recon_loss": rec.detach(), "vq_loss": out.vq_loss.detach(), "perplexity": out.perplexity.detach()}
+        logs = {"recon_loss": rec.detach(), "vq_loss": out.vq_loss.detach(), "perplexity": out.perplexity.detach(),
+                "skipped_images": self.skipped.detach()}
         if self.gan is not None:
             rec = self.gan.loss(x.float(), recon, rec, self.gan.loop.unwrapped_model.last_layer, logs)
         return rec + out.vq_loss, logs
@@ -87,12 +92,9 @@ class VQVAETask:
         if not loop.is_main:
             return {}
         model = loop.unwrapped_model.eval()
-        n = min(len(self.val_ds), self.cfg.val_images)
-        dl = DataLoader(Subset(self.val_ds, range(n)), batch_size=self.cfg.train.batch_size, shuffle=False,
-                        num_workers=self.cfg.data.num_workers, generator=torch.Generator().manual_seed(0))
         meter = ReconstructionMeter(model.config.num_embeddings)
         grid_x = grid_r = None
-        for x, _ in dl:
+        for x, _ in first_images(self.val_ds, self.cfg.val_images, self.cfg.train.batch_size):
             x = x.to(loop.accelerator.device)
             with loop.accelerator.autocast():
                 out = model(loop.cast_inputs(x))
@@ -114,25 +116,51 @@ class VQVAETask:
         loop.print(f"export written to {loop.run.export}")
 
 
+def build_inputs(cfg: VQVAEStageConfig, state):
+    """(training input, validation dataset, DatasetInfo): prepared by one process per node, then loaded by all."""
+    data = cfg.data
+    streamed = is_streamed(data.dataset, data.streaming)
+    with prepare_first(state, once=data.prepare_data_once, data_dir=data.data_dir):
+        if streamed:  # streams have no registry entry: the generic 64 px RGB unless --image_size says otherwise
+            source, decoder, info = open_stream(data.dataset, "train", data.data_dir,
+                                                data.image_size or GENERIC_IMAGE_SIZE, GENERIC_CHANNELS,
+                                                streaming_hf=data.streaming)
+        else:
+            train_ds, info = build_dataset(data.dataset, "train", data.data_dir, data.image_size)
+        val_name = cfg.val_dataset or data.dataset
+        if is_streamed(val_name, data.streaming):
+            vsrc, vdec, _ = open_stream(val_name, "test", data.data_dir, info.image_size, info.channels,
+                                        streaming_hf=data.streaming)
+            val_ds = StreamedImages(vsrc, vdec, shuffle=False, equal=False)
+        else:
+            val_ds, _ = build_dataset(val_name, "test", data.data_dir, info.image_size, info.channels)
+    augment = Augment(info.image_size, cfg.augment.random_crop, cfg.augment.hflip)
+    if augment:
+        info.transforms = {**info.transforms, "train_augmentation": augment.describe()}
+    if not streamed:
+        return MapInput(train_ds, cfg, augment), val_ds, info
+    per_epoch = cfg.samples_per_epoch
+    if source.counts is None and not per_epoch and info.transforms.get("total"):
+        per_epoch = int(info.transforms["total"])  # an HF stream whose split size the dataset records
+        if state.is_main_process:
+            print(f"streamed input of unknown shard sizes: one epoch = the split's {per_epoch} samples "
+                  f"(--samples_per_epoch)", flush=True)
+    return StreamInput(source, decoder, cfg, augment, per_epoch), val_ds, info
+
+
 def run(cfg: VQVAEStageConfig) -> TrainLoop:
     """Train stage 1 as ``cfg`` says; returns the finished (or stopped) loop."""
     from accelerate.utils import set_seed
 
     validate(cfg)
-    data = cfg.data
-    with download_lock(data.data_dir):  # every rank builds the datasets; only the first one downloads
-        train_ds, info = build_dataset(data.dataset, "train", data.data_dir, data.image_size)
-        val_ds, _ = build_dataset(data.dataset, "test", data.data_dir, data.image_size)
-    if isinstance(train_ds, IterableDataset) or isinstance(val_ds, IterableDataset):
-        raise ConfigError(f"{data.dataset}: train_vqvae.py needs a map-style dataset (its exact resume indexes "
-                          f"samples); WebDataset tar input is streamed. Use an image folder or an HF dataset, or "
-                          f"pass the tars to extract_codes.py with an existing tokenizer")
+    state = start_processes(training=True)  # the Accelerator built by the loop joins the same process group
+    train_input, val_ds, info = build_inputs(cfg, state)
     config = cfg.model.build(in_channels=info.channels, image_size=info.image_size)
     set_seed(cfg.train.seed)  # identical initial weights on every rank
     model = VQVAE(config)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     record = {"stage": "vqvae", "model": dataclasses.asdict(config), "dataset": dataclasses.asdict(info)}
-    loop = TrainLoop(cfg, VQVAETask(cfg, model, train_ds, val_ds, info), record)
+    loop = TrainLoop(cfg, VQVAETask(cfg, model, train_input, val_ds, info), record)
     loop.fit()
     return loop
