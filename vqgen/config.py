@@ -32,7 +32,7 @@ from .hub import check_push_target
 from .models.discriminator import NORMS
 from .models.losses import DISC_LOSSES, VGG16_FILE
 from .models.prior import PriorConfig
-from .models.vqvae import VQVAEConfig, level_params
+from .models.vqvae import ARCHS, VQVAEConfig, level_params
 from .run_dir import RunDir
 from .sampling import check_sampling_args
 from .shards.format import SPLIT_RE
@@ -173,6 +173,12 @@ class VQVAEFlags:
     dead_code_threshold: float = flag(_VQ.dead_code_threshold, "restart codes that won fewer than this many vectors "
                                       "per step (all ranks) over the last --restart_every steps; 0 disables")
     restart_every: int = flag(_VQ.restart_every, "the dead-code window: checked every this many training steps")
+    vq_arch: str = flag(_VQ.arch, "encoder/decoder blocks: conv (MONAI's ReLU residual units) or resnet (taming/"
+                        "LlamaGen GroupNorm + swish ResNet blocks); opt-in, no equal-time ablation yet", choices=ARCHS)
+    vq_attention: bool = flag(False, "with --vq_arch resnet: self-attention at the lowest resolution")
+    norm_groups: int = flag(_VQ.norm_groups, "GroupNorm groups of --vq_arch resnet")
+    codebook_l2: bool = flag(False, "l2-normalised codebook and encoder outputs (LlamaGen): use with a small "
+                             "--embedding_dim, e.g. 8")
 
     def build(self, in_channels: int, image_size: int) -> VQVAEConfig:
         """These flags + the dataset's channels/size -> a validated :class:`VQVAEConfig`."""
@@ -189,7 +195,8 @@ class VQVAEFlags:
             upsample_parameters=level_params(self.upsample_parameters, 5, levels, "--upsample_parameters"),
             num_embeddings=self.num_embeddings, embedding_dim=self.embedding_dim,
             commitment_cost=self.commitment_cost, decay=self.ema_decay, epsilon=self.ema_epsilon,
-            dead_code_threshold=self.dead_code_threshold, restart_every=self.restart_every)
+            dead_code_threshold=self.dead_code_threshold, restart_every=self.restart_every, arch=self.vq_arch,
+            attention=self.vq_attention, norm_groups=self.norm_groups, codebook_l2=self.codebook_l2)
         cfg.validate()
         return cfg
 

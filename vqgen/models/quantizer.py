@@ -82,7 +82,7 @@ class VectorQuantizerEMA(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25, decay: float = 0.99,
                  epsilon: float = 1e-5, dead_code_threshold: float = 1.0, restart_every: int = 10,
-                 init_kmeans_iters: int = 10):
+                 init_kmeans_iters: int = 10, l2_norm: bool = False):
         super().__init__()
         self.num_embeddings = int(num_embeddings)
         self.embedding_dim = int(embedding_dim)
@@ -92,6 +92,10 @@ class VectorQuantizerEMA(nn.Module):
         self.dead_code_threshold = float(dead_code_threshold)
         self.restart_every = int(restart_every)
         self.init_kmeans_iters = int(init_kmeans_iters)
+        # LlamaGen's l2-normalised codebook: encoder outputs and codes live on the unit sphere, so the nearest code
+        # is the one of highest cosine similarity and the codebook's scale cannot drift from the encoder's (LlamaGen
+        # VQ-16: 8-dim codes, 97% usage). Off by default (opt-in --codebook_l2).
+        self.l2_norm = bool(l2_norm)
         K, D = self.num_embeddings, self.embedding_dim
         # Placeholder codebook until the first training batch initialises it (also what an untrained model uses).
         self.register_buffer("embedding", torch.randn(K, D))
@@ -110,7 +114,8 @@ class VectorQuantizerEMA(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
                 f"commitment_cost={self.commitment_cost}, decay={self.decay}, "
-                f"dead_code_threshold={self.dead_code_threshold}, restart_every={self.restart_every}")
+                f"dead_code_threshold={self.dead_code_threshold}, restart_every={self.restart_every}, "
+                f"l2_norm={self.l2_norm}")
 
     # ---- keep the codebook fp32 whatever the module is cast to ------------------------------------------------
     def _apply(self, fn, recurse=True):
@@ -126,6 +131,10 @@ class VectorQuantizerEMA(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._host_initialized = None
 
+    def _norm(self, v: torch.Tensor) -> torch.Tensor:
+        """Unit length along dim 1 (codes of (K, D), vectors of (B, D, H, W)) with ``l2_norm``, else unchanged."""
+        return F.normalize(v, dim=1) if self.l2_norm else v
+
     # ---- lookups (no state change) ---------------------------------------------------------------------------
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
         """Index of the nearest code for each row of ``flat`` (N, D), in fp32. Ties → lowest index."""
@@ -135,7 +144,7 @@ class VectorQuantizerEMA(nn.Module):
     def indices_of(self, z: torch.Tensor) -> torch.Tensor:
         """(B, D, H, W) → (B, H, W) long code indices. Never touches the EMA state."""
         B, _, H, _ = z.shape
-        flat = rearrange(z.detach(), "b d h w -> (b h w) d")
+        flat = rearrange(self._norm(z.detach().float()), "b d h w -> (b h w) d")
         return rearrange(self.nearest(flat), "(b h w) -> b h w", b=B, h=H)
 
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
@@ -162,7 +171,7 @@ class VectorQuantizerEMA(nn.Module):
             raise ValueError(f"quantizer expects (B, {self.embedding_dim}, H, W), got {tuple(z.shape)}")
         B, _, H, W = z.shape
         with torch.autocast(device_type=z.device.type, enabled=False):
-            zf = z.float()
+            zf = self._norm(z.float())                              # unit vectors with l2_norm
             flat = rearrange(zf.detach(), "b d h w -> (b h w) d")  # (N, D); a view when z is channels-last
             if self.training and not self._is_initialized():
                 self.init_codebook(flat)
@@ -203,12 +212,12 @@ class VectorQuantizerEMA(nn.Module):
                 n = torch.bincount(idx, minlength=K).float()
                 sums = torch.zeros_like(emb).index_add_(0, idx, flat)
                 keep = n > 0  # empty clusters keep their previous centre
-                emb[keep] = sums[keep] / n[keep, None]
+                emb[keep] = self._norm(sums[keep] / n[keep, None])
             idx = self._nearest_to(flat, emb)
             size.copy_(torch.bincount(idx, minlength=K).float().clamp_min(1.0))
         _broadcast_(emb)
         _broadcast_(size)
-        self.embedding.copy_(emb)
+        self.embedding.copy_(self._norm(emb))
         self.cluster_size.copy_(size)
         self.embed_sum.copy_(emb * size[:, None])
         self.initialized.fill_(True)
@@ -264,7 +273,7 @@ class VectorQuantizerEMA(nn.Module):
         # Laplace smoothing keeps the division finite for (nearly) unused codes.
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.epsilon) / (n + K * self.epsilon) * n
-        self.embedding.copy_(self.embed_sum / smoothed[:, None])
+        self.embedding.copy_(self._norm(self.embed_sum / smoothed[:, None]))
         self.usage.add_(batch_counts)
         self.window_counts.add_(batch_counts)
         self.step.add_(1)

@@ -17,10 +17,12 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..export import Export, Exportable
 from ..hub import HubMixin
+from .blocks import build_resnet_decoder, build_resnet_encoder
 from .optim import adamw
 from .quantizer import VectorQuantizerEMA
 
 ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "silu": lambda: nn.SiLU()}
+ARCHS = ("conv", "resnet")
 DOWN_FIELDS = "stride, kernel, dilation, padding"
 UP_FIELDS = "stride, kernel, dilation, padding, output_padding"
 
@@ -80,6 +82,10 @@ class VQVAEConfig:
     restart_every: int = 10
     init_kmeans_iters: int = 10
     activation: str = "relu"
+    arch: str = "conv"            # "conv": MONAI's ReLU residual units; "resnet": GroupNorm + swish blocks (blocks.py)
+    attention: bool = False       # "resnet" only: self-attention at the lowest resolution (encoder and decoder)
+    norm_groups: int = 32         # "resnet" only: GroupNorm groups (fewer when the channels do not divide)
+    codebook_l2: bool = False     # l2-normalised codes and encoder outputs (LlamaGen); pair with a small embedding_dim
 
     def __post_init__(self):
         self.num_channels = tuple(int(c) for c in self.num_channels)
@@ -159,6 +165,12 @@ class VQVAEConfig:
         if self.restart_every < 1 or self.init_kmeans_iters < 0:
             raise ConfigError(f"need restart_every >= 1 and init_kmeans_iters >= 0; got {self.restart_every}, "
                               f"{self.init_kmeans_iters}")
+        if self.arch not in ARCHS:
+            raise ConfigError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.attention and self.arch != "resnet":
+            raise ConfigError("attention (--vq_attention) needs arch 'resnet' (--vq_arch resnet)")
+        if self.norm_groups < 1:
+            raise ConfigError(f"norm_groups must be >= 1, got {self.norm_groups}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         for name, params, per, what in (("downsample_parameters", self.downsample_parameters, 4, DOWN_FIELDS),
@@ -202,6 +214,8 @@ class ResidualUnit(nn.Module):
 
 
 def build_encoder(cfg: VQVAEConfig) -> nn.Sequential:
+    if cfg.arch == "resnet":
+        return build_resnet_encoder(cfg)
     layers: list[nn.Module] = []
     prev = cfg.in_channels
     for ch, res, (s, k, d, p) in zip(cfg.num_channels, cfg.num_res_channels, cfg.downsample_parameters):
@@ -213,6 +227,8 @@ def build_encoder(cfg: VQVAEConfig) -> nn.Sequential:
 
 
 def build_decoder(cfg: VQVAEConfig) -> nn.Sequential:
+    if cfg.arch == "resnet":
+        return build_resnet_decoder(cfg)
     chans, res_chans = cfg.num_channels[::-1], cfg.num_res_channels[::-1]
     L = cfg.num_levels
     layers: list[nn.Module] = [nn.Conv2d(cfg.embedding_dim, chans[0], 3, padding=1)]
@@ -245,7 +261,7 @@ class VQVAE(Exportable, nn.Module, HubMixin, tags=["vq-vae", "image-tokenizer"])
         self.encoder = build_encoder(config)
         self.quantizer = VectorQuantizerEMA(config.num_embeddings, config.embedding_dim, config.commitment_cost,
                                             config.decay, config.epsilon, config.dead_code_threshold,
-                                            config.restart_every, config.init_kmeans_iters)
+                                            config.restart_every, config.init_kmeans_iters, config.codebook_l2)
         self.decoder = build_decoder(config)
 
     @property
