@@ -91,3 +91,68 @@ def test_tokenizer_levers_train_export_and_resume_bitwise(tmp_path):
     losses = [json.loads(line)["loss"] for line in (tmp_path / "full/metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+# ------------------------------------------------------------------------------------------------ prior
+def tiny_prior(num_classes=3, **kw):
+    from vqgen.models.prior import Prior, PriorConfig
+
+    torch.manual_seed(0)
+    return Prior(PriorConfig(vocab_size=16, latent_h=3, latent_w=4, dim=32, depth=2, heads=2,
+                             num_classes=num_classes, **kw)).eval()
+
+
+def test_llama_prior_blocks_decode_with_the_cache_as_the_full_forward():
+    p = tiny_prior(norm="rms", mlp="swiglu", rope=True)
+    assert isinstance(p.ln_f, torch.nn.RMSNorm) and p.rope_angles.shape == (13, 8)  # (1 + h*w, head_dim // 2)
+    torch.manual_seed(1)
+    toks, lab = torch.randint(0, 16, (3, 12)), torch.tensor([0, 1, -1])
+    with torch.no_grad():
+        full = p(toks, lab)                                         # (3, 12, 16)
+        labels = p.resolve_labels(lab, 3, toks.device)
+        p.setup_caches(4, 12, torch.float32)
+        steps = [p.prefill(toks[:, :5], labels)] + [p.decode_one_token(toks[:, i], i + 1) for i in range(5, 11)]
+        torch.testing.assert_close(torch.stack(steps, 1), full[:, 5:], atol=1e-5, rtol=0)
+        torch.testing.assert_close(p.logits_for_prefix(toks[:, :6], labels), full[:, 6], atol=1e-5, rtol=0)
+        plain = tiny_prior(norm="rms", mlp="swiglu")
+        plain.load_state_dict(p.state_dict())  # same weights (the angles are not saved): RoPE changes the logits
+        assert not torch.allclose(plain(toks, lab), full)
+
+
+def test_swiglu_keeps_the_parameter_count_and_rope_needs_head_dim_divisible_by_4():
+    from vqgen.models.prior import Prior, PriorConfig
+    from vqgen.models.prior_blocks import rope_2d_table
+
+    gelu, swiglu = (sum(q.numel() for q in tiny_prior(mlp=m).parameters()) for m in ("gelu", "swiglu"))
+    assert abs(swiglu - gelu) / gelu < 0.05
+    assert torch.equal(rope_2d_table(3, 4, 8)[0], torch.zeros(4))  # the class token is not rotated
+    with pytest.raises(ConfigError, match="rope"):
+        Prior(PriorConfig(vocab_size=16, latent_h=3, latent_w=4, dim=24, depth=1, heads=4, rope=True))
+
+
+def test_prior_weights_ema_is_exported_and_resumed_bitwise(stage2, tmp_path):
+    from safetensors.torch import load_file
+
+    from vqgen.config import PriorStageConfig
+    from vqgen.export import load_export
+    from vqgen.train import prior_task
+    from vqgen.train.ema import FILE
+
+    flags = ["--shards", str(stage2 / "shards"), "--attn_layers_dim", "32", "--attn_layers_depth", "2",
+             "--attn_layers_heads", "2", "--no_wandb", "--num_samples", "4", "--val_batches", "2", "--n_epochs_t", "1",
+             "--batch_size", "64", "--prior_ema_decay", "0.9", "--prior_norm", "rms", "--prior_mlp", "swiglu", "--rope"]
+
+    def run(out, *extra):
+        return prior_task.run(load_config(PriorStageConfig, [*flags, "--output_dir", str(tmp_path / out), *extra]))
+    loop = run("full")  # one epoch (23 steps), then validation and a sample grid from the EMA weights
+    assert list((tmp_path / "full/samples").glob("samples_epoch*.png"))
+    run("cut", "--max_steps", "5")
+    assert (tmp_path / "cut/checkpoints/checkpoint-5" / FILE).exists()
+    run("cut", "--resume", "latest")
+    exp = load_export(tmp_path / "full/export")
+    assert exp.config["rope"] and exp.config["norm"] == "rms" and exp.config["mlp"] == "swiglu"
+    raw, ema = loop.unwrapped_model.state_dict(), loop.task.ema.model.state_dict()
+    assert all(torch.equal(exp.state_dict[k], ema[k]) for k in exp.state_dict)  # the export is the average ...
+    assert any(not torch.equal(raw[k], ema[k]) for k in exp.state_dict)        # ... not the last weights
+    a, b = (load_file(str(tmp_path / n / "export/model.safetensors")) for n in ("full", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # resumed EMA = uninterrupted EMA

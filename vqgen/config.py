@@ -31,7 +31,7 @@ from .flags import flag, int_list, part
 from .hub import check_push_target
 from .models.discriminator import NORMS
 from .models.losses import DISC_LOSSES, VGG16_FILE
-from .models.prior import PriorConfig
+from .models.prior import PRIOR_MLPS, PRIOR_NORMS, PriorConfig
 from .models.vqvae import ARCHS, VQVAEConfig, level_params
 from .run_dir import RunDir
 from .sampling import check_sampling_args
@@ -213,12 +213,19 @@ class PriorFlags:
                                "residual branches during training")
     class_dropout: float = flag(_model_default(PriorConfig, "class_dropout"), "probability of replacing a label by "
                                 "the null class in training (enables --cfg_scale)")
+    prior_norm: str = flag(_model_default(PriorConfig, "norm"), "normalisation layers of the prior (rms: LLaMA's "
+                           "RMSNorm); opt-in", choices=PRIOR_NORMS)
+    prior_mlp: str = flag(_model_default(PriorConfig, "mlp"), "MLP of the prior's blocks (swiglu: LLaMA's, same "
+                          "parameter count); opt-in", choices=PRIOR_MLPS)
+    rope: bool = flag(False, "2D rotary position embedding (row/column) on the prior's queries and keys, on top of "
+                      "the learned positions (head dimension divisible by 4); opt-in")
 
     def build(self, vocab_size: int, latent_h: int, latent_w: int, num_classes: int) -> PriorConfig:
         cfg = PriorConfig(vocab_size=int(vocab_size), latent_h=int(latent_h), latent_w=int(latent_w),
                           dim=self.attn_layers_dim, depth=self.attn_layers_depth, heads=self.attn_layers_heads,
                           dropout=self.attn_dropout, num_classes=max(int(num_classes), 0),
-                          class_dropout=self.class_dropout)
+                          class_dropout=self.class_dropout, norm=self.prior_norm, mlp=self.prior_mlp,
+                          rope=self.rope)
         cfg.validate()
         return cfg
 
@@ -376,6 +383,8 @@ class PriorStageConfig(_Trainer):
                                "--reader_streams x this many decoded samples)")
     num_workers: int = flag(0, "token-loading worker processes per process")
     val_batches: int = flag(50, "max held-out batches per evaluation")
+    prior_ema_decay: float = flag(0.0, "keep an EMA of the prior's weights with this decay (e.g. 0.999): validation, "
+                                  "grids and the export use it; 0: off (opt-in)")
     reader: TokenReaderConfig = part(TokenReaderConfig, title="token reader")
     model: PriorFlags = part(PriorFlags, title="prior (transformer)")
     # The prior's own defaults: warm-up + cosine decay and AdamW weight decay, as GPT training does.
@@ -386,6 +395,8 @@ class PriorStageConfig(_Trainer):
     def check(self) -> None:
         _positive(self, "num_workers", zero_ok=True)
         _positive(self, "val_batches", "shuffle_buffer")
+        if not 0.0 <= self.prior_ema_decay < 1.0:
+            raise ConfigError(f"--prior_ema_decay must be in [0, 1), got {self.prior_ema_decay}")
         _positive(self.sampling, "num_samples")
 
 

@@ -24,6 +24,10 @@ from ..errors import CheckpointError, ConfigError
 from ..export import Export, Exportable
 from ..hub import HubMixin
 from .optim import adamw
+from .prior_blocks import SwiGLU, apply_rope, make_norm, rope_2d_table
+
+PRIOR_NORMS, PRIOR_MLPS = ("layer", "rms"), ("gelu", "swiglu")
+
 
 @dataclass
 class PriorConfig:
@@ -37,6 +41,9 @@ class PriorConfig:
     num_classes: int = 0            # 0 = unconditional
     class_dropout: float = 0.1      # P(label -> null class) in training: enables classifier-free guidance
     mlp_ratio: float = 4.0
+    norm: str = "layer"             # "layer" | "rms" (LLaMA RMSNorm)
+    mlp: str = "gelu"               # "gelu" | "swiglu"
+    rope: bool = False              # 2D rotary embedding on q/k (prior_blocks.py), on top of the learned positions
 
     @property
     def seq_len(self) -> int:
@@ -75,6 +82,10 @@ class PriorConfig:
         need(0.0 <= self.class_dropout < 1.0, f"class_dropout must be in [0, 1), got {self.class_dropout}")
         need(self.num_classes >= 0, f"num_classes must be >= 0 (0 = unconditional), got {self.num_classes}")
         need(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        need(self.norm in PRIOR_NORMS, f"norm must be one of {PRIOR_NORMS}, got {self.norm!r}")
+        need(self.mlp in PRIOR_MLPS, f"mlp must be one of {PRIOR_MLPS}, got {self.mlp!r}")
+        need(not self.rope or (self.dim // self.heads) % 4 == 0,
+             f"rope needs a head dimension (attn_layers_dim / heads = {self.dim // self.heads}) divisible by 4")
 
 
 def token_cross_entropy(logits: torch.Tensor, tokens: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -115,9 +126,11 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, start: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int | None = None, rope: torch.Tensor | None = None) -> torch.Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, heads, t, hd)
+        if rope is not None:                    # angles (t, hd/2) of these t input positions
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if start is None:                       # full sequence, no cache (training / reference path)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
@@ -143,14 +156,18 @@ class Block(nn.Module):
     def __init__(self, cfg: PriorConfig):
         super().__init__()
         hidden = int(cfg.dim * cfg.mlp_ratio)
-        self.ln1 = nn.LayerNorm(cfg.dim)
+        self.ln1 = make_norm(cfg.norm, cfg.dim)
         self.attn = Attention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.dim)
-        self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, cfg.dim))
+        self.ln2 = make_norm(cfg.norm, cfg.dim)
+        if cfg.mlp == "swiglu":
+            self.mlp = SwiGLU(cfg.dim, cfg.mlp_ratio)
+        else:
+            self.mlp = nn.Sequential(nn.Linear(cfg.dim, hidden), nn.GELU(approximate="tanh"),
+                                     nn.Linear(hidden, cfg.dim))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, start: int | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), start))
+    def forward(self, x: torch.Tensor, start: int | None = None, rope: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), start, rope))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -169,12 +186,17 @@ class Prior(Exportable, nn.Module, HubMixin, tags=["autoregressive", "image-gene
         self.pos_emb = nn.Parameter(torch.zeros(1, config.seq_len, d))  # learned absolute, raster order
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.depth))
-        self.ln_f = nn.LayerNorm(d)
+        self.ln_f = make_norm(config.norm, d)
+        if config.rope:  # (1 + seq_len, head_dim // 2) rotation angles; not saved (a function of the config)
+            self.register_buffer("rope_angles", rope_2d_table(config.latent_h, config.latent_w, d // config.heads),
+                                 persistent=False)
+        else:
+            self.rope_angles = None
         self.head = nn.Linear(d, config.vocab_size, bias=False)       # untied: the input table also holds no BOS
         self.apply(self._init_weights)
         nn.init.normal_(self.pos_emb, std=0.02)
         for name, p in self.named_parameters():               # GPT-2: scale residual projections by depth
-            if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
+            if name.endswith(("attn.proj.weight", "mlp.2.weight", "mlp.w2.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.depth))
 
     @staticmethod
@@ -208,9 +230,17 @@ class Prior(Exportable, nn.Module, HubMixin, tags=["autoregressive", "image-gene
             x = torch.cat([x, self.tok_emb(prefix)], dim=1)         # (B, 1 + n, dim)
         return self.drop(x + self.pos_emb[:, : x.shape[1]])
 
+    def _rope(self, start: int | None, t: int) -> torch.Tensor | None:
+        """Rotation angles of input positions ``[start, start + t)`` (``start=None``: from 0), or None."""
+        if self.rope_angles is None:
+            return None
+        s = start or 0
+        return self.rope_angles[s: s + t]
+
     def _logits(self, x: torch.Tensor, start: int | None) -> torch.Tensor:
+        rope = self._rope(start, x.shape[1])
         for block in self.blocks:
-            x = block(x, start)
+            x = block(x, start, rope)
         return self.head(self.ln_f(x))
 
     # ---- training -----------------------------------------------------------------------------------------
@@ -235,8 +265,9 @@ class Prior(Exportable, nn.Module, HubMixin, tags=["autoregressive", "image-gene
     def logits_for_prefix(self, prefix: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``(B, vocab)`` after ``prefix (B, n)``, recomputing everything (no cache)."""
         x = self._embed(prefix, labels)
+        rope = self._rope(None, x.shape[1])
         for block in self.blocks:
-            x = block(x, None)
+            x = block(x, None, rope)
         return self.head(self.ln_f(x[:, -1]))
 
     def setup_caches(self, max_batch: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None,
@@ -262,15 +293,17 @@ class Prior(Exportable, nn.Module, HubMixin, tags=["autoregressive", "image-gene
     def prefill(self, prefix: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Fill the caches with ``[start(labels)] + prefix (B, n)``; return next-token logits ``(B, vocab)``."""
         x = self._embed(prefix, labels)
+        rope = self._rope(0, x.shape[1])
         for block in self.blocks:
-            x = block(x, 0)
+            x = block(x, 0, rope)
         return self.head(self.ln_f(x[:, -1]))
 
     def decode_one_token(self, token: torch.Tensor, input_pos: int) -> torch.Tensor:
         """Feed ``token (B,)`` at input position ``input_pos`` (= its raster index + 1); logits ``(B, vocab)``."""
         x = self.drop(self.tok_emb(token.reshape(-1, 1)) + self.pos_emb[:, input_pos: input_pos + 1])  # (B,1,dim)
+        rope = self._rope(input_pos, 1)
         for block in self.blocks:
-            x = block(x, input_pos)
+            x = block(x, input_pos, rope)
         return self.head(self.ln_f(x[:, -1]))
 
     def configure_optimizer(self, lr: float, weight_decay: float, device_type: str) -> torch.optim.Optimizer:

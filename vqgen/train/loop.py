@@ -55,7 +55,8 @@ class StageTask(Protocol):
     # prepared_extra_models)``. The loop prepares the extra modules with the model (DDP-wrapped, in every
     # checkpoint), hands the prepared ones to ``bind`` and includes them in gradient accumulation. A task with
     # extra models cannot run under DeepSpeed (one engine per prepare) or fp16 (one grad scaler updated after each
-    # optimizer): refused with a ConfigError.
+    # optimizer): refused with a ConfigError. Optional ``after_step(loop)``: called after every optimizer step
+    # (e.g. an EMA of the weights), before the step's checkpoint.
 
     def configure_optimizers(self, train: TrainConfig, device_type: str) -> list[torch.optim.Optimizer]:
         """The task's optimizers, built by its models (``model.configure_optimizer``, as nanoGPT). The loop gives
@@ -260,6 +261,8 @@ class TrainLoop:
         for scheduler in self.schedulers:
             scheduler.step()
         self.state.global_step += 1
+        if hasattr(self.task, "after_step"):  # e.g. the prior's EMA of its weights
+            self.task.after_step(self)
         bar.update(1)
         step = self.state.global_step
         if step % 10 == 0 or step == 1:

@@ -27,6 +27,7 @@ from ..models.prior import Prior, token_cross_entropy
 from ..models.tokenizer import load_tokenizer
 from ..sampling import class_labels, decode_to_images, generate, save_image_grid
 from .checkpointing import map_style_resume
+from .ema import WeightsEMA
 from .loop import TrainLoop
 
 
@@ -45,6 +46,19 @@ class PriorTask:
         self.world_size, self.epoch = 1, 0
         self._history: list[ResumePoint] = []  # interrupted runs of epoch self._history_epoch under other specs
         self._history_epoch: int | None = None
+        self.ema = None  # --prior_ema_decay: an AveragedModel of the weights (bind), in every checkpoint
+
+    def bind(self, loop: TrainLoop, prepared: list) -> None:
+        if self.cfg.prior_ema_decay > 0:
+            self.ema = WeightsEMA(loop, self.cfg.prior_ema_decay)
+
+    def after_step(self, loop: TrainLoop) -> None:
+        if self.ema is not None:
+            self.ema.update(loop.unwrapped_model)
+
+    def sampling_model(self, loop: TrainLoop) -> Prior:
+        """The weights validated, sampled and exported: the EMA when there is one."""
+        return self.ema.model if self.ema is not None else loop.unwrapped_model
 
     def configure_optimizers(self, train, device_type: str) -> list[torch.optim.Optimizer]:
         return [self.model.configure_optimizer(train.lr, train.weight_decay, device_type)]
@@ -111,7 +125,7 @@ class PriorTask:
                                    shuffle=False, hflip=False,  # held-out bits/token on the images as they are
                                    verify=self.cfg.reader.verify_shards)
         with loop.accelerator.autocast():
-            total, count = token_nll(loop.unwrapped_model, loader, loop.accelerator.device, self.cfg.val_batches)
+            total, count = token_nll(self.sampling_model(loop), loader, loop.accelerator.device, self.cfg.val_batches)
         return bits_per_token(total / max(1, count))
 
     def tokenizer(self, device):
@@ -130,7 +144,7 @@ class PriorTask:
             metrics["val/bits_per_token"] = bpt
         tok = self.tokenizer(loop.accelerator.device)
         if tok is not None:
-            model = loop.unwrapped_model
+            model = self.sampling_model(loop)
             n = self.cfg.sampling.num_samples
             labels = class_labels(model, n, None)  # balanced over the classes; None when unconditional
             labels = labels.to(loop.accelerator.device) if labels is not None else None
@@ -149,7 +163,7 @@ class PriorTask:
                                                               "num_classes")}
         meta = ExportMeta(stage="prior", step=loop.state.global_step, metrics=self.last_metrics,
                           tokenizer_sha256=self.tokenizer_sha, tokenizer_path=self.tokenizer_path, shards=shards_used)
-        loop.unwrapped_model.export_to(loop.run.export, meta=meta)
+        self.sampling_model(loop).export_to(loop.run.export, meta=meta)
         loop.print(f"export written to {loop.run.export}")
 
 
