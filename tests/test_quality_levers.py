@@ -156,3 +156,11 @@ def test_prior_weights_ema_is_exported_and_resumed_bitwise(stage2, tmp_path):
     assert any(not torch.equal(raw[k], ema[k]) for k in exp.state_dict)        # ... not the last weights
     a, b = (load_file(str(tmp_path / n / "export/model.safetensors")) for n in ("full", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)   # resumed EMA = uninterrupted EMA
+
+
+def test_max_minutes_stops_like_max_steps_and_exports(tmp_path):
+    """The benchmark's hard time stop: decided in the step's all-reduce, ends with a checkpoint and an export."""
+    loop = vqvae_task.run(load_config(VQVAEStageConfig, [*TINY, "--n_epochs", "50", "--max_minutes", "0.0001",
+                                                         "--output_dir", str(tmp_path / "run")]))
+    assert loop.state.global_step == 1 and loop.state.finished
+    assert (tmp_path / "run/checkpoints/checkpoint-1").is_dir() and (tmp_path / "run/export").is_dir()

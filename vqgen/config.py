@@ -106,6 +106,8 @@ class TrainConfig:
     overwrite: bool = flag(False, "start over in an output_dir that holds another run", persist=False)
     max_bad_steps: int = flag(20, "stop after this many consecutive steps with a non-finite loss (each is skipped)")
     max_steps: int = flag(0, "stop after this many optimizer steps (0: run all epochs)", persist=False)
+    max_minutes: float = flag(0.0, "stop after this many minutes of training, as --max_steps does (checkpoint, "
+                              "export); counted from the first step, start-up excluded; 0: no limit", persist=False)
     sample_and_save_freq: int = flag(5, "every N epochs: validate, write an image grid, log metrics")
     report_to: str = flag("wandb", "experiment trackers: wandb (online when logged in and reachable, else offline in "
                           "<output_dir>/wandb with one warning), tensorboard (<output_dir>/logs), all, or none",
@@ -125,7 +127,7 @@ class TrainConfig:
                   "sample_and_save_freq", "max_bad_steps")
         if self.lr <= 0:
             raise ConfigError(f"learning rate must be > 0, got {self.lr}")
-        _positive(self, "warmup_steps", "checkpointing_steps", "max_steps", zero_ok=True)
+        _positive(self, "warmup_steps", "checkpointing_steps", "max_steps", "max_minutes", zero_ok=True)
         check_push_target(self.push_to_hub)  # a missing token is found now, not after training
 
 

@@ -140,6 +140,9 @@ class TrainLoop:
                    disable=not self.accelerator.is_local_main_process,
                    mininterval=0.5 if sys.stderr.isatty() else 30)
         self._bad_in_a_row, stop = 0, None
+        # --max_minutes: a time budget from here (start-up excluded), ending like --max_steps (checkpoint, export)
+        self._deadline = time.monotonic() + 60 * self.cfg.max_minutes if self.cfg.max_minutes else None
+        self._time_up = False
         with _SignalFlag() as sig:
             while self.state.epoch < self.cfg.n_epochs and stop is None:
                 stop = self._run_epoch(sig, bar)
@@ -209,9 +212,13 @@ class TrainLoop:
             # loss, so the logged loss is the global-batch mean (ranks hold equal batch sizes), not rank 0's share.
             local = loss.detach().float().reshape(())
             ok = torch.isfinite(local)
+            # --max_minutes rides on the same all-reduce: every rank ends at the same step.
+            late = self._deadline is not None and time.monotonic() >= self._deadline
             flags = torch.stack([(~ok).float(), torch.tensor(float(self._stop_requested(sig)), device=loss.device),
+                                 torch.tensor(float(late), device=loss.device),
                                  torch.where(ok, local, torch.zeros_like(local))])
-            bad, stop, loss_sum = acc.reduce(flags, "sum").tolist()  # the one host sync per micro-batch
+            bad, stop, late_sum, loss_sum = acc.reduce(flags, "sum").tolist()  # the one host sync per micro-batch
+            self._time_up = late_sum > 0
             finite = bad == 0
             if finite:
                 acc.backward(loss)
@@ -277,7 +284,7 @@ class TrainLoop:
             self.save_checkpoint()
         if stop_now:
             return STOP_REQUESTED
-        return "max_steps" if cfg.max_steps and step >= cfg.max_steps else None
+        return "max_steps" if (cfg.max_steps and step >= cfg.max_steps) or self._time_up else None
 
     def _end_epoch(self, epoch: int) -> None:
         """Validate (every ``--sample_and_save_freq`` epochs and after the last) and checkpoint."""
