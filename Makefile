@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test test-fast test-distributed bench eval clean
+.PHONY: setup demo test test-fast test-distributed bench bench-quality eval clean
 
 setup: $(STAMP)
 
@@ -45,6 +45,12 @@ bench: $(STAMP)
 	$(PY) bench/sampling.py
 	$(PY) bench/train_step.py
 	$(PY) bench/reader_scale.py
+
+# Issue 15: the side-by-side quality benchmark on real Fashion-MNIST (the original recipe on MONAI, its frozen variant,
+# vqgen uncond/cond), 30 minutes per row for stages 1-3 plus sampling/evaluation: about 2 hours on 2 CPU cores.
+BENCH_QUALITY_FLAGS ?= --budget_minutes 30 --samples 5000
+bench-quality: $(STAMP)
+	$(PY) bench/quality.py $(BENCH_QUALITY_FLAGS)
 
 eval: $(STAMP)
 	$(PY) evaluate.py --run_dir $(DEMO_DIR)

@@ -1,0 +1,377 @@
+"""Quality benchmark on real Fashion-MNIST (issue 15): the original tool's recipe vs vqgen, same sizes, same budget.
+
+Rows (``--rows``):
+  peer         GenerativeZoo's VQVAE_T recipe on MONAI as it runs (bench/peer_recipe.py; unconditional; its bug:
+               the VQ-VAE stays in train mode while the prior trains)
+  peer_frozen  the same stage 1, a second prior trained with the VQ-VAE frozen (the bug fixed, nothing else)
+  vqgen        vqgen's own scripts (train_vqvae.py, extract_codes.py, train_prior.py) at the issue's sizes and the
+               default flags (``--vqvae_flags`` / ``--prior_flags`` add flags, e.g. an opt-in lever for an
+               ablation row); scored twice: unconditional (null class) and class-conditional (CFG)
+
+Budget: ``--budget_minutes`` of wall clock for stages 1-3 of each row, ``--stage1_share`` of it for stage 1, the rest
+for stages 2+3 (vqgen pays its token extraction from the prior's share; the peer encodes inside its prior loop).
+The peer's loops stop on the wall clock. vqgen's trainers get ``--max_steps`` from a short calibration run of the
+same script (per-step time; the cosine schedule then ends where the budget does) and ``--max_minutes`` as the hard
+wall-clock stop. Start-up time of vqgen's processes is not counted (the peer's in-process loops have none).
+
+Evaluation: one code path for every row, vqgen.eval's (evaluate.py's functions): ``batches.eval_real`` for
+reconstruction PSNR / SSIM / codebook usage on the test split, the tokenizer floor (FID of ``--floor_images`` TRAIN
+images passed through the tokenizer, against the test split) and ``batches.reference_scores`` for the real-data floor
+(train vs test); ``stream_stats.quality`` (FID, k=3 precision/recall) and the classifier statistics (confident share,
+class coverage) of ``--samples`` samples against the 10k test images, in the features of the offline Fashion-MNIST
+classifier (vqgen.eval.classifier, trained once and cached in <data_dir>/classifier). vqgen's sampling settings (CFG
+scale, temperature, top-k) are chosen on a validation reference carved from TRAIN (``--val_images`` random train
+images, fixed seed; never the test split): ``--val_samples`` samples per candidate, lowest FID wins. The peer samples
+as its tool does (temperature 1: it exposes no setting).
+
+Outputs in ``--out``: results.json, results.md (the table), samples_<row>_<mode>.png and samples_side_by_side.png,
+and each vqgen stage's run folder.
+
+Run: ``make bench-quality`` (``--budget_minutes 30 --samples 5000``: about 3 x 30 minutes of training plus sampling
+and evaluation); ``python bench/quality.py --budget_minutes 0.5 --samples 500`` checks the plumbing in minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+DATASET = "fashionmnist"
+SIZES_VQ = ["--num_channels", "64", "64", "--num_res_channels", "64", "64", "--num_res_layers", "1",
+            "--num_embeddings", "256", "--embedding_dim", "32"]
+SIZES_PRIOR = ["--attn_layers_dim", "128", "--attn_layers_depth", "6", "--attn_layers_heads", "8"]
+COND_GRID = [{"cfg_scale": c, "temperature": t} for c in (1.5, 2.0, 3.0) for t in (0.8, 1.0)]
+NULL_GRID = [{"temperature": t, "top_k": k} for t in (0.9, 1.0) for k in (None, 64)]
+LABELS = {("peer", "null"): "original recipe as GenerativeZoo runs it (unconditional)",
+          ("peer_frozen", "null"): "original recipe, its VQ-VAE kept frozen while the prior trains",
+          ("vqgen", "null"): "vqgen, unconditional (null class)",
+          ("vqgen", "cond"): "vqgen, class-conditional"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--budget_minutes", type=float, default=30.0, help="wall-clock minutes for stages 1-3 of each row")
+    a("--stage1_share", type=float, default=1 / 3, help="share of the budget for stage 1 (the rest: stages 2+3)")
+    a("--rows", nargs="+", default=["peer", "peer_frozen", "vqgen"], choices=["peer", "peer_frozen", "vqgen"],
+      help="rows to run")
+    a("--out", default="runs/bench_quality", help="output folder")
+    a("--data_dir", default="data", help="vqgen data folder (Fashion-MNIST: Debian's dataset-fashion-mnist is found "
+                                         "by vqgen's registry)")
+    a("--samples", type=int, default=5000, help="samples per row for gFID / precision / recall")
+    a("--floor_images", type=int, default=5000, help="train images for the real-data and tokenizer floors")
+    a("--val_images", type=int, default=5000, help="train images of the validation reference (sampling settings)")
+    a("--val_samples", type=int, default=1000, help="samples per candidate sampling setting on the validation set")
+    a("--classifier_epochs", type=int, default=15, help="epochs of the feature classifier when it must be trained")
+    a("--calibration_steps", type=int, default=20, help="steps of each vqgen calibration run")
+    a("--vqvae_flags", default="", help="extra train_vqvae.py flags of the vqgen row (one string)")
+    a("--prior_flags", default="", help="extra train_prior.py flags of the vqgen row (one string)")
+    a("--seed", type=int, default=0, help="seed of every row")
+    a("--redo", action="store_true", help="recompute rows that already have results")
+    args = p.parse_args(argv)
+    if not (args.budget_minutes > 0 and 0 < args.stage1_share < 1 and args.samples >= 2 and args.val_samples >= 2
+            and args.calibration_steps >= 11):
+        p.error("need --budget_minutes > 0, 0 < --stage1_share < 1, --samples >= 2, --val_samples >= 2, "
+                "--calibration_steps > 10 (two logged steps: 10 and the last)")
+    return args
+
+
+# -------------------------------------------------------------------------------------------------- evaluation
+class Evaluator:
+    """One feature space, one test-split reference and one code path (vqgen.eval) for every row."""
+
+    def __init__(self, args):
+        from vqgen.config import EvalConfig
+        from vqgen.eval import batches as B
+        from vqgen.eval.features import build_feature_space
+        from vqgen.flags import load_config
+
+        self.args, self.B = args, B
+        self.cfg = load_config(EvalConfig, ["--data_dir", args.data_dir, "--features", "classifier",
+                                            "--classifier_epochs", str(args.classifier_epochs), "--batch_size", "500",
+                                            "--num_samples", str(args.samples), "--seed", str(args.seed)])
+        self.device = torch.device("cpu")
+        self.space = build_feature_space(self.cfg, DATASET, 32, 1, self.device)
+        self.test_ds = B.open_split(DATASET, "test", args.data_dir, 32, 1)
+        self.train_ds = B.open_split(DATASET, "train", args.data_dir, 32, 1)
+        perm = torch.randperm(len(self.train_ds), generator=torch.Generator().manual_seed(1)).tolist()
+        self.floor_ds = torch.utils.data.Subset(self.train_ds, perm[:args.floor_images])
+        self.val_ds = torch.utils.data.Subset(self.train_ds, perm[-args.val_images:])
+        self.test = self.real_set(self.test_ds)
+        self.val = self.real_set(self.val_ds)
+
+    def real_set(self, ds):
+        s = self.B.new_set(self.cfg, len(ds), self.space, 1)
+        for idx, x, _ in self.B.split_batches(ds, None, self.cfg.batch_size):
+            s.update(*self.space.batch(x), idx)
+        s.reduce()
+        return s
+
+    def image_set(self, images: torch.Tensor, asked: torch.Tensor | None):
+        """Feature set of generated ``images`` (N, 1, 32, 32) in [-1, 1], as batches.eval_samples builds it."""
+        s = self.B.new_set(self.cfg, len(images), self.space, 1)
+        bs = self.cfg.batch_size
+        for i in range(0, len(images), bs):
+            x = images[i:i + bs]
+            f, lg = self.space.batch(x)
+            s.update(f, lg, torch.arange(i, i + len(x)), asked[i:i + bs] if asked is not None else None,
+                     self.B.class_logits(self.space, x, lg))
+        s.reduce()
+        return s
+
+    def scores(self, fake, ref=None, with_labels: bool = False) -> dict:
+        from vqgen.eval import stream_stats
+        out = stream_stats.quality(ref if ref is not None else self.test, fake, self.cfg.pr_k)
+        c = fake.classifier_stats(with_labels)
+        out.update(confident=c["confident_fraction"], coverage=c["class_coverage"], class_counts=c["class_counts"])
+        if "label_accuracy" in c:
+            out["label_accuracy"] = c["label_accuracy"]
+        return out
+
+    def real_floor(self) -> dict:
+        from types import SimpleNamespace
+        tc = SimpleNamespace(image_size=32, in_channels=1)
+        return self.B.reference_scores(self.space, self.test, DATASET, self.cfg, tc, self.args.floor_images)
+
+    @torch.no_grad()
+    def tokenizer(self, tok) -> dict:
+        from vqgen.eval import stream_stats
+        metrics, _, _, _ = self.B.eval_real(tok, self.space, self.test_ds, self.cfg, self.device, 0, 1)
+        _, _, _, recon = self.B.eval_real(tok, self.space, self.floor_ds, self.cfg, self.device, 0, 1)
+        return {"psnr": metrics["psnr"], "ssim": metrics["ssim"], "codebook_usage": metrics["codebook_usage"],
+                "perplexity": metrics["perplexity"], "floor_fid": stream_stats.frechet(self.test, recon),
+                **{f"floor_{k}": v for k, v in stream_stats.quality(self.test, recon, self.cfg.pr_k).items()
+                   if k in ("precision", "recall")}}
+
+
+# ------------------------------------------------------------------------------------------------ vqgen row
+def run_script(script: str, flags: list[str], log: Path) -> float:
+    """Run a vqgen script in a fresh process; returns its wall time. Output goes to ``log``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    t = time.perf_counter()
+    with open(log, "a") as f:
+        f.write(f"$ {script} {' '.join(flags)}\n")
+        f.flush()
+        r = subprocess.run([sys.executable, str(ROOT / script), *flags], cwd=ROOT, env=env, stdout=f,
+                           stderr=subprocess.STDOUT)
+    if r.returncode:
+        sys.exit(f"error: {script} failed (exit {r.returncode}); see {log}")
+    return time.perf_counter() - t
+
+
+def step_seconds(metrics: Path, batch_size: int) -> float:
+    """Seconds per optimizer step between the last two logged steps of a run (samples/s counts from the epoch's
+    start, so the difference leaves the first step's warm-up out)."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if "samples_per_s" in line]
+    a, b = rows[-2], rows[-1]
+    ta, tb = a["step"] * batch_size / a["samples_per_s"], b["step"] * batch_size / b["samples_per_s"]
+    return (tb - ta) / max(1, b["step"] - a["step"])
+
+
+def budgeted_stage(script: str, flags: list[str], out: Path, budget_s: float, args, log: Path) -> dict:
+    """Calibrate the step time, then train ``budget_s`` seconds' worth of steps (``--max_minutes`` as hard stop)."""
+    calib = out.with_name(out.name + "_calib")
+    run_script(script, flags + ["--output_dir", str(calib), "--overwrite", "--max_steps", str(args.calibration_steps),
+                                "--sample_and_save_freq", "1000"], log)
+    per_step = step_seconds(calib / "metrics.jsonl", 128)
+    steps = max(1, int(budget_s / per_step))
+    epochs = "--n_epochs" if "vqvae" in script else "--n_epochs_t"
+    wall = run_script(script, flags + ["--output_dir", str(out), "--overwrite", "--max_steps", str(steps),
+                                       "--max_minutes", f"{budget_s / 60:.4f}", epochs, "1000"], log)
+    done = json.loads((sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+                       [-1] / "vqgen_state.json").read_text())["global_step"]
+    return {"process_s": wall, "steps": done, "planned_steps": steps, "calibrated_step_s": per_step,
+            "train_s": done * per_step}
+
+
+def sample_images(prior, tok, n: int, setting: dict, conditional: bool, seed: int):
+    """(images (n, 1, 32, 32), asked labels or None): vqgen.sampling, as evaluate.py draws them."""
+    from vqgen.sampling import class_labels, decode_to_images, generate
+    labels = class_labels(prior, n, None) if conditional else None
+    g = torch.Generator().manual_seed(seed)
+    toks = generate(prior, n, labels=labels, temperature=setting.get("temperature", 1.0), top_k=setting.get("top_k"),
+                    cfg_scale=setting.get("cfg_scale", 1.0) if conditional else 1.0, generator=g, batch_size=512)
+    return decode_to_images(tok, toks, 500).clamp(-1, 1), labels
+
+
+def pick_setting(ev: Evaluator, prior, tok, grid: list[dict], conditional: bool, args) -> tuple[dict, list]:
+    """The setting of ``grid`` with the lowest FID of ``--val_samples`` samples against the TRAIN validation set."""
+    trials = []
+    for s in grid:
+        imgs, labels = sample_images(prior, tok, args.val_samples, s, conditional, seed=args.seed + 1)
+        trials.append({**s, "val_fid": ev.scores(ev.image_set(imgs, labels), ref=ev.val)["fid"]})
+    best = min(trials, key=lambda t: t["val_fid"])
+    return {k: v for k, v in best.items() if k != "val_fid"}, trials
+
+
+def run_vqgen_row(ev: Evaluator, args, out: Path) -> dict:
+    from vqgen.models.prior import Prior
+    from vqgen.models.vqvae import VQVAE
+
+    run = out / "vqgen"
+    run.mkdir(parents=True, exist_ok=True)
+    log = run / "stages.log"
+    b1 = 60 * args.budget_minutes * args.stage1_share
+    common = ["--no_wandb", "--seed", str(args.seed), "--batch_size", "128"]
+    s1 = budgeted_stage("train_vqvae.py", ["--dataset", DATASET, "--data_dir", args.data_dir, *common, *SIZES_VQ,
+                                           *args.vqvae_flags.split()],
+                        run / "vqvae", b1, args, log)
+    t2 = run_script("extract_codes.py", ["--dataset", DATASET, "--data_dir", args.data_dir, "--checkpoint",
+                                         str(run / "vqvae/export"), "--split", "train", "test", "--output",
+                                         str(run / "shards"), "--overwrite", "--no_progress"], log)
+    b3 = max(1.0, 60 * args.budget_minutes - b1 - t2)
+    s3 = budgeted_stage("train_prior.py", ["--shards", str(run / "shards"), *common, "--num_samples", "16",
+                                           *SIZES_PRIOR, *args.prior_flags.split()], run / "prior", b3, args, log)
+    tok = VQVAE.from_export(run / "vqvae/export").eval()
+    prior = Prior.from_export(run / "prior/export").eval()
+    res = {"timings": {"stage1_s": s1["train_s"], "stage2_s": t2, "stage3_s": s3["train_s"], "stage1": s1,
+                       "stage3": s3}, "tokenizer": ev.tokenizer(tok), "samples": {}}
+    for mode, grid, cond in (("null", NULL_GRID, False), ("cond", COND_GRID, True)):
+        setting, trials = pick_setting(ev, prior, tok, grid, cond, args)
+        t = time.perf_counter()
+        imgs, labels = sample_images(prior, tok, args.samples, setting, cond, seed=args.seed)
+        secs = time.perf_counter() - t
+        res["samples"][mode] = {"setting": setting, "val_trials": trials, "sampling_s": secs,
+                                **ev.scores(ev.image_set(imgs, labels), with_labels=cond)}
+        save_grid(imgs[:64], out / f"samples_vqgen_{mode}.png")
+    return res
+
+
+# ------------------------------------------------------------------------------------------------- peer rows
+def load_train01(args) -> torch.Tensor:
+    """All train images through vqgen's registry (28 -> 32, [-1, 1]) mapped to the peer's [0, 1]."""
+    from vqgen.data import build_dataset
+    ds, _ = build_dataset(DATASET, "train", args.data_dir)
+    xs = [x for x, _ in torch.utils.data.DataLoader(ds, batch_size=1000)]
+    return (torch.cat(xs) + 1) / 2
+
+
+def run_peer_rows(rows: list[str], ev: Evaluator, args, out: Path, results: dict) -> None:
+    import peer_recipe as P
+
+    cfg = P.PeerConfig(seed=args.seed)
+    x01 = load_train01(args)
+    b1 = 60 * args.budget_minutes * args.stage1_share
+    b3 = 60 * args.budget_minutes - b1
+    vqvae, best1, st1 = P.train_vqvae(cfg, x01, b1, print)
+    buggy_mode = vqvae.training
+    latent_hw = P.latent_shape(vqvae, x01)
+
+    def saved_vqvae():  # what its --sample loads: the stage-1 checkpoint
+        m = P.build_vqvae(cfg)
+        m.load_state_dict(best1)
+        return m.eval()
+
+    tok_metrics = ev.tokenizer(P.MonaiTokenizer(saved_vqvae()))
+    for row in rows:
+        frozen = row == "peer_frozen"
+        m = saved_vqvae() if frozen else vqvae  # the frozen row: the same stage 1, in eval mode
+        m.train(buggy_mode and not frozen)
+        _, transformer, st3 = P.train_transformer(cfg, m, x01, b3, frozen=frozen, log=print)
+        t = time.perf_counter()
+        imgs = P.sample(cfg, saved_vqvae(), transformer, args.samples, latent_hw, seed=args.seed)
+        secs = time.perf_counter() - t
+        imgs = (imgs * 2 - 1).clamp(-1, 1)
+        results[row] = {"timings": {"stage1_s": st1.seconds, "stage3_s": st3.seconds, "stage1_steps": st1.steps,
+                                    "stage3_steps": st3.steps, "stage1_epochs": st1.epochs,
+                                    "stage3_epochs": st3.epochs},
+                        "bug": {"vqvae_train_mode_after_stage1": buggy_mode,
+                                "prior_steps_with_vqvae_in_train_mode": st3.vqvae_train_mode_steps},
+                        "tokenizer": tok_metrics,
+                        "samples": {"null": {"setting": {"temperature": 1.0}, "sampling_s": secs,
+                                             **ev.scores(ev.image_set(imgs, None))}}}
+        save_grid(imgs[:64], out / f"samples_{row}_null.png")
+        write_outputs(results, out, args)
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def save_grid(images: torch.Tensor, path: Path) -> None:
+    from vqgen.sampling import save_image_grid
+    save_image_grid(images, path, nrow=8, min_cell=48)
+
+
+def side_by_side(out: Path, names: list[str]) -> Path | None:
+    from PIL import Image
+    files = [out / f"samples_{n}.png" for n in names if (out / f"samples_{n}.png").exists()]
+    if not files:
+        return None
+    ims = [Image.open(f).convert("L") for f in files]
+    gap = 8
+    canvas = Image.new("L", (sum(i.width for i in ims) + gap * (len(ims) - 1), max(i.height for i in ims)), 255)
+    x = 0
+    for im in ims:
+        canvas.paste(im, (x, 0))
+        x += im.width + gap
+    path = out / "samples_side_by_side.png"
+    canvas.save(path)
+    return path
+
+
+def table(results: dict) -> str:
+    lines = ["| | stage-1 s | stages 2+3 s | PSNR | SSIM | usage | tokenizer floor | gFID | precision | recall | "
+             "confident | classes | sampling settings | sampling s |", "|" + "---|" * 14]
+    if "real" in results and "fid" in results["real"]:
+        r = results["real"]
+        lines.append(f"| real train images | | | | | | | {r['fid']:.2f} | {r['precision']:.2f} | {r['recall']:.2f} "
+                     f"| | | | |")
+    for (row, mode), label in LABELS.items():
+        if row not in results or mode not in results[row]["samples"]:
+            continue
+        r, s, tk = results[row], results[row]["samples"][mode], results[row]["tokenizer"]
+        tm = r["timings"]
+        setting = ", ".join(f"{k} {v}" for k, v in s["setting"].items() if v is not None)
+        lines.append(f"| {label} | {tm['stage1_s']:.0f} | {tm.get('stage2_s', 0) + tm['stage3_s']:.0f} | "
+                     f"{tk['psnr']:.1f} | {tk['ssim']:.3f} | {100 * tk['codebook_usage']:.0f}% | "
+                     f"{tk['floor_fid']:.2f} | {s['fid']:.2f} | {s['precision']:.2f} | {s['recall']:.2f} | "
+                     f"{100 * s['confident']:.0f}% | {s['coverage'] * 10:.0f} | {setting} | {s['sampling_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def write_outputs(results: dict, out: Path, args) -> None:
+    from vqgen.fsutil import atomic_write_bytes, atomic_write_json
+    atomic_write_json(out / "results.json", results)
+    names = [f"{r}_{m}" for (r, m) in LABELS]
+    grid = side_by_side(out, names)
+    md = [f"# Quality benchmark: Fashion-MNIST, {args.budget_minutes:g} min per row for stages 1-3 "
+          f"(stage 1: {100 * args.stage1_share:.0f}%)", "", table(results), "",
+          f"{args.samples} samples per row against the 10k test images, features of the offline Fashion-MNIST "
+          f"classifier (vqgen.eval.classifier); tokenizer floor = {args.floor_images} train images through the "
+          f"tokenizer. Side by side: {grid}"]
+    atomic_write_bytes(out / "results.md", ("\n".join(md) + "\n").encode())
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    ev = Evaluator(args)
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    results["real"] = ev.real_floor()
+    results["config"] = vars(args)
+    peers = [r for r in args.rows if r.startswith("peer") and (args.redo or r not in results)]
+    if peers:
+        run_peer_rows(peers, ev, args, out, results)
+    if "vqgen" in args.rows and (args.redo or "vqgen" not in results):
+        results["vqgen"] = run_vqgen_row(ev, args, out)
+    results["bench_seconds"] = time.perf_counter() - t0
+    write_outputs(results, out, args)
+    print(table(results), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
