@@ -24,7 +24,7 @@ from vqgen.export import check_compatible
 from vqgen.config import ExtractConfig
 from vqgen.extract import extract_split, run, tokenizer_header
 from vqgen.fsutil import sha256_file
-from factories import tiny_vqvae
+from factories import shard_samples, tiny_vqvae
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -265,7 +265,7 @@ def test_class_sorted_folder_gives_shards_that_mix_classes(tmp_path, exports):
     assert (entry.total, len(entry.shards), entry.order_seed, man.num_classes) == (30, 3, 0, 3)
     keys = []
     for s in entry.shards:
-        samples = list(shards.iter_shard(tmp_path / "s0" / s.name, s.count))
+        samples = shard_samples(tmp_path / "s0" / s.name)
         classes = {int(x["cls"]) for x in samples}
         assert len(classes) >= 2, (s.name, classes)                    # not one class per shard
         assert all(int(x["cls"]) == int(x["__key__"]) // 10 for x in samples)  # key = source index

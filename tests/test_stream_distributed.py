@@ -57,7 +57,7 @@ def test_two_process_streamed_training_and_exact_resume(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.timeout(600)
 def test_two_process_extraction_from_a_stream_is_disjoint_complete_and_resumable(tmp_path):
-    from factories import tiny_vqvae
+    from factories import shard_samples, tiny_vqvae
     spec = make_tars(tmp_path / "wds", [7, 6, 8], size=16)     # 21 samples
     tiny_vqvae().export_to(tmp_path / "tok")  # 1 channel, 16 px: the stream is converted to it
     out = tmp_path / "shards"
@@ -70,7 +70,7 @@ def test_two_process_extraction_from_a_stream_is_disjoint_complete_and_resumable
     keys = {}
     for s in entry.shards:
         rank = int(s.name.split("-r")[1][:3])
-        for sample in shards.iter_shard(out / s.name):
+        for sample in shard_samples(out / s.name):
             keys.setdefault(rank, []).append(int(sample["__key__"]))
             assert int(sample["cls"]) == int(sample["__key__"])       # the label of the source image
     assert set(keys) == {0, 1} and not set(keys[0]) & set(keys[1])
