@@ -22,6 +22,10 @@ USED_THROUGH_OTHERS = {
 }
 
 
+# bench scripts import their sibling modules (bench/ is on their sys.path), e.g. quality.py -> peer_recipe
+LOCAL_BENCH_MODULES = {p.stem for p in (ROOT / "bench").glob("*.py")}
+
+
 def norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
@@ -53,7 +57,7 @@ def imported_distributions(files) -> dict[str, set[str]]:
             for module in modules:
                 top = module.split(".")[0]
                 if top in sys.stdlib_module_names or top in ("vqgen", "factories", "conftest") or \
-                        top.startswith("test_"):
+                        top.startswith("test_") or top in LOCAL_BENCH_MODULES:
                     continue
                 # An optional extra need not be installed (lpips: --perceptual_weight); it must be declared.
                 optional = set().union(*(v for k, v in declared().items() if k != "core"))
