@@ -298,7 +298,8 @@ def test_vqgan_two_processes_match_one_and_resume(tmp_path):
     ckpt = tmp_path / "two/checkpoints/checkpoint-4"
     assert_two_ranks_checkpoint(ckpt)
     assert {"model_1.safetensors", "optimizer_1.bin"} <= {p.name for p in ckpt.iterdir()}
-    rows = {name: json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0]) for name in ("one", "two")}
+    rows = {name: json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0])
+            for name in ("one", "two")}
     for key in ("loss", "d_loss", "g_loss", "adaptive_weight"):
         assert rows["one"][key] == pytest.approx(rows["two"][key], rel=EQUIV_RTOL), key
     assert_close_exports(tmp_path / "two", tmp_path / "cut")  # resumed = uninterrupted (same world size)

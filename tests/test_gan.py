@@ -98,7 +98,8 @@ def test_before_disc_start_no_gan_term_no_disc_step(tmp_path):
     ck = tmp_path / "gan/checkpoints"
     assert_equal_state(weights(tmp_path / "plain/checkpoints/checkpoint-2/model.safetensors"),
                        weights(ck / "checkpoint-2/model.safetensors"))
-    assert_equal_state(weights(ck / "checkpoint-1/model_1.safetensors"), weights(ck / "checkpoint-2/model_1.safetensors"))
+    assert_equal_state(weights(ck / "checkpoint-1/model_1.safetensors"),
+                       weights(ck / "checkpoint-2/model_1.safetensors"))
     assert torch.load(ck / "checkpoint-2/optimizer_1.bin", weights_only=True)["state"] == {}
     d2, d3 = weights(ck / "checkpoint-2/model_1.safetensors"), weights(ck / "checkpoint-3/model_1.safetensors")
     assert any(not torch.equal(d2[k], d3[k]) for k in d2 if d2[k].is_floating_point())
