@@ -20,7 +20,9 @@ from ..data import build_dataset, download_lock
 from ..errors import ConfigError
 from ..export import ExportMeta
 from ..eval.metrics import ReconstructionMeter
+from ..launch import resolve_mixed_precision
 from ..models.vqvae import VQVAE
+from ..perf import default_channels_last
 from ..sampling import save_image_grid
 from .loop import TrainLoop
 from .schedule import epoch_generator, epoch_indices, map_style_skip
@@ -131,6 +133,8 @@ def run(cfg: VQVAEStageConfig) -> TrainLoop:
                           f"samples); WebDataset tar input is streamed. Use an image folder or an HF dataset, or "
                           f"pass the tars to extract_codes.py with an existing tokenizer")
     config = cfg.model.build(in_channels=info.channels, image_size=info.image_size)
+    if cfg.channels_last is None:  # NHWC with bf16 autocast (its fast kernels), NCHW in fp32 (vqgen/perf.py)
+        cfg.channels_last = default_channels_last(resolve_mixed_precision(cfg.train, VQVAETask.name))
     set_seed(cfg.train.seed)  # identical initial weights on every rank
     model = VQVAE(config)
     if cfg.channels_last:
