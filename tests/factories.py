@@ -47,3 +47,10 @@ def fill_hub_cache(cache_dir, repo_id, folder, subfolder="", commit="0123456789a
         link.symlink_to(os.path.relpath(repo / "blobs" / etag, link.parent))
     (repo / "refs" / ref).write_text(commit)
     return repo / "snapshots" / commit
+
+
+def shard_samples(path):
+    """Raw samples ``{"__key__", "tokens.npy": bytes, "cls": bytes, ...}`` of one token shard, in order, read by
+    webdataset itself (an independent reader: the tests check vqgen's shards with it, not with vqgen's reader)."""
+    import webdataset as wds
+    return [{k: v for k, v in s.items() if k != "__url__"} for s in wds.WebDataset(str(path), shardshuffle=False)]

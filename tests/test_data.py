@@ -13,6 +13,7 @@ from vqgen.config import DataConfig
 from vqgen.flags import build_parser, load_config
 from vqgen.data import offline
 from vqgen.data import DATASETS, build_dataset
+from vqgen.data.transforms import IMAGE_EXTENSIONS
 from vqgen.errors import ConfigError, DatasetUnavailableError
 
 
@@ -120,22 +121,41 @@ def _make_folder(root, with_classes=True):
 
 
 def test_image_folder_labels_mixed_modes_and_corrupt_files(tmp_path):
+    from vqgen.data.folder_index import INDEX_FILE
+    from vqgen.data.streaming import UNREADABLE
     _make_folder(tmp_path / "imgs")
-    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
-        ds, info = build_dataset(str(tmp_path / "imgs"), image_size=24)
-    assert (len(ds), info.num_classes, info.channels) == (4, 2, 3)
-    assert [ds[i][1] for i in range(4)] == [0, 0, 1, 1]
+    ds, info = build_dataset(str(tmp_path / "imgs"), image_size=24)  # no file is opened to build it
+    assert (len(ds), info.num_classes, info.channels) == (5, 2, 3)
+    assert (tmp_path / f".imgs{INDEX_FILE}").is_file()
+    assert [ds.labels[i] for i in range(5)] == [0, 0, 1, 1, 1]
     for i in range(4):
         _check_item(*ds[i], (3, 24, 24), 2)
-    assert info.transforms["skipped_unreadable"] == 1 and info.transforms["classes"] == ["cat", "dog"]
+    with pytest.warns(UserWarning, match="unreadable image file .*e_bad.png"):
+        x, y = ds[4]  # found when read: a marked item, item i stays item i
+    assert y == UNREADABLE and tuple(x.shape) == (3, 24, 24)
+    assert info.transforms["classes"] == ["cat", "dog"]
     red = ds[0][0]
     assert torch.allclose(red[:, 12, 12], torch.tensor([1.0, -1.0, -1.0]))
 
     _make_folder(tmp_path / "flat", with_classes=False)
-    with pytest.warns(UserWarning):
-        flat, finfo = build_dataset(str(tmp_path / "flat"), channels=1)
-    assert finfo.num_classes == 0 and finfo.image_size == 64 and {flat[i][1] for i in range(len(flat))} == {-1}
+    flat, finfo = build_dataset(str(tmp_path / "flat"), channels=1)
+    assert finfo.num_classes == 0 and finfo.image_size == 64 and set(flat.labels) == {-1}
     _check_item(*flat[0], (1, 64, 64), 0)
+
+
+def test_folder_index_is_cached_and_rebuilt_when_the_folder_changes(tmp_path, monkeypatch):
+    from vqgen.data import folder_index
+    _make_folder(tmp_path / "imgs")
+    first = folder_index.index_folder(tmp_path / "imgs", IMAGE_EXTENSIONS)
+    assert first["rebuilt"] and len(first["files"]) == 5
+    again = folder_index.index_folder(tmp_path / "imgs", IMAGE_EXTENSIONS)
+    assert not again["rebuilt"] and again["files"] == first["files"]
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "dog" / "f.png")          # a new file in a subfolder
+    changed = folder_index.index_folder(tmp_path / "imgs", IMAGE_EXTENSIONS)
+    assert changed["rebuilt"] and "dog/f.png" in changed["files"] and changed["labels"][-1] == 1
+    (tmp_path / "imgs" / "bird").mkdir()                                         # a new class folder
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "bird" / "g.png")
+    assert folder_index.index_folder(tmp_path / "imgs", IMAGE_EXTENSIONS)["classes"] == ["bird", "cat", "dog"]
 
 
 def test_image_folder_with_split_subfolders(tmp_path):
@@ -227,7 +247,7 @@ def test_download_false_never_probes(tmp_path, monkeypatch):
     monkeypatch.delenv("VQGEN_OFFLINE", raising=False)
     monkeypatch.setattr(offline, "probe_host", lambda *a, **k: pytest.fail("probed"))
     with pytest.raises(DatasetUnavailableError, match="download=False"):
-        build_dataset("fashionmnist", data_dir=str(tmp_path), download=False)
+        build_dataset("mnist", data_dir=str(tmp_path), download=False)
 
 
 def test_probe_is_bounded_even_for_bad_hosts():
@@ -254,8 +274,7 @@ def test_hf_parquet_folder_and_pickling_for_workers(tmp_path):
         assert len(ds) == 4 and info.num_classes == 3
         _check_item(*ds[3], (3, 8, 8), 3)
     _make_folder(tmp_path / "imgs")
-    with pytest.warns(UserWarning):
-        folder, _ = build_dataset(str(tmp_path / "imgs"), image_size=8)
+    folder, _ = build_dataset(str(tmp_path / "imgs"), image_size=8)
     for d in (ds, folder, build_dataset("digits")[0]):
         clone = pickle.loads(pickle.dumps(d))
         assert torch.equal(clone[1][0], d[1][0]) and clone[1][1] == d[1][1]

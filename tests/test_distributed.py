@@ -155,12 +155,16 @@ def test_resume_two_process_checkpoint_on_one_process(stage1, tmp_path, capsys):
                                               str(tmp_path / "same_global")]) == 0
     assert "resumed from" in capsys.readouterr().out
     assert_close_exports(d / "two", tmp_path / "same_global")  # = the uninterrupted 2 x 64 run
-    # 640 samples done is not a whole number of 96-sample batches: a clear refusal, nothing overwritten
+    # 640 samples done is not a whole number of 96-sample batches: the nearest exact continuation (batch 6 =
+    # 576 samples; the 64 after it are seen twice) with one warning line
     assert run_cli(train_vqvae.run, VQVAEStageConfig, [*argv, "--batch_size", "96", "--output_dir",
-                                              str(tmp_path / "other_global")]) == 2
-    err = capsys.readouterr().err
-    assert "cannot resume" in err and "2 x 64" in err
-    assert sorted(p.name for p in (tmp_path / "other_global/checkpoints").iterdir()) == ["checkpoint-5"]
+                                              str(tmp_path / "other_global")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("warning: resuming epoch 0 with 1 processes x batch 96") == 1
+    assert "continuing at batch 6, so 64 samples of this epoch are seen twice" in out and "2 x 64" in out
+    state = json.loads((tmp_path / "other_global/checkpoints/checkpoint-10/vqgen_state.json").read_text())
+    assert (state["batches_done"], state["extra"]["data"]["world_size"], state["extra"]["data"]["batch_size"]) == \
+        (11, 1, 96)
 
 
 @pytest.mark.distributed

@@ -87,15 +87,43 @@ def test_explicit_paths_and_no_sampling(run, clf_root, tmp_path):
 
 
 def test_identical_reconstruction_metrics_reference_is_perfect(run, clf_root, tmp_path):
-    """The train-vs-split reference of the same split against itself: FID 0, precision = recall = 1."""
-    from vqgen.eval.evaluate import FeatureSpace, load_split, sample_quality
+    """The split against itself, accumulated batch by batch: FID 0, precision = recall = 1."""
+    from vqgen.eval.batches import open_split, split_batches
     from vqgen.eval.classifier import load_or_train
+    from vqgen.eval.evaluate import FeatureSpace
+    from vqgen.eval.stream_stats import FeatureSet, quality
     clf = load_or_train("digits", "data", 16, 1, root=clf_root)
     space = FeatureSpace("classifier", clf, torch.device("cpu"), {}, clf)
-    x, _ = load_split("digits", "test", "data", 16, 1)
-    f = space(x)
-    q = sample_quality(space, f, f, EvalConfig())
+    ds = open_split("digits", "test", "data", 16, 1)
+    a, b = FeatureSet(len(ds)), FeatureSet(len(ds))
+    for idx, x, _ in split_batches(ds, None, 50):
+        f, lg = space.batch(x)
+        a.update(f, lg, idx)
+        b.update(f, lg, idx)
+    q = quality(a, b, k=3)
     assert q["fid"] == pytest.approx(0, abs=1e-3) and q["precision"] == 1 and q["recall"] == 1
+
+
+def test_streamed_statistics_match_the_all_in_memory_ones():
+    """FID, IS and precision/recall accumulated in batches equal the torchmetrics values on all features."""
+    from vqgen.eval import metrics as M
+    from vqgen.eval.stream_stats import FeatureSet, quality
+    g = torch.Generator().manual_seed(0)
+    fr, ff = torch.randn(300, 12, generator=g), torch.randn(200, 12, generator=g) * 1.3 + 0.2
+    lg = torch.randn(200, 7, generator=g) * 3
+    real, fake = FeatureSet(300, is_splits=1), FeatureSet(200, is_splits=1)
+    for s in range(0, 300, 64):
+        real.update(fr[s:s + 64])
+    for s in range(0, 200, 64):
+        fake.update(ff[s:s + 64], lg[s:s + 64])
+    q = quality(real, fake, k=3)
+    assert q["fid"] == pytest.approx(M.frechet_distance(fr.double(), ff.double()), rel=1e-6)
+    assert q["inception_score"] == pytest.approx(M.inception_score(lg.double(), splits=1)[0], rel=1e-9)
+    pr = M.precision_recall(fr, ff, k=3)
+    assert (q["precision"], q["recall"]) == (pr["precision"], pr["recall"])
+    small = FeatureSet(300, pr_keep=50)
+    small.update(fr)
+    assert small.features().shape == (50, 12)     # bounded: only the first pr_keep features are kept
 
 
 def test_missing_inception_weights_fail_fast(run, tmp_path, capsys, monkeypatch):
@@ -140,3 +168,46 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         evaluate(load_config(EvalConfig, ["--run_dir", str(tmp_path / "missing")]))
     with pytest.raises(ConfigError, match="pass --run_dir"):
         evaluate(load_config(EvalConfig, []))
+
+
+def test_evaluation_never_holds_more_than_a_batch_of_images(run, clf_root, tmp_path, monkeypatch):
+    """Constant memory: every feature pass and every decode sees at most --batch_size images, and the kept
+    precision/recall features are capped by --pr_images, whatever --num_samples is."""
+    from vqgen.eval import batches
+    seen = []
+    orig_batch, orig_decode = batches.FeatureSpace.batch, batches.decode_to_images
+    monkeypatch.setattr(batches.FeatureSpace, "batch", lambda self, x: seen.append(len(x)) or orig_batch(self, x))
+    monkeypatch.setattr(batches, "decode_to_images", lambda tok, t, batch_size=64: seen.append(len(t)) or orig_decode(
+        tok, t, batch_size))
+    res = evaluate(load_config(EvalConfig,
+        ["--run_dir", str(run), "--num_samples", "300", "--batch_size", "40", "--pr_images", "50",
+         "--output", str(tmp_path / "eval.json"), "--classifier_dir", str(clf_root), "--no_plots"]))
+    assert max(seen) <= 40 and sum(seen) > 300
+    p = res["prior"]
+    assert p["num_samples"] == 300 and p["pr_images"] == [50, 50] and sum(p["classifier"]["class_counts"]) == 300
+    assert res["reference"]["num_images"] == 300
+
+
+def test_sample_npz_in_evaluator_layout_and_capped_grid(run, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from vqgen import sample
+    from vqgen.config import SampleConfig
+    from vqgen.sampling import class_labels, generate
+    out = tmp_path / "s"
+    argv = ["--checkpoint", str(run / "vqvae" / "export"), "--checkpoint_t", str(run / "prior" / "export"),
+            "--num_samples", "10", "--batch_size", "3", "--npz", "--grid_images", "4", "--output_dir", str(out)]
+    assert run_cli(sample.run, SampleConfig, argv) == 0
+    arr = np.load(out / "samples.npz")["arr_0"]
+    assert arr.shape == (10, 16, 16, 3) and arr.dtype == np.uint8       # ADM / LlamaGen evaluator input
+    png = np.asarray(Image.open(out / "images" / "00007.png").convert("RGB"))
+    assert np.array_equal(png, arr[7])                                    # the same pixels as the PNG
+    assert Image.open(out / "grid.png").size[0] < 5 * 48                  # 4 cells (2 x 2), not 10
+    # chunked generation draws the same tokens as one generate call with the same batch size
+    tok, prior = sample.load_pair(str(run / "vqvae" / "export"), str(run / "prior" / "export"))
+    g = torch.Generator().manual_seed(0)
+    ref = generate(prior, 10, labels=class_labels(prior, 10, None), generator=g, batch_size=3)
+    assert np.array_equal(np.load(out / "tokens.npy"), ref.numpy())
+    assert run_cli(sample.run, SampleConfig, [*argv[:-2], "--no_png", "--output_dir", str(tmp_path / "n")]) == 0
+    assert not list((tmp_path / "n" / "images").glob("*.png")) and (tmp_path / "n" / "samples.npz").is_file()

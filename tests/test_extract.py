@@ -24,7 +24,7 @@ from vqgen.export import check_compatible
 from vqgen.config import ExtractConfig
 from vqgen.extract import extract_split, run, tokenizer_header
 from vqgen.fsutil import sha256_file
-from factories import tiny_vqvae
+from factories import shard_samples, tiny_vqvae
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -245,6 +245,38 @@ def test_cli_digits_both_splits_and_refusals(tmp_path, exports, capsys):
     want = VQVAE.from_export(exp_b).encode_to_indices(torch.stack([ds[i][0] for i in range(len(ds))]))
     got = stored(out, "test")
     assert all(np.array_equal(npy(s["tokens.npy"]), want[k].numpy()) for k, s in got.items())
+
+
+def test_class_sorted_folder_gives_shards_that_mix_classes(tmp_path, exports):
+    """An image folder is sorted by class (a/, b/, c/): extraction encodes it in a seeded permutation of the source
+    order, so every shard holds several classes; the key stays the source index, the seed is in the manifest, and
+    a rerun writes the same bytes."""
+    from PIL import Image
+    _, exp_a, _, _ = exports
+    for c, name in enumerate("abc"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (8, 8), (25 * i, 80 * c, 0)).save(tmp_path / "imgs" / name / f"{i:02d}.png")
+    base = ["--checkpoint", exp_a, "--dataset", tmp_path / "imgs", "--batch_size", 4, "--shard_size", 10,
+            "--no_progress"]
+    assert cli(*base, "--output", tmp_path / "s0") == 0
+    man = shards.Manifest.read(tmp_path / "s0")
+    entry = man.splits["train"]
+    assert (entry.total, len(entry.shards), entry.order_seed, man.num_classes) == (30, 3, 0, 3)
+    keys = []
+    for s in entry.shards:
+        samples = shard_samples(tmp_path / "s0" / s.name)
+        classes = {int(x["cls"]) for x in samples}
+        assert len(classes) >= 2, (s.name, classes)                    # not one class per shard
+        assert all(int(x["cls"]) == int(x["__key__"]) // 10 for x in samples)  # key = source index
+        keys += [int(x["__key__"]) for x in samples]
+    assert sorted(keys) == list(range(30)) and keys != sorted(keys)
+    assert cli(*base, "--output", tmp_path / "again") == 0                  # byte-identical rerun
+    assert [s.sha256 for s in shards.Manifest.read(tmp_path / "again").splits["train"].shards] == \
+        [s.sha256 for s in entry.shards]
+    assert cli(*base, "--output", tmp_path / "s1", "--order_seed", 1) == 0  # another seed: another order
+    other = shards.Manifest.read(tmp_path / "s1").splits["train"]
+    assert other.order_seed == 1 and [s.sha256 for s in other.shards] != [s.sha256 for s in entry.shards]
 
 
 @pytest.mark.distributed

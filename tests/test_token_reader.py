@@ -402,12 +402,15 @@ def test_prior_data_hook_refusals_and_old_checkpoints(tmp_path):
 
 
 def test_map_style_resume_rule():
-    from vqgen.errors import CheckpointError
-    from vqgen.train.schedule import map_style_skip
+    """Map-style data: exact when the samples done are whole new global batches, else the last boundary before
+    them (the rest seen twice, never skipped) with one warning; checkpoints without a data state use the loop's."""
+    from vqgen.train.checkpointing import map_style_resume
 
-    assert map_style_skip(5, 2, 64, 1, 128) == 5 and map_style_skip(6, 1, 64, 2, 64) == 3
-    with pytest.raises(CheckpointError, match="cannot resume mid-epoch.*saved with 2 x 64"):
-        map_style_skip(5, 2, 64, 1, 96)
+    assert map_style_resume({"world_size": 2, "batch_size": 64}, 0, 5, 1, 128) == (5, None)
+    assert map_style_resume({"world_size": 1, "batch_size": 64}, 0, 6, 2, 64) == (3, None)
+    skip, warning = map_style_resume({"world_size": 2, "batch_size": 64}, 3, 5, 1, 96)
+    assert skip == 6 and "64 samples of this epoch are seen twice" in warning and warning.startswith("warning:")
+    assert map_style_resume(None, 0, 5, 1, 32) == (5, None) and map_style_resume(None, 0, 0, 4, 8) == (0, None)
 
 
 def test_prior_resume_with_another_batch_size_warns_and_finishes(tmp_path, stage2, capsys):

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .data import DATASETS
+from .data.augment import AugmentConfig
 from .errors import ConfigError
 from .flags import flag, int_list, part
 from .hub import check_push_target
@@ -32,7 +33,7 @@ from .models.prior import PriorConfig
 from .models.vqvae import VQVAEConfig, level_params
 from .run_dir import RunDir
 from .sampling import check_sampling_args
-from .shards.format import SPLITS
+from .shards.format import SPLIT_RE
 
 PRECISIONS = ("no", "fp16", "bf16")
 # What every --checkpoint / --checkpoint_t accepts besides a local export folder (vqgen.hub, vqgen.models.tokenizer).
@@ -67,6 +68,10 @@ class DataConfig:
     image_size: int | None = flag(None, "resize + center-crop to this size (default: the dataset's own, 64 for "
                                   "generic inputs)")
     num_workers: int = flag(0, "data-loading worker processes per process")
+    streaming: bool = flag(False, "read hf:<name> inputs with datasets' streaming mode (no full download; WebDataset "
+                           "urls are always streamed): every rank and DataLoader worker reads its own shards")
+    prepare_data_once: bool = flag(False, "--data_dir is shared by all nodes: one process of the job prepares the "
+                                   "data (default: one per node), then all load it in parallel")
 
     def check(self) -> None:
         _positive(self, "num_workers", zero_ok=True)
@@ -218,9 +223,12 @@ class ShardingConfig:
     shard_size: int = flag(1000, "samples per shard, the unit of resume (1000: ~1.5 MB of 16x16 uint16 tokens; "
                            "ImageNet gives ~1300 shards, enough for shard-level splitting over ranks x workers)")
     hflip: bool = flag(False, "also store the tokens of the horizontally mirrored image as tokens_flip.npy")
+    order_seed: int = flag(0, "map-style inputs are encoded in a permutation of the source order seeded by this: the "
+                           "shards of a class-sorted folder mix classes (keys stay source indices)")
 
     def check(self) -> None:
         _positive(self, "shard_size")
+        _positive(self, "order_seed", zero_ok=True)
 
 
 @dataclass
@@ -267,8 +275,14 @@ class VQVAEStageConfig(_Trainer):
     PROG: ClassVar[str] = "train_vqvae.py"
     GROUP: ClassVar[str] = "stage 1"
     data: DataConfig = part(DataConfig, title="data")
+    augment: AugmentConfig = part(AugmentConfig, title="augmentation (training only)")
     model: VQVAEFlags = part(VQVAEFlags, title="VQ-VAE model")
     train: TrainConfig = part(TrainConfig, title="training")
+    val_dataset: str | None = flag(None, "validation input (default: the test split of --dataset; for WebDataset urls "
+                                   "the same shards, read in order)")
+    samples_per_epoch: int = flag(0, "streams: samples per epoch over all ranks, needed for streams of unknown length "
+                                  "(remote urls, HF streams); 0: one pass over counted shards")
+    shuffle_buffer: int = flag(1000, "streams: raw samples in each reader's shuffle buffer")
     recon_loss: str = flag("mse", "reconstruction loss", choices=("mse", "l1"))
     val_images: int = flag(2048, "validation images per evaluation (test split)")
     grid_images: int = flag(32, "images in each reconstruction grid")
@@ -277,7 +291,8 @@ class VQVAEStageConfig(_Trainer):
                                       "fp32, where it is no faster on CPU and slower on GPU; see vqgen/perf.py)")
 
     def check(self) -> None:
-        _positive(self, "val_images", "grid_images")
+        _positive(self, "val_images", "grid_images", "shuffle_buffer")
+        _positive(self, "samples_per_epoch", zero_ok=True)
 
 
 @dataclass
@@ -288,7 +303,8 @@ class ExtractConfig:
     GROUP: ClassVar[str] = "stage 2"
     checkpoint: str | None = flag(None, f"tokenizer: a stage-1 export folder (runs/<name>/export), {_TOKENIZER_REFS}",
                                   required=True)
-    split: list[str] = flag(["train"], "split(s) to extract; each merges into the same manifest", choices=SPLITS)
+    split: list[str] = flag(["train"], "split(s) to extract (train, test, val or any split name the dataset has); each "
+                            "merges into the same manifest")
     output_dir: str | None = flag(None, "shard folder (default: shards/<dataset>)", aliases=("--output",))
     batch_size: int = flag(256, "images per encoder batch (per process)")
     mixed_precision: str = _precision("no", "autocast dtype for the encoder (the quantizer's argmin stays fp32)")
@@ -301,6 +317,9 @@ class ExtractConfig:
 
     def check(self) -> None:
         _positive(self, "batch_size")
+        bad = [s for s in self.split if not SPLIT_RE.match(s)]
+        if bad or not self.split:
+            raise ConfigError(f"--split: split names are letters, digits and _, got {bad or self.split}")
 
 
 @dataclass
@@ -345,11 +364,15 @@ class SampleConfig:
     mixed_precision: str = _precision("no", "autocast dtype of generation and decoding (GPU; the old spelling "
                                       "--precision fp32 means no)", aliases=("--precision",),
                                       value_aliases={"fp32": "no"})
+    npz: bool = flag(False, "also write samples.npz: uint8 images (N, H, W, 3) as arr_0, the input of the "
+                     "ADM/LlamaGen gFID evaluator (written as decoded, constant memory)")
+    no_png: bool = flag(False, "do not write images/NNNNN.png (e.g. with --npz for 50k samples)")
+    grid_images: int = flag(256, "grid.png shows the first N samples (at most)")
     sampling: SamplingConfig = part(SamplingConfig, title="sampling")
 
     def check(self) -> None:
         _positive(self.sampling, "num_samples")
-        _positive(self, "batch_size")
+        _positive(self, "batch_size", "grid_images")
 
 
 @dataclass
@@ -383,7 +406,10 @@ class EvalConfig:
     pr_k: int = flag(3, "k of the k-NN manifold precision/recall")
     is_splits: int = flag(10, "splits of the Inception Score")
     reader: TokenReaderConfig = part(TokenReaderConfig, title="token shards", only=("verify_shards",))
-    data: DataConfig = part(DataConfig, title="data", dataset=None, only=("dataset", "data_dir", "num_workers"),
+    pr_images: int = flag(10000, "precision/recall use the features of the first N images of each set (memory: N x "
+                          "feature size); FID and IS use every image")
+    data: DataConfig = part(DataConfig, title="data", dataset=None,
+                            only=("dataset", "data_dir", "num_workers", "prepare_data_once"),
                             help={"dataset": "dataset to compare against (default: the one in the tokenizer export)"})
     sampling: SamplingConfig = part(SamplingConfig, title="sampling", num_samples=1000,
                                     only=GRID_SAMPLING + ("seed",), help={
@@ -391,8 +417,8 @@ class EvalConfig:
                                         "seed": "seed for sampling and the classifier"})
 
     def check(self) -> None:
-        if self.sampling.num_samples < 0 or self.batch_size < 1 or self.pr_k < 1:
-            raise ConfigError("need --num_samples >= 0, --batch_size >= 1, --pr_k >= 1")
+        if self.sampling.num_samples < 0 or self.batch_size < 1 or self.pr_k < 1 or self.pr_images < 2:
+            raise ConfigError("need --num_samples >= 0, --batch_size >= 1, --pr_k >= 1, --pr_images >= 2")
         if self.sampling.num_samples == 1:
             raise ConfigError("--num_samples 1: FID/precision/recall need at least 2 samples (or 0 to skip the prior)")
 

@@ -1,10 +1,14 @@
 """Stage 2: encode a dataset into VQ token shards (``python extract_codes.py`` or ``accelerate launch``).
 
-Each rank encodes ``shards.rank_indices(n, rank, world_size)`` (strided) in batches that never straddle a shard
-boundary (so a resumed run batches, and therefore encodes, exactly like an uninterrupted one) and writes its own
-shards through :class:`vqgen.shards.RankShardWriter`; the main process merges the per-rank parts into
-``manifest.json`` once every rank is done. ``--hflip`` stores the tokens of the mirrored image in the same sample
-as ``tokens_flip.npy`` (one sample per source image, so "every sample exactly once" keeps its meaning).
+Map-style sources: each rank encodes ``shards.rank_indices(n, rank, world_size, order_seed)`` (strided positions of
+a seeded permutation of the source order, so the shards of a class-sorted folder mix classes; the key stays the
+source index) in batches that never straddle a shard boundary (so a resumed run batches, and therefore encodes,
+exactly like an uninterrupted one). Streams (WebDataset urls, ``hf:<name> --streaming``) are split by rank and by
+DataLoader worker and decoded in the workers (:class:`vqgen.data.streaming.StreamedImages`). Each rank writes its
+own shards through :class:`vqgen.shards.RankShardWriter`; the main process merges the per-rank parts into
+``manifest.json`` once every rank is done. Unreadable source images are recorded as skipped, not encoded.
+``--hflip`` stores the tokens of the mirrored image in the same sample as ``tokens_flip.npy`` (one sample per source
+image, so "every sample exactly once" keeps its meaning).
 Adapted from: LlamaGen ``extract_codes_c2i.py`` and open-muse ``pre_encode.py`` (plus resume and a manifest).
 """
 
@@ -25,7 +29,7 @@ from .config import ExtractConfig
 from .flags import validate
 from .errors import ConfigError
 from .hub import is_hub_ref
-from .launch import start_processes
+from .launch import prepare_first, start_processes
 
 AUTOCAST_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -38,14 +42,14 @@ def _json(obj):
 class ShardAlignedBatches(torch.utils.data.Sampler):
     """Batches of source indices cut at every ``shard_size`` boundary of ``indices`` (lazy: constant memory)."""
 
-    def __init__(self, indices: range, shard_size: int, batch_size: int):
-        self.indices, self.shard_size, self.batch_size = indices, shard_size, batch_size
+    def __init__(self, indices, shard_size: int, batch_size: int):
+        self.indices, self.shard_size, self.batch_size = indices, shard_size, batch_size  # a range or an int array
 
     def __iter__(self) -> Iterator[list[int]]:
         for s in range(0, len(self.indices), self.shard_size):
             shard = self.indices[s: s + self.shard_size]
             for b in range(0, len(shard), self.batch_size):
-                yield list(shard[b: b + self.batch_size])
+                yield [int(i) for i in shard[b: b + self.batch_size]]
 
     def __len__(self) -> int:
         full, rest = divmod(len(self.indices), self.shard_size)
@@ -59,29 +63,33 @@ def _labels(y, n: int) -> list[int]:
 
 
 def iter_batches(dataset, rank: int, world_size: int, done: int, shard_size: int, batch_size: int,
-                 num_workers: int = 0) -> Iterator[tuple[list[int], torch.Tensor, list[int]]]:
-    """``(source indices, images [B,C,H,W], labels)`` for this rank's samples after the first ``done``."""
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        # Streamed input (no len): keep i % world_size == rank, batch by hand, same shard-aligned cuts.
-        keys, imgs, labels, own = [], [], [], 0
-        for i, (x, y) in enumerate(dataset):
-            if i % world_size != rank:
-                continue
-            own += 1
-            if own <= done:
-                continue
-            keys.append(i), imgs.append(x), labels.append(int(y))
-            if len(keys) == batch_size or (own % shard_size == 0):
-                yield keys, torch.stack(imgs), labels
-                keys, imgs, labels = [], [], []
-        if keys:
-            yield keys, torch.stack(imgs), labels
-        return
-    sampler = ShardAlignedBatches(shards.rank_indices(len(dataset), rank, world_size)[done:], shard_size, batch_size)
+                 num_workers: int = 0, order_seed: int | None = None) -> Iterator[tuple[list[int], torch.Tensor,
+                                                                                      list[int]]]:
+    """``(source indices, images [B,C,H,W], labels)`` for this rank's samples after the first ``done`` (map-style
+    datasets; streams go through :func:`stream_batches`)."""
+    own = shards.rank_indices(len(dataset), rank, world_size, order_seed)
+    sampler = ShardAlignedBatches(own[done:], shard_size, batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                          pin_memory=torch.cuda.is_available(), persistent_workers=False)
     for keys, (x, y) in zip(sampler, loader):
         yield keys, x, _labels(y, len(keys))
+
+
+def stream_batches(stream, writer: shards.RankShardWriter, rank: int, num_workers: int):
+    """``(keys, images, labels)`` of a :class:`~vqgen.data.streaming.StreamedImages` job after what ``writer`` holds.
+
+    Each reader (rank, worker) reads its keys in increasing order, so everything up to the largest key it already
+    stored (or recorded as unreadable) is done: the readers skip those samples before decoding them."""
+    after: dict[int, int] = {}
+    for key in writer.done_keys():
+        for j in range(rank * stream.k, (rank + 1) * stream.k):
+            if stream.owns(j, key):
+                after[j] = max(after.get(j, -1), key)
+                break
+    stream.after_key = after
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                         pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    yield from loader
 
 
 @torch.no_grad()
@@ -112,6 +120,10 @@ class BackgroundWriter:
             self.thread.start()
 
     def _write(self, keys, codes, labels, flips) -> None:
+        if codes is None:  # a skip record, kept in order with the writes
+            for key in keys:
+                self.writer.skip(key)
+            return
         codes = codes.numpy().astype(self.writer.dtype)  # (B, h, w)
         flips = flips.numpy().astype(self.writer.dtype) if flips is not None else None
         for j, key in enumerate(keys):
@@ -132,6 +144,9 @@ class BackgroundWriter:
         if self.error is not None:
             raise self.error
         self.queue.put((keys, codes, labels, flips))
+
+    def put_skips(self, keys) -> None:
+        self.put(keys, None, None, None)
 
     def finish(self, raise_error: bool = True) -> None:
         if self.thread is None:
@@ -156,33 +171,47 @@ def extract_split(model, dataset, out_dir, *, split: str, tokenizer_sha256: str,
                   transforms: dict | None = None, rank: int = 0, world_size: int = 1, batch_size: int = 256,
                   num_workers: int = 0, shard_size: int = 1000, hflip: bool = False, mixed_precision: str = "no",
                   device: torch.device | str | None = None, progress: bool = True,
-                  writer_thread: bool = True) -> dict:
+                  writer_thread: bool = True, order_seed: int | None = 0) -> dict:
     """Encode this rank's part of ``dataset`` into ``out_dir`` (resuming a killed run); returns the part record.
 
     ``model``: eval-mode tokenizer with ``encode_to_indices`` and ``config.num_embeddings/latent_size``.
+    ``dataset``: map-style (encoded in the permutation seeded by ``order_seed``; None: source order) or a
+    :class:`~vqgen.data.streaming.StreamedImages` planned for this rank.
     ``writer_thread``: serialise shards on a background thread (overlaps the encoder; see BackgroundWriter).
     Call on every rank, then :func:`vqgen.shards.merge_manifest` on the main process after a barrier.
     """
+    from .data.streaming import StreamedImages
+
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    n = None if isinstance(dataset, torch.utils.data.IterableDataset) else len(dataset)
+    streamed = isinstance(dataset, StreamedImages)
+    n = source_size(dataset)
     k = int(model.config.num_embeddings)
+    order = {"stream_readers": dataset.k} if streamed else {"order_seed": order_seed}
     settings = _json({"tokenizer_sha256": tokenizer_sha256, "dataset": dataset_name, "split": split,
                       "num_samples": n, "world_size": world_size, "shard_size": shard_size, "hflip": bool(hflip),
                       "dtype": shards.token_dtype(k).name, "mixed_precision": mixed_precision,
-                      "transforms": transforms or {}})
+                      "transforms": transforms or {}, **order})
     writer = shards.RankShardWriter(out_dir, split, rank, settings, shard_size, tuple(model.config.latent_size),
                                     shards.token_dtype(k))
     done = writer.resume()
     if writer.complete:
         return writer.close()
-    own = len(shards.rank_indices(n, rank, world_size)) if n is not None else None
+    if streamed:
+        own = sum(p[1] for p in dataset.plans) if n is not None else None
+        batches = stream_batches(dataset, writer, rank, num_workers)
+    else:
+        own = len(shards.rank_indices(n, rank, world_size))
+        done += len(writer.skipped)  # the position in the rank's index sequence
+        batches = iter_batches(dataset, rank, world_size, done, shard_size, batch_size, num_workers, order_seed)
     bar = tqdm(total=own, initial=done, unit="img", desc=f"extract {split}", disable=not progress, dynamic_ncols=True)
     sink = BackgroundWriter(writer, threaded=writer_thread)
     try:
-        for keys, x, labels in iter_batches(dataset, rank, world_size, done, shard_size, batch_size, num_workers):
-            codes, flips = encode(model, x, device, mixed_precision, hflip)
-            sink.put(keys, codes, labels, flips)
+        for keys, x, labels in batches:
             bar.update(len(keys))
+            keys, x, labels = _drop_unreadable(sink, keys, x, labels)
+            if keys:
+                codes, flips = encode(model, x, device, mixed_precision, hflip)
+                sink.put(keys, codes, labels, flips)
         sink.finish()
         part = writer.close()
     except BaseException:
@@ -194,9 +223,53 @@ def extract_split(model, dataset, out_dir, *, split: str, tokenizer_sha256: str,
     return part
 
 
+def _drop_unreadable(sink: BackgroundWriter, keys: list[int], x: torch.Tensor, labels: list[int]):
+    """Record the batch's unreadable source images (label UNREADABLE) as skipped; the rest is encoded."""
+    from .data.streaming import UNREADABLE
+
+    bad = {i for i, y in enumerate(labels) if y == UNREADABLE}
+    if not bad:
+        return keys, x, labels
+    sink.put_skips([keys[i] for i in sorted(bad)])
+    good = [i for i in range(len(keys)) if i not in bad]
+    return [keys[i] for i in good], x[good], [labels[i] for i in good]
+
+
+def source_size(dataset) -> int | None:
+    """Samples in the source: ``len`` of a map-style dataset, the counted total of a stream (None: unknown)."""
+    from .data.streaming import StreamedImages
+
+    if isinstance(dataset, StreamedImages):
+        return sum(dataset.source.counts) if dataset.source.counts is not None else None
+    return len(dataset)
+
+
+def open_input(cfg: ExtractConfig, split: str, tok, state):
+    """(dataset or this rank's StreamedImages, DatasetInfo) of one split, checked against the tokenizer's input."""
+    from .data import build_dataset
+    from .data.stream_input import is_streamed, open_stream
+    from .data.streaming import StreamedImages
+
+    data = cfg.data
+    with prepare_first(state, once=data.prepare_data_once, data_dir=data.data_dir):  # one per node, then all
+        if is_streamed(data.dataset, data.streaming):
+            source, decoder, info = open_stream(data.dataset, split, data.data_dir, tok.image_size, tok.in_channels,
+                                                streaming_hf=data.streaming)
+            dataset = StreamedImages(source, decoder, rank=state.process_index, world_size=state.num_processes,
+                                     num_workers=data.num_workers, shuffle=False, equal=False,
+                                     batch_size=cfg.batch_size)
+        else:
+            dataset, info = build_dataset(data.dataset, split, data.data_dir, image_size=tok.image_size,
+                                          channels=tok.in_channels)
+    if info.channels != tok.in_channels or info.image_size != tok.image_size:
+        raise ConfigError(f"dataset {data.dataset} gives {info.channels}x{info.image_size}px images, the tokenizer "
+                          f"expects {tok.in_channels}x{tok.image_size}px")
+    return dataset, info
+
+
 def run(cfg: ExtractConfig) -> shards.Manifest | None:
     """Extract every split of ``cfg.split``; returns the manifest on the main process (None elsewhere)."""
-    from .data import build_dataset
+    from .data.streaming import StreamedImages
     from .models.tokenizer import load_tokenizer
 
     validate(cfg)
@@ -220,12 +293,9 @@ def run(cfg: ExtractConfig) -> shards.Manifest | None:
 
     manifest = None
     for split in cfg.split:
-        with state.main_process_first():  # one process downloads; the others then find the files on disk
-            dataset, info = build_dataset(data.dataset, split, data.data_dir, image_size=tok.image_size,
-                                          channels=tok.in_channels)
-        if info.channels != tok.in_channels or info.image_size != tok.image_size:
-            raise ConfigError(f"dataset {data.dataset} gives {info.channels}x{info.image_size}px images, the tokenizer "
-                              f"expects {tok.in_channels}x{tok.image_size}px")
+        dataset, info = open_input(cfg, split, tok, state)
+        streamed = isinstance(dataset, StreamedImages)
+        order_seed = None if streamed else sharding.order_seed
         if state.is_main_process:
             print(f"extracting {data.dataset}/{split} with tokenizer {export.sha256[:12]} on {state.num_processes} "
                   f"process(es) -> {out}", flush=True)
@@ -233,13 +303,13 @@ def run(cfg: ExtractConfig) -> shards.Manifest | None:
                       transforms=info.transforms, rank=state.process_index, world_size=state.num_processes,
                       batch_size=cfg.batch_size, num_workers=data.num_workers, shard_size=sharding.shard_size,
                       hflip=sharding.hflip, mixed_precision=cfg.mixed_precision, device=state.device,
-                      progress=state.is_local_main_process and not cfg.no_progress)
+                      progress=state.is_local_main_process and not cfg.no_progress, order_seed=order_seed)
         state.wait_for_everyone()
         if state.is_main_process:
             header = tokenizer_header(model, export.sha256, export.config, tok_path, info.num_classes, data.dataset)
-            n = None if isinstance(dataset, torch.utils.data.IterableDataset) else len(dataset)
             manifest = shards.merge_manifest(out, split, state.num_processes, header,
-                                             transforms=_json(info.transforms), hflip=sharding.hflip, expected_total=n)
+                                             transforms=_json(info.transforms), hflip=sharding.hflip,
+                                             expected_total=source_size(dataset), order_seed=order_seed)
             entry = manifest.split(split)
             sizes = [s.bytes for s in entry.shards]
             print(f"{split}: {entry.total} samples in {len(sizes)} shards "

@@ -3,11 +3,13 @@
 Training builds an ``Accelerator`` (:func:`build_accelerator`), extraction a ``PartialState``
 (:func:`start_processes`); both join the process group of the launch (``accelerate launch``, ``torchrun``,
 ``srun``) through :func:`use_cpu` and refuse a launch whose processes would each run alone (:func:`_check_group`).
-Sampling and evaluation run in one process on :func:`resolve_device`.
+Data is prepared under :func:`prepare_first` (one process per node, then all in parallel). Sampling runs in one
+process on :func:`resolve_device`; evaluation in one, or in each process of ``accelerate launch evaluate.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import timedelta
 
@@ -65,14 +67,57 @@ def resolve_mixed_precision(train, stage: str) -> str:
     return train.mixed_precision or launcher or "no"
 
 
-def start_processes():
-    """The ``accelerate.PartialState`` of extraction (no training: no DeepSpeed, no mixed-precision state)."""
+def start_processes(training: bool = False):
+    """The ``accelerate.PartialState`` of extraction (no training: no DeepSpeed, no mixed-precision state), or of a
+    trainer before its Accelerator exists (``training``: the same ``cpu`` choice, so both join one process group):
+    stage 1 prepares its data (:func:`prepare_first`) before the model, which the data shapes, is built."""
     from accelerate import PartialState
 
-    state = PartialState(cpu=use_cpu(training=False))
+    state = PartialState(cpu=use_cpu(training=training))
+    _fix_deepspeed_cpu_ranks(state)
     _check_group(state.num_processes)
     perf.keep_freed_memory()  # each batch reuses the last batch's freed activations (vqgen/perf.py)
     return state
+
+
+@contextlib.contextmanager
+def prepare_first(state, once: bool = False, data_dir: str | None = None):
+    """Data preparation whose cost does not grow with the number of ranks: the body (download, archive
+    extraction, folder index, tar counts) runs first on one process per node (``local_main_process_first``: a
+    node-local ``--data_dir``), or of the whole job with ``once`` (``--prepare_data_once``: a shared file system);
+    the others wait at a barrier, then run it *in parallel*, finding everything prepared (caches beside the data).
+    The preparing process also holds a file lock in ``data_dir`` (when it can be written), so that the node leaders
+    of a job on a shared file system launched without ``once`` prepare one after the other, never into the same
+    files at once; the other ranks never take it.
+    Adapted from: accelerate ``PartialState.main_process_first`` / ``local_main_process_first``."""
+    if state is None or state.num_processes == 1:
+        with _prepare_lock(data_dir):
+            yield
+        return
+    first = state.is_main_process if once else state.is_local_main_process
+    with (state.main_process_first() if once else state.local_main_process_first()):
+        with _prepare_lock(data_dir) if first else contextlib.nullcontext():
+            yield
+
+
+@contextlib.contextmanager
+def _prepare_lock(data_dir: str | None):
+    """An inter-process file lock in ``data_dir`` (none where it cannot be created: read-only data is complete)."""
+    from filelock import FileLock
+
+    lock = None
+    if data_dir is not None:
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+            lock = FileLock(os.path.join(data_dir, ".vqgen-prepare.lock"))
+            lock.acquire()
+        except OSError:
+            lock = None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def use_cpu(training: bool) -> bool:
@@ -116,7 +161,7 @@ def _refuse_fp16_on_cpu(wanted: str | None) -> None:
         raise ConfigError(_FP16_CPU)
 
 
-def _fix_deepspeed_cpu_ranks(acc) -> None:
+def _fix_deepspeed_cpu_ranks(state) -> None:
     """DeepSpeed on CPU (DS_ACCELERATOR=cpu, used to test the ZeRO path without GPUs): deepspeed.comm forms the
     gloo group of all ranks, but accelerate (1.x) finds no GPU backend and records every process as "rank 0 of 1"
     (all would write the same checkpoint files and read the same data). Correct accelerate's shared state from
@@ -125,15 +170,16 @@ def _fix_deepspeed_cpu_ranks(acc) -> None:
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
-    if acc.distributed_type != DistributedType.DEEPSPEED or not dist.is_initialized():
+    if state.distributed_type != DistributedType.DEEPSPEED or not dist.is_initialized():
         return
     world, rank = dist.get_world_size(), dist.get_rank()
-    if acc.num_processes == world:
+    if state.num_processes == world:
         return
     fix = {"num_processes": world, "process_index": rank,
            "local_process_index": int(os.environ.get("LOCAL_RANK", rank))}
     PartialState._shared_state.update(fix)
-    AcceleratorState._shared_state.update(fix)
+    if AcceleratorState._shared_state:  # ``state`` is an Accelerator (not stage 1's PartialState before it)
+        AcceleratorState._shared_state.update(fix)
 
 
 def fill_deepspeed_config(acc, train) -> torch.dtype | None:

@@ -1,11 +1,14 @@
 """Sample images: prior export -> token grids -> tokenizer export -> PNG grid + single PNGs + tokens.npy.
 
 ``python sample.py --checkpoint runs/vqvae/export --checkpoint_t runs/prior/export --num_samples 16``
-Deterministic for a fixed ``--seed`` (same device and dtype).
+Deterministic for a fixed ``--seed`` (same device and dtype). Constant memory in ``--num_samples``: images are
+generated, decoded and written chunk by chunk (``--batch_size``), the grid shows the first ``--grid_images``, and
+``--npz`` writes ``samples.npz`` in the ADM / LlamaGen evaluator's layout as rows arrive (:mod:`vqgen.npz_stream`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 from pathlib import Path
@@ -22,6 +25,7 @@ from .launch import resolve_device
 from .perf import keep_freed_memory
 from .models.prior import Prior
 from .models.tokenizer import load_tokenizer
+from .npz_stream import NpzWriter, to_uint8_nhwc
 from .sampling import class_labels, decode_to_images, generate, save_image_grid
 
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,24 +50,48 @@ def run(cfg: SampleConfig) -> Path:
     labels = class_labels(prior, sc.num_samples, sc.class_label)
     if labels is not None:
         labels = labels.to(device)
-    g = torch.Generator(device=device).manual_seed(sc.seed)
-    dtype = AUTOCAST[cfg.mixed_precision]
-    tokens = generate(prior, sc.num_samples, labels=labels, temperature=sc.temperature, top_k=sc.top_k,
-                      top_p=sc.top_p, cfg_scale=sc.cfg_scale, generator=g, batch_size=cfg.batch_size,
-                      autocast_dtype=dtype)  # tokens come back on the CPU
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        images = decode_to_images(tok, tokens, cfg.batch_size)
     out = Path(cfg.output_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(images):
-        save_image_grid(img[None], out / "images" / f"{i:05d}.png", nrow=1)
-    _save_npy(out / "tokens.npy", tokens.cpu().numpy().astype(np.int32))
+    tokens, grid_images = _generate_and_write(tok, prior, labels, cfg, device, out)
+    _save_npy(out / "tokens.npy", tokens.numpy().astype(np.int32))
     if labels is not None:
         _save_npy(out / "labels.npy", labels.cpu().numpy())
     grid = out / "grid.png"
-    save_image_grid(images, grid, nrow=int(math.ceil(math.sqrt(len(images)))), min_cell=48)
-    print(f"wrote {len(images)} samples: {grid} (+ {out / 'images'}/, {out / 'tokens.npy'})", flush=True)
+    save_image_grid(grid_images, grid, nrow=int(math.ceil(math.sqrt(len(grid_images)))), min_cell=48)
+    print(f"wrote {sc.num_samples} samples: {grid} (first {len(grid_images)}) + {out / 'tokens.npy'}"
+          + ("" if cfg.no_png else f", {out / 'images'}/") + (f", {out / 'samples.npz'}" if cfg.npz else ""),
+          flush=True)
     return grid
+
+
+def _generate_and_write(tok, prior, labels, cfg: SampleConfig, device, out: Path):
+    """Generate, decode and write chunk by chunk (one chunk of images in memory; tokens are small and kept).
+    One generator drawn chunk after chunk: the same tokens as one ``generate`` call with this batch size.
+    Returns (all tokens [N, h*w] on the CPU, the first ``grid_images`` images)."""
+    sc, n_total = cfg.sampling, cfg.sampling.num_samples
+    g = torch.Generator(device=device).manual_seed(sc.seed)
+    dtype = AUTOCAST[cfg.mixed_precision]
+    size = tok.config.image_size
+    npz = NpzWriter(out / "samples.npz", n_total, size, size) if cfg.npz else contextlib.nullcontext()
+    tokens, grid = [], []
+    with npz as npz_out:
+        for s in range(0, n_total, cfg.batch_size):
+            n = min(cfg.batch_size, n_total - s)
+            chunk = generate(prior, n, labels=labels[s:s + n] if labels is not None else None,
+                             temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p, cfg_scale=sc.cfg_scale,
+                             generator=g, batch_size=n, autocast_dtype=dtype)  # tokens come back on the CPU
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                images = decode_to_images(tok, chunk, cfg.batch_size)
+            tokens.append(chunk.cpu())
+            if not cfg.no_png:
+                for i, img in enumerate(images):
+                    save_image_grid(img[None], out / "images" / f"{s + i:05d}.png", nrow=1)
+            if npz_out is not None:
+                npz_out.write(to_uint8_nhwc(images))
+            room = cfg.grid_images - sum(len(x) for x in grid)
+            if room > 0:
+                grid.append(images[:room])
+    return torch.cat(tokens), torch.cat(grid)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

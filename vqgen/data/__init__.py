@@ -10,15 +10,19 @@ Inputs accepted by :func:`build_dataset`:
     the top-level subfolder in sorted order, else -1. If the folder has ``train/`` / ``val/`` / ``test/``
     subfolders the requested split is taken from them, otherwise the whole folder serves every split. Images may
     differ in size and mode (L, RGB, RGBA, P, I;16...): each is converted to the wanted channels and resized +
-    center-cropped by the one transform above. Files that PIL cannot open and verify() are skipped when the index
-    is built (one warning with the count, also recorded as ``skipped_unreadable``). A file that passes verify()
-    but fails to decode later (a truncated JPEG: verify() does not decode the data) is *not* skipped, because
-    item i must stay item i for exact resume and exactly-once extraction: loading it raises
-    :class:`DatasetUnavailableError` naming the file (delete or replace it and rerun);
+    center-cropped by the one transform above. The folder is indexed once (file list + labels cached beside it,
+    rebuilt when a directory changes: :mod:`vqgen.data.folder_index`) and no file is opened to build a dataset; a
+    file that cannot be decoded is found when it is read and gives a *marked* item (label -2,
+    :data:`vqgen.data.streaming.UNREADABLE`) with one warning, so item i stays item i (exact resume, exactly-once
+    extraction); training drops marked items and counts them, extraction records them as skipped;
+  * ``<data_dir>/<Name>/raw/*.gz`` IDX archives of the MNIST family, or Debian's ``dataset-fashion-mnist``, are
+    extracted offline (:mod:`vqgen.data.archives`);
   * ``hf:<hub id or local path>`` or a local folder written by ``datasets.save_to_disk``: Hugging Face
     ``datasets`` (image column ``image``/``img`` or any ``Image`` feature, label column ``label``/``labels``);
   * WebDataset urls (``wds:<url>``, ``*.tar`` or ``{000..009}`` brace patterns): an IterableDataset decoding
-    ``jpg;png;jpeg;webp`` and ``cls`` (num_classes is reported as 0: the stream is not scanned).
+    ``jpg;png;jpeg;webp`` and ``cls`` (num_classes is reported as 0: the stream is not scanned). The trainer and
+    extraction read them (and ``hf:<name> --streaming``) through :mod:`vqgen.data.streaming` instead: split by
+    rank and worker, decoded in the workers, resumable.
 
 Missing data: see :mod:`vqgen.data.offline` (a clear error in under 5 s, never a DNS hang). One small module per
 source under :mod:`vqgen.data.sources`; the transform in :mod:`vqgen.data.transforms`; split names in
@@ -27,7 +31,6 @@ source under :mod:`vqgen.data.sources`; the transform in :mod:`vqgen.data.transf
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import os
 from dataclasses import dataclass, field
@@ -111,27 +114,6 @@ def _unknown(name: str) -> ConfigError:
                        "folder, a datasets.save_to_disk folder, hf:<hub id or path>, wds:<url> / *.tar shards.")
 
 
-@contextlib.contextmanager
-def download_lock(data_dir: str):
-    """Serialise dataset preparation across the processes of a launch (an inter-process file lock in
-    ``data_dir``): the first process downloads, the others then find the files on disk instead of downloading
-    the same files into the same folder at once. No lock where ``data_dir`` cannot be written (shared, read-only
-    data is already complete)."""
-    from filelock import FileLock
-
-    try:
-        Path(data_dir).mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(Path(data_dir) / ".vqgen-prepare.lock"))
-        lock.acquire()
-    except OSError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        lock.release()
-
-
 def build_dataset(name: str, split: str = "train", data_dir: str = "data", image_size: int | None = None,
                   channels: int | None = None, download: bool = True) -> tuple[Dataset, DatasetInfo]:
     """Build the dataset ``name`` (registry name or generic input, see the module docstring) for ``split``.
@@ -142,6 +124,8 @@ def build_dataset(name: str, split: str = "train", data_dir: str = "data", image
     split = normalize_split(split)
     spec = DATASETS.get(name)
     generic = spec is None
+    if not generic and split not in ("train", "val", "test"):
+        raise ConfigError(f"dataset {name!r} has the splits train, val and test, not {split!r}")
     image_size = int(image_size or (GENERIC_IMAGE_SIZE if generic else spec.image_size))
     channels = int(channels or (GENERIC_CHANNELS if generic else spec.channels))
     if image_size <= 0 or channels not in (1, 3):

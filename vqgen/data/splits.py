@@ -8,6 +8,8 @@ datasets ship only ``test`` or only ``validation``).
 
 from __future__ import annotations
 
+import re
+
 from ..errors import ConfigError
 
 SPLIT_ALIASES = {"train": ("train", "training"), "val": ("val", "validation", "valid"), "test": ("test", "testing")}
@@ -20,12 +22,16 @@ def normalize_split(split: str) -> str:
     for norm, aliases in SPLIT_ALIASES.items():
         if s in aliases:
             return norm
-    raise ConfigError(f"unknown split {split!r}: use train, val (validation) or test")
+    if re.fullmatch(r"[a-z0-9_]+", s):
+        return s  # another split name: HF datasets and split folders may have it (registry sets refuse it)
+    raise ConfigError(f"unknown split {split!r}: use train, val (validation), test or a split name of the dataset")
 
 
 def split_candidates(split: str) -> list[str]:
     """Names under which a source may store ``split`` (normalised), its own spellings first, then its stand-in's."""
     split = normalize_split(split)
+    if split not in SPLIT_ALIASES:
+        return [split]
     other = STAND_IN[split]
     return list(SPLIT_ALIASES[split]) + (list(SPLIT_ALIASES[other]) if other else [])
 

@@ -16,11 +16,17 @@ Metrics
              generator would reach with this many images in this feature space.
 
 Feature spaces (``--features``): see :mod:`vqgen.eval.features`.
+
+Memory does not grow with the number of images: the split, its reconstructions, the generated samples and the train
+reference pass one batch at a time into accumulators (:mod:`vqgen.eval.batches`, :mod:`vqgen.eval.stream_stats`).
+``accelerate launch evaluate.py`` spreads images and samples over the processes and reduces the statistics; the
+main process writes eval.json.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,16 +36,18 @@ import torch
 from .. import shards
 from ..config import EvalConfig
 from ..flags import validate
-from ..errors import CheckpointError, ConfigError, VQGenError
+from ..errors import CheckpointError, ConfigError
 from ..export import check_compatible
 from ..fsutil import atomic_write_json
 from ..hub import is_hub_ref, resolve_model_path
-from ..launch import resolve_device
+from ..launch import prepare_first, resolve_device, start_processes
 from ..models.prior import Prior
 from ..models.tokenizer import load_tokenizer
 from ..run_dir import PipelineLayout, RunDir
-from ..sampling import class_labels, decode_to_images, generate, save_image_grid
+from ..sampling import save_image_grid
 from . import metrics as M
+from . import stream_stats
+from .batches import eval_real, eval_samples, open_split, reference_scores, split_size
 from .features import FeatureSpace, build_feature_space, find_inception_weights
 from .report import format_table, json_safe, plot_code_histogram, plot_loss_curves
 
@@ -91,69 +99,7 @@ def resolve_paths(cfg: EvalConfig) -> EvalInputs:
     return EvalInputs(tok, prior, shard_dir, out, out.parent / out.stem, runs, names)
 
 
-# ------------------------------------------------------------------------------------------------ stages
-def load_split(dataset: str, split: str, data_dir: str, image_size: int, channels: int,
-               max_images: int | None = None, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images ``(N, C, H, W)`` in [-1, 1] and labels ``(N,)`` of a split (small demo splits fit in memory)."""
-    from ..data import build_dataset
-
-    ds, info = build_dataset(dataset, split, data_dir, image_size=image_size, channels=channels)
-    if (info.image_size, info.channels) != (image_size, channels):
-        raise ConfigError(f"dataset {dataset} gives {info.channels}x{info.image_size}px images, the tokenizer "
-                          f"expects {channels}x{image_size}px")
-    if isinstance(ds, torch.utils.data.IterableDataset):
-        xs, ys, n = [], [], 0
-        for x, y in ds:
-            xs.append(x)
-            ys.append(int(y))
-            n += 1
-            if max_images and n >= max_images:
-                break
-        return torch.stack(xs), torch.tensor(ys)
-    if max_images:
-        ds = torch.utils.data.Subset(ds, range(min(max_images, len(ds))))
-    xs, ys = zip(*torch.utils.data.DataLoader(ds, batch_size=256, shuffle=False, num_workers=num_workers))
-    return torch.cat(xs), torch.cat(ys).long()
-
-
-@torch.no_grad()
-def eval_tokenizer(model, images: torch.Tensor, batch_size: int, device) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Reconstruct every image through codes (encode_to_indices -> decode_indices, never updating the codebook).
-    Returns (metrics, code counts (K,), reconstructions (N, C, H, W) on the CPU)."""
-    meter = M.ReconstructionMeter(model.config.num_embeddings)
-    recons = []
-    for s in range(0, images.shape[0], batch_size):
-        x = images[s:s + batch_size].to(device)
-        idx = model.encode_to_indices(x)
-        r = model.decode_indices(idx).float().clamp(-1, 1)
-        meter.update(x, r, idx)
-        recons.append(r.cpu())
-    out = meter.compute()
-    out.update(num_images=int(images.shape[0]), codebook_size=int(model.config.num_embeddings),
-               codes_used=int((meter.counts > 0).sum()))
-    return out, meter.counts, torch.cat(recons)
-
-
-def generate_images(prior, tokenizer, cfg: EvalConfig, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    sc, n = cfg.sampling, cfg.sampling.num_samples
-    labels = class_labels(prior, n, None)  # balanced: 0, 1, ..., C-1, 0, ...
-    g = torch.Generator(device=device).manual_seed(sc.seed)
-    tokens = generate(prior, n, labels=labels.to(device) if labels is not None else None,
-                      temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p, cfg_scale=sc.cfg_scale,
-                      generator=g, batch_size=min(n, 512))
-    return decode_to_images(tokenizer, tokens, batch_size=cfg.batch_size), labels
-
-
-def sample_quality(space: FeatureSpace, real: tuple[torch.Tensor, torch.Tensor],
-                   fake: tuple[torch.Tensor, torch.Tensor], cfg: EvalConfig) -> dict:
-    """FID / IS / precision-recall of fake (features, logits) against real, in one feature space."""
-    (rf, _), (ff, fl) = real, fake
-    out = {"fid": M.frechet_distance(rf, ff)}
-    out["inception_score"], out["inception_score_std"] = M.inception_score(fl, cfg.is_splits, cfg.sampling.seed)
-    out.update(M.precision_recall(rf, ff, k=cfg.pr_k))
-    return out
-
-
+# ---------------------------------------------------------------------------------------------------- run
 @torch.no_grad()
 def bits_per_token(prior, manifest: shards.Manifest, split: str, batch_size: int, device,
                    verify: str = "full") -> dict:
@@ -167,14 +113,14 @@ def bits_per_token(prior, manifest: shards.Manifest, split: str, batch_size: int
             "sequences": count // max(1, prior.config.seq_len), "split": split}
 
 
-# ---------------------------------------------------------------------------------------------------- run
 def run(cfg: EvalConfig) -> dict:
-    """Evaluate as ``cfg`` says; writes eval.json (+ plots) and returns its content."""
+    """Evaluate as ``cfg`` says; the main process writes eval.json (+ plots); returns its content (every process).
+    Under ``accelerate launch`` every process takes a share of the images and of the samples."""
     t_start = time.perf_counter()
     validate(cfg)
     find_inception_weights(cfg.inception_weights)                    # fail fast, before loading anything
     paths = resolve_paths(cfg)
-    device = resolve_device(cfg.device)
+    rank, world, device, state = _processes(cfg)
     tokenizer, tok_export = load_tokenizer(paths.tokenizer)  # a vqgen export or a diffusers VQModel
     tokenizer = tokenizer.to(device).eval()
     dataset = cfg.data.dataset or (tok_export.meta.dataset or {}).get("name")
@@ -190,24 +136,45 @@ def run(cfg: EvalConfig) -> dict:
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     tc = tokenizer.config
-    images, _ = load_split(dataset, cfg.split, cfg.data.data_dir, tc.image_size, tc.in_channels, cfg.max_images,
-                           cfg.data.num_workers)
-    if images.shape[0] < 2:
-        raise ConfigError(f"split {cfg.split!r} of {dataset} has {images.shape[0]} image(s); need at least 2")
-    space = build_feature_space(cfg, dataset, tc.image_size, tc.in_channels, device)
+    # the data (and the feature classifier, trained when not cached) prepared once, then loaded by all
+    with prepare_first(state, once=cfg.data.prepare_data_once, data_dir=cfg.data.data_dir):
+        ds = open_split(dataset, cfg.split, cfg.data.data_dir, tc.image_size, tc.in_channels)
+        space = build_feature_space(cfg, dataset, tc.image_size, tc.in_channels, device,
+                                    log=print if rank == 0 else (lambda *a, **k: None))
+    n_split = split_size(ds, cfg.max_images)
+    if n_split is not None and n_split < 2:
+        raise ConfigError(f"split {cfg.split!r} of {dataset} has {n_split} image(s); need at least 2")
     seconds["data_and_features"] = time.perf_counter() - t
 
     results: dict = {"format": "vqgen-eval", "format_version": EVAL_FORMAT_VERSION, "dataset": dataset,
-                     "split": cfg.split, "feature_space": space.info,
+                     "split": cfg.split, "feature_space": space.info, "processes": world,
                      "inputs": {"tokenizer": paths.names["tokenizer"], "tokenizer_sha256": tok_export.sha256,
                                 "prior": paths.names["prior"],
                                 "shards": str(paths.shards) if manifest else None}}
     t = time.perf_counter()
-    results["tokenizer"], counts, real = tokenizer_section(tokenizer, images, space, cfg, device)
+    results["tokenizer"], counts, real = tokenizer_section(tokenizer, ds, space, cfg, device, rank, world)
     seconds["tokenizer"] = time.perf_counter() - t
     if prior is not None:
         results["prior"] = prior_section(prior, tokenizer, space, real, dataset, manifest, paths, cfg, device,
-                                         results, seconds)
+                                         results, seconds, rank, world)
+    if rank == 0:
+        _write(results, counts, dataset, paths, cfg, seconds, t_start)
+    if state is not None:
+        state.wait_for_everyone()
+    return results
+
+
+def _processes(cfg: EvalConfig):
+    """(rank, world size, device, PartialState or None): one process, or each process of ``accelerate launch``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, resolve_device(cfg.device), None
+    state = start_processes()
+    return state.process_index, state.num_processes, state.device, state
+
+
+def _write(results: dict, counts, dataset: str, paths: EvalInputs, cfg: EvalConfig, seconds: dict,
+           t_start: float) -> None:
+    """Main process: plots, eval.json (atomically), the table."""
     if not cfg.no_plots:
         tm = results["tokenizer"]
         plots = results.setdefault("plots", {})
@@ -221,57 +188,40 @@ def run(cfg: EvalConfig) -> dict:
     atomic_write_json(paths.output, json_safe(results))
     print(format_table(results), flush=True)
     print(f"wrote {paths.output}", flush=True)
-    return results
 
 
-def tokenizer_section(tokenizer, images, space: FeatureSpace, cfg: EvalConfig, device):
-    """Reconstruction and codebook metrics + rFID; returns (metrics, code counts, real (features, logits))."""
-    metrics, counts, recons = eval_tokenizer(tokenizer, images, cfg.batch_size, device)
-    real = space(images, cfg.batch_size)
-    metrics["rfid"] = M.frechet_distance(real[0], space(recons, cfg.batch_size)[0])
+def tokenizer_section(tokenizer, ds, space: FeatureSpace, cfg: EvalConfig, device, rank: int = 0, world: int = 1):
+    """Reconstruction and codebook metrics + rFID; returns (metrics, code counts, the split's feature set)."""
+    metrics, counts, real, recon = eval_real(tokenizer, space, ds, cfg, device, rank, world)
+    metrics["rfid"] = stream_stats.frechet(real, recon)
     metrics["code_counts"] = [int(c) for c in counts]
     return metrics, counts, real
 
 
 def prior_section(prior, tokenizer, space: FeatureSpace, real, dataset: str, manifest, paths: EvalInputs,
-                  cfg: EvalConfig, device, results: dict, seconds: dict) -> dict:
+                  cfg: EvalConfig, device, results: dict, seconds: dict, rank: int = 0, world: int = 1) -> dict:
     """Sample metrics (+ the train-split reference and the sample grid) and held-out bits/token."""
     pm: dict = {}
     sc = cfg.sampling
     if sc.num_samples:
         t = time.perf_counter()
-        fake_images, fake_labels = generate_images(prior, tokenizer, cfg, device)
-        seconds["sampling"] = time.perf_counter() - t
-        t = time.perf_counter()
-        fake = space(fake_images, cfg.batch_size)
+        fake, grid = eval_samples(prior, tokenizer, space, cfg, device, rank, world)
+        seconds["sampling_and_features"] = time.perf_counter() - t
         pm.update(num_samples=sc.num_samples, pr_k=cfg.pr_k, temperature=sc.temperature, top_k=sc.top_k,
-                  top_p=sc.top_p, cfg_scale=sc.cfg_scale, **sample_quality(space, real, fake, cfg))
+                  top_p=sc.top_p, cfg_scale=sc.cfg_scale, **stream_stats.quality(real, fake, cfg.pr_k))
         if space.classifier is not None:
-            logits = fake[1] if space.name == "classifier" else space.classifier(fake_images.to(device)).cpu()
-            pm["classifier"] = M.classifier_stats(logits, space.classifier.config.num_classes,
-                                                  cfg.confidence_threshold, fake_labels)
-        results["reference"] = reference_scores(space, real, dataset, cfg, tokenizer.config, len(fake_images))
-        seconds["sample_metrics"] = time.perf_counter() - t
-        if not cfg.no_plots:
-            grid = fake_images[:64]
+            pm["classifier"] = fake.classifier_stats(with_labels=prior.config.num_classes > 0)
+        t = time.perf_counter()
+        results["reference"] = reference_scores(space, real, dataset, cfg, tokenizer.config, sc.num_samples, rank,
+                                                world)
+        seconds["reference"] = time.perf_counter() - t
+        if not cfg.no_plots and rank == 0:
             results.setdefault("plots", {})["samples"] = str(save_image_grid(
                 grid, paths.plots / "samples.png", nrow=int(math.ceil(math.sqrt(len(grid))))))
-    if manifest is not None and cfg.split in manifest.splits:
+    if manifest is not None and cfg.split in manifest.splits and rank == 0:
         t = time.perf_counter()
         pm.update(bits_per_token(prior, manifest, cfg.split, cfg.batch_size, device, cfg.reader.verify_shards))
         seconds["bits_per_token"] = time.perf_counter() - t
-    elif manifest is not None:
+    elif manifest is not None and rank == 0:
         print(f"note: no {cfg.split!r} split in {paths.shards}: bits/token skipped", flush=True)
     return pm
-
-
-def reference_scores(space: FeatureSpace, real, dataset: str, cfg: EvalConfig, tc, n: int) -> dict:
-    """The same scores for up to ``n`` *train* images vs the split: what a perfect generator would get."""
-    try:
-        train_images, _ = load_split(dataset, "train", cfg.data.data_dir, tc.image_size, tc.in_channels, n,
-                                     cfg.data.num_workers)
-    except VQGenError as e:
-        return {"skipped": str(e)}
-    out = sample_quality(space, real, space(train_images, cfg.batch_size), cfg)
-    out["num_images"] = int(train_images.shape[0])
-    return out

@@ -3,8 +3,9 @@
 Feature spaces (``--features``)
   inception   Inception-v3 pool features (2048-d) / logits: the standard FID, when weights are on disk:
               ``--inception_weights PATH`` or a known file in the torch hub cache (nothing is ever downloaded).
-              With torch-fidelity installed its exact TF-ported graph is used (torchmetrics' ``NoTrainInceptionV3``);
-              otherwise torchvision's Inception-v3 graph loads the file (close to, not identical with, TF-FID).
+              torch-fidelity (a dependency) runs its exact TF-ported graph for a file in its layout (torchmetrics'
+              ``NoTrainInceptionV3``); otherwise torchvision's Inception-v3 graph loads the file (close to, not
+              identical with, TF-FID).
   classifier  a small CNN trained on the dataset itself (:mod:`vqgen.eval.classifier`, cached): the usual practice for
               MNIST-like data, and the offline default. Values are comparable only under the same classifier
               export (its sha256 is in eval.json), never with published Inception FIDs.
@@ -49,12 +50,13 @@ class InceptionFeatures(torch.nn.Module):
         super().__init__()
         self.weights = Path(weights)
         self.fidelity = None
-        try:
+        try:  # torch-fidelity (a dependency) runs the TF-FID graph when the file is in its layout
             from torchmetrics.image.fid import NoTrainInceptionV3
             self.fidelity = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048", "logits_unbiased"],
                                                feature_extractor_weights_path=str(weights))
             self.graph = "torch-fidelity inception-v3-compat (TF-FID)"
-        except ModuleNotFoundError:  # torch-fidelity absent: torchvision's graph with the file's weights
+        except (ModuleNotFoundError, RuntimeError):  # no torch-fidelity, or a torchvision-layout file
+            self.fidelity = None
             self._load_torchvision(weights)
             self.graph = "torchvision inception_v3"
         self.eval()
@@ -101,6 +103,12 @@ class FeatureSpace:
     def __init__(self, name: str, net: torch.nn.Module, device: torch.device, info: dict,
                  classifier: torch.nn.Module | None = None):
         self.name, self.net, self.device, self.info, self.classifier = name, net.to(device).eval(), device, info, classifier
+
+    @torch.no_grad()
+    def batch(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch -> (features (B, D), logits (B, C)) on the CPU, float64 (evaluate.py streams batches)."""
+        f, lg = self.net.features_and_logits(images.to(self.device))
+        return f.double().cpu(), lg.double().cpu()
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,7 +32,8 @@ FORMAT = "vqgen-shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PARTS_DIR = ".parts"
-SPLITS = ("train", "test")
+SPLITS = ("train", "test")  # the usual ones; any name matching SPLIT_RE can be extracted
+SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
 KEY_FORMAT = "%09d"
 # Fixed tar headers -> reproducible shard bytes (an int mtime also avoids a PAX header per member: half the size).
 TAR_KW = dict(mtime=0, user="vqgen", group="vqgen", mode=0o444, encoder=False)
@@ -51,15 +52,38 @@ def shard_name(split: str, rank: int, n: int) -> str:
     return f"{split}-r{rank:03d}-{n:06d}.tar"
 
 
-def rank_indices(n: int, rank: int, world_size: int) -> range:
-    """Source indices that ``rank`` encodes: the strided range ``rank, rank + world_size, ...``.
+def rank_indices(n: int, rank: int, world_size: int, order_seed: int | None = None) -> Sequence[int]:
+    """Source indices that ``rank`` encodes, in order: positions ``rank, rank + world_size, ...`` of the source
+    order, or of its permutation :func:`source_order` when ``order_seed`` is given.
 
-    Strided rather than contiguous: ranks differ by at most one sample, it also works for a stream of unknown
-    length (keep ``i % world_size == rank``), and the union over ranks is ``range(n)`` with no overlap.
+    Strided rather than contiguous: ranks differ by at most one sample and the union over ranks is ``range(n)``
+    with no overlap. The permutation makes the shards of a class-sorted source (image folders, ImageNet) mix classes,
+    so a reader of contiguous shard ranges still sees many classes per batch.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    return range(rank, n, world_size)
+    if order_seed is None:
+        return range(rank, n, world_size)
+    return source_order(n, order_seed)[rank::world_size]
+
+
+_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
+
+
+def source_order(n: int, seed: int) -> np.ndarray:
+    """A permutation of ``range(n)`` (int64) that depends on ``(n, seed)`` only, in every numpy version.
+
+    vqgen's own, not ``np.random.Generator.permutation``: numpy does not promise the same stream across versions,
+    and a resumed extraction (or a byte-identical rerun) must rebuild exactly the order the first run used. The
+    indices are sorted by a splitmix64 hash of ``(seed, index)`` (stable sort: ties keep source order).
+    Adapted from: splitmix64 (Steele, Lea, Flood 2014), the finaliser used by java.util.SplittableRandom.
+    """
+    with np.errstate(over="ignore"):
+        z = np.arange(n, dtype=np.uint64) + np.uint64(seed + 1) * _MIX[0]
+        z = (z ^ (z >> np.uint64(30))) * _MIX[1]
+        z = (z ^ (z >> np.uint64(27))) * _MIX[2]
+        z ^= z >> np.uint64(31)
+    return np.argsort(z, kind="stable").astype(np.int64)
 
 
 def part_path(out_dir: str | os.PathLike, split: str, rank: int) -> Path:
@@ -105,12 +129,17 @@ class ShardInfo:
 
 @dataclass
 class SplitInfo:
-    """One extracted split: its sample total, its shards, the image transform and whether mirrored tokens exist."""
+    """One extracted split: its sample total, its shards, the image transform and whether mirrored tokens exist.
+
+    ``order_seed``: a map-style source was encoded in the permutation of its indices seeded by this (None: in
+    source order, as streams are). ``skipped_unreadable``: keys of source images that could not be decoded."""
 
     total: int
     shards: list[ShardInfo]
     transforms: dict = field(default_factory=dict)
     hflip: bool = False
+    order_seed: int | None = None
+    skipped_unreadable: list[int] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -120,8 +149,13 @@ class SplitInfo:
         return cls(**known, extra=extra)
 
     def to_dict(self) -> dict:
-        return {**self.extra, "total": self.total, "shards": [s.to_dict() for s in self.shards],
-                "transforms": self.transforms, "hflip": self.hflip}
+        out = {**self.extra, "total": self.total, "shards": [s.to_dict() for s in self.shards],
+               "transforms": self.transforms, "hflip": self.hflip}
+        if self.order_seed is not None:
+            out["order_seed"] = self.order_seed
+        if self.skipped_unreadable:
+            out["skipped_unreadable"] = self.skipped_unreadable
+        return out
 
 
 @dataclass

@@ -3,15 +3,19 @@
 Crash safety. A shard is written as ``.<name>.tmp``, fsynced, hashed, renamed to ``<name>`` and only then
 recorded in the rank's progress file (atomic rewrite). A rerun keeps the longest prefix of recorded shards whose
 size and sha256 still match, deletes every other file of that rank/split (temp files, renamed but unrecorded
-shards) and redoes the rest. Shard contents are a pure function of (dataset, tokenizer, world size, shard size,
-batch size), and tar headers are fixed (mtime 0, user/group "vqgen"), so a resumed run writes the same bytes as an
-uninterrupted one.
+shards) and redoes the rest. Shard contents of a map-style source are a pure function of (dataset, tokenizer, world
+size, shard size, order seed, batch size), and tar headers are fixed (mtime 0, user/group "vqgen"), so a resumed run
+writes the same bytes as an uninterrupted one. A streamed source (several DataLoader workers per rank) stores every
+sample exactly once, but a resumed shard may order them differently (:meth:`RankShardWriter.done_keys` tells each
+reader what is done).
+Unreadable source images are recorded as skipped (:meth:`RankShardWriter.skip`), not written.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +86,9 @@ class RankShardWriter:
         self._writer: wds.ShardWriter | None = None
         self._written = 0  # samples handed to the current ShardWriter
         self._committed = 0  # of those, samples in committed shards
+        # [key, shard number open when it was skipped]: unreadable source images, recorded instead of written; an
+        # entry is valid once that shard is committed (or the rank completes)
+        self.skipped: list[list[int]] = []
 
     # -- resume
     def resume(self) -> int:
@@ -103,6 +110,7 @@ class RankShardWriter:
                     break
                 kept.append(s)
             self.complete = bool(rec.get("complete")) and len(kept) == len(rec.get("shards", []))
+            self.skipped = [e for e in rec.get("skipped", []) if self.complete or e[1] < len(kept)]
         keep_names = {s["name"] for s in kept}
         prefix = f"{self.split}-r{self.rank:03d}-"
         for p in self.out.iterdir():
@@ -113,6 +121,18 @@ class RankShardWriter:
         if rec is not None and len(kept) != len(rec.get("shards", [])):
             self._save_part()
         return sum(s["count"] for s in kept)
+
+    def done_keys(self) -> list[int]:
+        """Keys of the samples already stored or recorded as skipped (after :meth:`resume`; tar headers only)."""
+        keys = [e[0] for e in self.skipped]
+        for s in self.shards:
+            with tarfile.open(self.out / s["name"], mode="r:") as tf:
+                keys += sorted({int(m.name.split(".", 1)[0]) for m in tf if m.isreg()})
+        return keys
+
+    def skip(self, key: int) -> None:
+        """Record source sample ``key`` as unreadable (not written; listed in the manifest)."""
+        self.skipped.append([int(key), len(self.shards)])
 
     # -- write
     def write(self, key: int, tokens: np.ndarray, label: int, tokens_flip: np.ndarray | None = None) -> None:
@@ -148,8 +168,13 @@ class RankShardWriter:
         self._save_part()
 
     def _save_part(self) -> None:
-        atomic_write_json(self.part_file, {"settings": self.settings, "complete": self.complete,
-                                           "shards": self.shards})
+        atomic_write_json(self.part_file, self._record())
+
+    def _record(self) -> dict:
+        rec = {"settings": self.settings, "complete": self.complete, "shards": self.shards}
+        if self.skipped:
+            rec["skipped"] = self.skipped
+        return rec
 
     def close(self) -> dict:
         """Commit the last shard and mark the rank complete; returns the part record."""
@@ -158,7 +183,7 @@ class RankShardWriter:
             self._writer = None
         self.complete = True
         self._save_part()
-        return {"settings": self.settings, "complete": True, "shards": self.shards}
+        return self._record()
 
     def abort(self) -> None:
         """Close without committing the open shard (on an exception); its temp file is removed."""
@@ -174,34 +199,39 @@ class RankShardWriter:
 
 
 def merge_manifest(out_dir: str | os.PathLike, split: str, world_size: int, header: Manifest, *, transforms: dict,
-                   hflip: bool, expected_total: int | None = None) -> Manifest:
+                   hflip: bool, expected_total: int | None = None, order_seed: int | None = None) -> Manifest:
     """Main process, after every rank closed its writer: merge the parts of ``split`` into manifest.json.
 
     ``header``: the format-level fields (a :class:`Manifest` without splits: tokenizer, codebook size, grid, dtype,
     classes, dataset). An existing manifest (another split) is kept and must name the same tokenizer. Raises
-    ShardError when a part is missing/incomplete or the counts do not add up.
+    ShardError when a part is missing/incomplete or the counts do not add up (unreadable source images, recorded as
+    skipped by the ranks, count towards ``expected_total`` and are listed as ``skipped_unreadable``).
     """
     out = Path(out_dir)
     shards: list[ShardInfo] = []
+    skipped: list[int] = []
     for r in range(world_size):
         rec = read_json(part_path(out, split, r))
         if rec is None or not rec.get("complete"):
             raise ShardError(f"rank {r} did not finish split {split!r} in {out} (no complete "
                              f"{part_path(out, split, r).name}); rerun the same command to resume")
         shards.extend(ShardInfo(**s) for s in rec["shards"])
+        skipped += [e[0] for e in rec.get("skipped", [])]
     stale = [p.name for p in (out / PARTS_DIR).glob(f"{split}-r*.json") if int(p.stem.rsplit("-r", 1)[1]) >= world_size]
     if stale:
         raise ShardError(f"{out} holds parts of an extraction with more ranks ({', '.join(sorted(stale))}); "
                          f"pass --overwrite to start fresh")
     shards.sort(key=lambda s: s.name)
     total = sum(s.count for s in shards)
-    if expected_total is not None and total != expected_total:
-        raise ShardError(f"split {split!r} in {out}: shards hold {total} samples, the dataset has {expected_total}")
+    if expected_total is not None and total + len(skipped) != expected_total:
+        raise ShardError(f"split {split!r} in {out}: shards hold {total} samples (+ {len(skipped)} unreadable), the "
+                         f"dataset has {expected_total}")
     old = Manifest.read(out) if (out / MANIFEST_NAME).is_file() else None
     if old is not None and old.tokenizer_sha256 != header.tokenizer_sha256:
         raise ShardError(f"{out / MANIFEST_NAME} names another tokenizer; pass --overwrite to replace it")
     splits = {**(old.splits if old is not None else {}),
-              split: SplitInfo(total=total, shards=shards, transforms=transforms, hflip=bool(hflip))}
+              split: SplitInfo(total=total, shards=shards, transforms=transforms, hflip=bool(hflip),
+                               order_seed=order_seed, skipped_unreadable=sorted(skipped))}
     manifest = dataclasses.replace(header, splits=splits, path=out)
     manifest.write(out)
     return manifest

@@ -18,10 +18,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import CheckpointError, DiskFullError
+from ..errors import DiskFullError
 from ..fsutil import atomic_write_json, fsync_dir, fsync_tree, is_disk_full
 from ..run_dir import RunDir
-from .schedule import map_style_skip
 
 DATA_STATE = "data"  # LoopState.extra key of the task's data_state() (see StageTask in loop.py)
 
@@ -88,22 +87,12 @@ def _state_json(state: LoopState, schedulers: list) -> dict:
     return out
 
 
-def load_checkpoint(acc, path: Path, schedulers: list, world_size: int, batch_size: int) -> LoopState:
-    """Restore everything ``path`` holds; returns the loop position as saved, ``batches_done`` in the saved layout.
-
-    The loop then converts it with the task's ``resume_batches(extra[DATA_STATE], ...)``. A checkpoint of an older
-    vqgen has no data state: its position is converted here by the map-style rule
-    (:func:`~vqgen.train.schedule.map_style_skip`, CheckpointError when not a whole number of new global batches).
-    """
+def load_checkpoint(acc, path: Path, schedulers: list) -> LoopState:
+    """Restore everything ``path`` holds; returns the loop position as saved (the task's ``resume_batches`` turns
+    its ``batches_done`` into the current data layout's)."""
     raw = json.loads((path / RunDir.STATE).read_text())
     states = [raw.pop("scheduler", None)] + raw.pop("other_schedulers", [])
     saved = LoopState(**raw)
-    if DATA_STATE not in saved.extra:  # checked before anything is restored
-        try:
-            saved.batches_done = map_style_skip(saved.batches_done, saved.world_size, saved.batch_size, world_size,
-                                                batch_size)
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from None
     acc.load_state(str(path))
     for scheduler, sched_state in zip(schedulers, states):
         if sched_state is not None:
@@ -114,6 +103,35 @@ def load_checkpoint(acc, path: Path, schedulers: list, world_size: int, batch_si
                 for _ in range(saved.global_step):
                     scheduler.step()
     return saved
+
+
+def saved_data_state(state: LoopState) -> dict:
+    """The data layout a checkpoint was saved with (``extra["data"]``, the task's ``data_state``); checkpoints
+    written before that hook existed recorded only the loop's world size and batch size."""
+    return state.extra.get(DATA_STATE) or {"world_size": state.world_size, "batch_size": state.batch_size}
+
+
+def map_style_resume(saved: dict | None, epoch: int, batches_done: int, world_size: int,
+                     batch_size: int) -> tuple[int, str | None]:
+    """The resume rule of a map-style input, whose k-th global batch holds samples ``[k*G, (k+1)*G)`` of the epoch's
+    order whatever the world size (:func:`vqgen.train.schedule.epoch_indices`; ``G`` = processes x batch).
+
+    Exact when the samples done are a whole number of the new global batches. Otherwise the nearest exact
+    continuation: resume at the last new-layout batch boundary before the position reached, so the few samples
+    after it (fewer than one global batch) are seen twice in this epoch, never skipped; one warning says so.
+    """
+    if not batches_done:
+        return 0, None
+    saved = saved or {}
+    old_w, old_b = int(saved.get("world_size", world_size)), int(saved.get("batch_size", batch_size))
+    done, new_global = batches_done * old_w * old_b, world_size * batch_size
+    skip, extra = divmod(done, new_global)
+    if not extra:
+        return skip, None
+    return skip, (f"warning: resuming epoch {epoch} with {world_size} processes x batch {batch_size}: the {done} "
+                  f"samples done with {old_w} x {old_b} are not a whole number of the new global batches; continuing "
+                  f"at batch {skip}, so {extra} samples of this epoch are seen twice (exact: resume with "
+                  f"{old_w} x {old_b}, or from an epoch-end checkpoint)")
 
 
 def _remove_dir(d: Path) -> None:

@@ -39,7 +39,7 @@ from ..hub import push_export
 from ..launch import build_accelerator, fill_deepspeed_config, resolve_mixed_precision
 from ..perf import release_freed_memory
 from ..run_dir import RunDir
-from .checkpointing import DATA_STATE, LoopState, load_checkpoint, save_checkpoint
+from .checkpointing import DATA_STATE, LoopState, load_checkpoint, save_checkpoint, saved_data_state
 from .schedule import make_scheduler
 from .tracking import STATE_KEY, plan_trackers, start_trackers
 
@@ -66,14 +66,13 @@ class StageTask(Protocol):
 
     def data_state(self) -> dict:
         """JSON-able description of this run's data layout (world size, batch size, workers, reader streams, and any
-        resume history), saved in every checkpoint's vqgen_state.json (LoopState.extra["data"])."""
+        resume history), saved in every checkpoint's vqgen_state.json (``LoopState.extra["data"]``)."""
 
     def resume_batches(self, saved: dict | None, epoch: int, batches_done: int,
                        world_size: int) -> tuple[int, str | None]:
-        """skip_batches for the current layout, plus one warning line when the resume is not exact (None when it
-        is). ``saved`` is the data_state of the checkpoint (None for checkpoints of older vqgen versions, whose
-        ``batches_done`` :func:`~vqgen.train.checkpointing.load_checkpoint` already converted by the map-style
-        rule). Raise CheckpointError when the position cannot be carried over."""
+        """``skip_batches`` for the current layout, plus one warning line when the resume is not exact (None when it
+        is). ``saved``: the checkpoint's ``data_state`` (for checkpoints of older vqgen versions, the world size and
+        batch size their loop recorded: :func:`~vqgen.train.checkpointing.saved_data_state`)."""
 
     def compute_loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss to backpropagate and detached scalar tensors to log (converted to floats only on logging
@@ -146,13 +145,13 @@ class TrainLoop:
             self.run.clean_stale_checkpoints()
         acc.wait_for_everyone()
         if self.resume_dir is not None:
-            st = self.state = load_checkpoint(acc, self.resume_dir, self.schedulers, self.world_size, cfg.batch_size)
-            self.print(f"resumed from {self.resume_dir}: step {st.global_step}, epoch {st.epoch}, "
-                       f"{st.batches_done} batches into the epoch")
-            skip, warning = task.resume_batches(st.extra.get(DATA_STATE), st.epoch, st.batches_done, self.world_size)
-            st.batches_done, st.world_size, st.batch_size = skip, self.world_size, cfg.batch_size
+            st = self.state = load_checkpoint(acc, self.resume_dir, self.schedulers)
+            skip, warning = task.resume_batches(saved_data_state(st), st.epoch, st.batches_done, self.world_size)
             if warning:
                 self.print(warning)
+            st.batches_done, st.world_size, st.batch_size = skip, self.world_size, cfg.batch_size
+            self.print(f"resumed from {self.resume_dir}: step {self.state.global_step}, epoch {self.state.epoch}, "
+                       f"{self.state.batches_done} batches into the epoch")
         elif cfg.resume:
             self.print(f"--resume {cfg.resume}: no checkpoint in {self.run.root}, starting from scratch")
         self.state.extra[STATE_KEY] = self.trackers.state()  # the wandb run id: --resume continues that run

@@ -26,6 +26,7 @@ from ..hub import is_hub_ref, resolve_model_path
 from ..models.prior import Prior, token_cross_entropy
 from ..models.tokenizer import load_tokenizer
 from ..sampling import class_labels, decode_to_images, generate, save_image_grid
+from .checkpointing import map_style_resume
 from .loop import TrainLoop
 
 
@@ -80,9 +81,10 @@ class PriorTask:
         continue with the samples the interrupted run had not seen, each once, and say so."""
         self.world_size, reader = world_size, (saved or {}).get("reader")
         if reader is None:  # a checkpoint of the reader before issue 12: another sample order
-            return batches_done, (f"warning: this checkpoint was written by an older vqgen token reader: the epoch "
-                                  f"continues after the first {batches_done} batches of the new order, not exactly "
-                                  f"where it stopped") if batches_done else None
+            skip, _ = map_style_resume(saved, epoch, batches_done, world_size, self.cfg.train.batch_size)
+            return skip, (f"warning: this checkpoint was written by an older vqgen token reader: the epoch "
+                          f"continues after the first {skip} batches of the new order, not exactly "
+                          f"where it stopped") if skip else None
         saved_history = [ResumePoint.from_dict(p) for p in reader["history"]] if reader["epoch"] == epoch else []
         try:
             history, skip, warning = resume_history(saved_history, PlanSpec.from_dict(reader["spec"]), batches_done,

@@ -10,7 +10,6 @@ import math
 
 import torch
 
-from ..errors import CheckpointError
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -33,19 +32,6 @@ def epoch_indices(n: int, seed: int, epoch: int, rank: int, world_size: int, shu
         perm = list(range(n))
     per_rank = n // world_size
     return perm[rank: per_rank * world_size: world_size]
-
-
-def map_style_skip(batches_done: int, saved_world: int, saved_batch: int, world_size: int, batch_size: int) -> int:
-    """Batches to skip on resume for :func:`epoch_indices` data: since the k-th global batch is the same at any
-    world size, a mid-epoch position carries over exactly when the samples done are a whole number of the new
-    global batches; otherwise CheckpointError (no inexact continuation is guessed)."""
-    old_global, new_global = saved_batch * saved_world, batch_size * world_size
-    if batches_done and (batches_done * old_global) % new_global:
-        raise CheckpointError(
-            f"cannot resume mid-epoch with {world_size} processes x batch {batch_size}: the checkpoint was saved with "
-            f"{saved_world} x {saved_batch} after {batches_done} batches, which is not a whole number of the new "
-            f"global batches. Resume with the old world size/batch, or from an epoch-end checkpoint.")
-    return batches_done * old_global // new_global
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: str, warmup: int, total: int):

@@ -1,31 +1,34 @@
 """Stage 1: train the VQ-VAE tokenizer (``accelerate launch train_vqvae.py --dataset ...``).
 
 Writes ``<output_dir>/checkpoints/checkpoint-{step}/`` (training state), ``samples/recon_epoch*.png``
-(each row of inputs followed by its row of reconstructions), ``metrics.jsonl`` and finally ``export/`` for stages 2 and 3.
+(each row of inputs followed by its row of reconstructions), ``metrics.jsonl`` and finally ``export/`` for stages 2
+and 3. Input: a map-style dataset or a stream (WebDataset urls, ``hf:<name> --streaming``), prepared once per node
+(:func:`build_inputs`), with optional seeded augmentation (:mod:`vqgen.train.stage1_data`). Unreadable images are
+dropped from their batch and counted (``skipped_images``: on rank 0 since the process started).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from ..config import VQVAEStageConfig
 
 from ..flags import validate
-from ..data import build_dataset, download_lock
-from ..errors import ConfigError
+from ..data import GENERIC_CHANNELS, GENERIC_IMAGE_SIZE, build_dataset
+from ..data.augment import Augment
+from ..data.stream_input import is_streamed, open_stream
+from ..data.streaming import StreamedImages
 from ..export import ExportMeta
 from ..eval.metrics import ReconstructionMeter
-from ..launch import resolve_mixed_precision
+from ..launch import prepare_first, resolve_mixed_precision, start_processes
 from ..models.vqvae import VQVAE
 from ..perf import default_channels_last
 from ..sampling import save_image_grid
 from .loop import TrainLoop
-from .schedule import epoch_generator, epoch_indices, map_style_skip
+from .stage1_data import MapInput, StreamInput, first_images
 
 
 def interleave_rows(inputs: torch.Tensor, recons: torch.Tensor, per_row: int) -> torch.Tensor:
@@ -37,47 +40,33 @@ def interleave_rows(inputs: torch.Tensor, recons: torch.Tensor, per_row: int) ->
 
 
 class VQVAETask:
-    """Stage-1 plug-in for :class:`TrainLoop`."""
+    """Stage-1 plug-in for :class:`TrainLoop`; the data side is a :class:`MapInput` or a :class:`StreamInput`."""
 
     name = "vqvae"
 
-    def __init__(self, cfg: VQVAEStageConfig, model: VQVAE, train_ds, val_ds, info):
-        self.cfg, self.model, self.train_ds, self.val_ds, self.info = cfg, model, train_ds, val_ds, info
+    def __init__(self, cfg: VQVAEStageConfig, model: VQVAE, train_input, val_ds, info):
+        self.cfg, self.model, self.input, self.val_ds, self.info = cfg, model, train_input, val_ds, info
         self.last_metrics: dict[str, float] = {}
-        self.world_size = 1
+        self.skipped = 0  # unreadable images dropped on this rank since the process started (a device tensor)
 
     def configure_optimizers(self, train, device_type: str) -> list[torch.optim.Optimizer]:
         return [self.model.configure_optimizer(train.lr, train.weight_decay, device_type)]
 
     def batches_per_epoch(self, world_size: int) -> int:
-        self.world_size = world_size
-        return math.ceil((len(self.train_ds) // world_size) / self.cfg.train.batch_size)
-
-    def data_state(self) -> dict:
-        return {"world_size": self.world_size, "batch_size": self.cfg.train.batch_size,
-                "num_workers": self.cfg.data.num_workers}
-
-    def resume_batches(self, saved: dict | None, epoch: int, batches_done: int, world_size: int):
-        """Map-style data (:func:`epoch_indices`): exact when the samples done are whole new global batches, else
-        CheckpointError (:func:`map_style_skip`); the worker count never matters."""
-        if saved is None:  # an older checkpoint: load_checkpoint converted it already
-            return batches_done, None
-        return map_style_skip(batches_done, saved["world_size"], saved["batch_size"], world_size,
-                              self.cfg.train.batch_size), None
+        return self.input.batches_per_epoch(world_size)
 
     def epoch_batches(self, epoch: int, skip_batches: int, rank: int, world_size: int):
-        idx = epoch_indices(len(self.train_ds), self.cfg.train.seed, epoch, rank, world_size)
-        idx = idx[skip_batches * self.cfg.train.batch_size:]
-        # Own generator: a DataLoader iterator otherwise draws its worker base seed from the global RNG, so the
-        # iterator a resumed run starts mid-epoch would shift every later global draw (the quantizer's dead-code
-        # restart samples from it) and break bitwise-exact resume.
-        return DataLoader(Subset(self.train_ds, idx), batch_size=self.cfg.train.batch_size, shuffle=False,
-                          num_workers=self.cfg.data.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=False,
-                          generator=epoch_generator(self.cfg.train.seed, epoch))
+        return self.input.epoch_batches(epoch, skip_batches, rank, world_size)
+
+    def data_state(self) -> dict:
+        return self.input.data_state()
+
+    def resume_batches(self, saved: dict | None, epoch: int, batches_done: int, world_size: int):
+        return self.input.resume_batches(saved, epoch, batches_done, world_size)
 
     def compute_loss(self, model, batch):
-        x, _ = batch
+        x, _, skipped = batch  # unreadable images were dropped by the collate (stage1_data.collate_readable)
+        self.skipped = self.skipped + skipped
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         out = model(x)
@@ -85,19 +74,17 @@ class VQVAETask:
         rec = F.mse_loss(recon, x) if self.cfg.recon_loss == "mse" else F.l1_loss(recon, x)
         loss = rec + out.vq_loss
         # detached tensors: the loop converts them only on logging steps (no per-step host sync on GPUs)
-        return loss, {"recon_loss": rec.detach(), "vq_loss": out.vq_loss.detach(), "perplexity": out.perplexity.detach()}
+        return loss, {"recon_loss": rec.detach(), "vq_loss": out.vq_loss.detach(), "perplexity": out.perplexity.detach(),
+                      "skipped_images": self.skipped.detach()}
 
     @torch.no_grad()
     def evaluate(self, loop: TrainLoop, epoch: int) -> dict[str, float]:
         if not loop.is_main:
             return {}
         model = loop.unwrapped_model.eval()
-        n = min(len(self.val_ds), self.cfg.val_images)
-        dl = DataLoader(Subset(self.val_ds, range(n)), batch_size=self.cfg.train.batch_size, shuffle=False,
-                        num_workers=self.cfg.data.num_workers, generator=torch.Generator().manual_seed(0))
         meter = ReconstructionMeter(model.config.num_embeddings)
         grid_x = grid_r = None
-        for x, _ in dl:
+        for x, _ in first_images(self.val_ds, self.cfg.val_images, self.cfg.train.batch_size):
             x = x.to(loop.accelerator.device)
             with loop.accelerator.autocast():
                 out = model(loop.cast_inputs(x))
@@ -119,19 +106,45 @@ class VQVAETask:
         loop.print(f"export written to {loop.run.export}")
 
 
+def build_inputs(cfg: VQVAEStageConfig, state):
+    """(training input, validation dataset, DatasetInfo): prepared by one process per node, then loaded by all."""
+    data = cfg.data
+    streamed = is_streamed(data.dataset, data.streaming)
+    with prepare_first(state, once=data.prepare_data_once, data_dir=data.data_dir):
+        if streamed:  # streams have no registry entry: the generic 64 px RGB unless --image_size says otherwise
+            source, decoder, info = open_stream(data.dataset, "train", data.data_dir,
+                                                data.image_size or GENERIC_IMAGE_SIZE, GENERIC_CHANNELS,
+                                                streaming_hf=data.streaming)
+        else:
+            train_ds, info = build_dataset(data.dataset, "train", data.data_dir, data.image_size)
+        val_name = cfg.val_dataset or data.dataset
+        if is_streamed(val_name, data.streaming):
+            vsrc, vdec, _ = open_stream(val_name, "test", data.data_dir, info.image_size, info.channels,
+                                        streaming_hf=data.streaming)
+            val_ds = StreamedImages(vsrc, vdec, shuffle=False, equal=False)
+        else:
+            val_ds, _ = build_dataset(val_name, "test", data.data_dir, info.image_size, info.channels)
+    augment = Augment(info.image_size, cfg.augment.random_crop, cfg.augment.hflip)
+    if augment:
+        info.transforms = {**info.transforms, "train_augmentation": augment.describe()}
+    if not streamed:
+        return MapInput(train_ds, cfg, augment), val_ds, info
+    per_epoch = cfg.samples_per_epoch
+    if source.counts is None and not per_epoch and info.transforms.get("total"):
+        per_epoch = int(info.transforms["total"])  # an HF stream whose split size the dataset records
+        if state.is_main_process:
+            print(f"streamed input of unknown shard sizes: one epoch = the split's {per_epoch} samples "
+                  f"(--samples_per_epoch)", flush=True)
+    return StreamInput(source, decoder, cfg, augment, per_epoch), val_ds, info
+
+
 def run(cfg: VQVAEStageConfig) -> TrainLoop:
     """Train stage 1 as ``cfg`` says; returns the finished (or stopped) loop."""
     from accelerate.utils import set_seed
 
     validate(cfg)
-    data = cfg.data
-    with download_lock(data.data_dir):  # every rank builds the datasets; only the first one downloads
-        train_ds, info = build_dataset(data.dataset, "train", data.data_dir, data.image_size)
-        val_ds, _ = build_dataset(data.dataset, "test", data.data_dir, data.image_size)
-    if isinstance(train_ds, IterableDataset) or isinstance(val_ds, IterableDataset):
-        raise ConfigError(f"{data.dataset}: train_vqvae.py needs a map-style dataset (its exact resume indexes "
-                          f"samples); WebDataset tar input is streamed. Use an image folder or an HF dataset, or "
-                          f"pass the tars to extract_codes.py with an existing tokenizer")
+    state = start_processes(training=True)  # the Accelerator built by the loop joins the same process group
+    train_input, val_ds, info = build_inputs(cfg, state)
     config = cfg.model.build(in_channels=info.channels, image_size=info.image_size)
     if cfg.channels_last is None:  # NHWC with bf16 autocast (its fast kernels), NCHW in fp32 (vqgen/perf.py)
         cfg.channels_last = default_channels_last(resolve_mixed_precision(cfg.train, VQVAETask.name))
@@ -140,6 +153,6 @@ def run(cfg: VQVAEStageConfig) -> TrainLoop:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     record = {"stage": "vqvae", "model": dataclasses.asdict(config), "dataset": dataclasses.asdict(info)}
-    loop = TrainLoop(cfg, VQVAETask(cfg, model, train_ds, val_ds, info), record)
+    loop = TrainLoop(cfg, VQVAETask(cfg, model, train_input, val_ds, info), record)
     loop.fit()
     return loop

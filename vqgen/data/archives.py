@@ -1,0 +1,99 @@
+"""Data already on disk is used as it is: archives a library would download count as present.
+
+torchvision's MNIST family looks only for the *extracted* IDX files (``<root>/<Name>/raw/train-images-idx3-ubyte``,
+``MNIST._check_exists``); the ``.gz`` archives it downloads are extracted by ``download()``, which first needs the
+network (``download_and_extract_archive`` only skips the download when the archive's md5 matches torchvision's
+list). So an archive copied onto an offline machine, or one whose gzip bytes differ from torchvision's mirror
+(Debian's ``dataset-fashion-mnist`` package recompressed them: same IDX content, other md5), was reported
+missing. :func:`prepare_idx` extracts such ``.gz`` files (what ``extract_archive`` would do: plain gunzip) instead.
+The IDX readers check every file's magic number and size, so a wrong file still fails loudly; no md5 is required.
+
+Where the archives may be (first hit wins, per file):
+  1. ``<data_dir>/<Name>/raw/<file>.gz`` (where torchvision downloads them);
+  2. a system location of a distribution package (:data:`SYSTEM_DIRS`), used when ``--data_dir`` holds nothing:
+     Debian's ``dataset-fashion-mnist`` installs ``/usr/share/datasets/fashion-mnist/*.gz`` (the real 70k images).
+Extraction goes to ``<data_dir>/<Name>/raw`` (temp file + rename: a killed extraction leaves no half file), or,
+when that folder cannot be written, to ``$XDG_CACHE_HOME/vqgen/<Name>/raw`` (the returned root says which).
+Call it from one process per node (see :func:`vqgen.launch.prepare_first`); concurrent callers are safe, only slower.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# torchvision class name -> folders where a distribution package installs its .gz IDX files
+SYSTEM_DIRS: dict[str, tuple[str, ...]] = {
+    "FashionMNIST": ("/usr/share/datasets/fashion-mnist",),  # Debian/Ubuntu: apt-get install dataset-fashion-mnist
+}
+IDX_CLASSES = ("MNIST", "FashionMNIST", "KMNIST")
+
+
+def _idx_files(cls) -> list[str]:
+    """The extracted file names torchvision's ``_check_exists`` wants, e.g. ``train-images-idx3-ubyte``."""
+    return [os.path.splitext(os.path.basename(url))[0] for url, _ in cls.resources]
+
+
+def _find_archive(name: str, raw: Path, system: tuple[str, ...]) -> Path | None:
+    for folder in (raw, *map(Path, system)):
+        gz = folder / f"{name}.gz"
+        if gz.is_file():
+            return gz
+    return None
+
+
+def _writable_raw(root: Path, cls_name: str) -> Path:
+    raw = root / cls_name / "raw"
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=raw, prefix=".probe"):
+            return raw
+    except OSError:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vqgen"
+        (cache / cls_name / "raw").mkdir(parents=True, exist_ok=True)
+        return cache / cls_name / "raw"
+
+
+def _gunzip(src: Path, dst: Path) -> None:
+    """``src`` (.gz) -> ``dst`` atomically (temp file, fsync, rename): a killed extraction leaves no half file."""
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
+    try:
+        with gzip.open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def prepare_idx(cls_name: str, data_dir: str | os.PathLike) -> tuple[Path, str | None]:
+    """Make ``cls_name`` (MNIST / FashionMNIST / KMNIST) loadable from ``data_dir`` without the network.
+
+    Returns ``(root to pass to torchvision, folder the archives came from or None)``. Nothing happens when the
+    extracted files are already there or no archive is found (then the usual download / error path runs).
+    """
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, cls_name)
+    root = Path(data_dir)
+    names = _idx_files(cls)
+    raw = root / cls_name / "raw"
+    if all((raw / n).is_file() for n in names):
+        return root, None
+    system = SYSTEM_DIRS.get(cls_name, ())
+    cache_raw = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vqgen" / cls_name / "raw"
+    if all((cache_raw / n).is_file() for n in names):
+        return cache_raw.parent.parent, str(cache_raw)
+    found = {n: _find_archive(n, raw, system) for n in names}
+    if not all(found.values()):
+        return root, None
+    dest = _writable_raw(root, cls_name)
+    for n, gz in found.items():
+        if not (dest / n).is_file():
+            _gunzip(gz, dest / n)
+    return dest.parent.parent, str(next(iter(found.values())).parent)
