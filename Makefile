@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) bench/extract.py
 	$(PY) bench/sampling.py
 	$(PY) bench/train_step.py
+	$(PY) bench/default_speed.py
 	$(PY) bench/reader_scale.py
 
 # Issue 15: the side-by-side quality benchmark on real Fashion-MNIST (the original recipe on MONAI, its frozen variant,

@@ -96,7 +96,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = flag(1, "micro-batches per optimizer step")
     max_grad_norm: float = flag(1.0, "gradient clipping norm (0 disables)")
     mixed_precision: str | None = _precision(None, "autocast precision (default: what `accelerate config`/launch "
-                                             "says, else no)")
+                                             "says, else the fastest safe one for the device: bf16 on CUDA GPUs "
+                                             "with bf16 tensor cores and for the VQ-VAE on CPUs with AMX, no "
+                                             "elsewhere; see vqgen/perf.py)")
     seed: int = flag(0, "seed for init, data order and sampling")
     checkpointing_steps: int = flag(0, "save a training checkpoint every N optimizer steps (0: at the end of every "
                                     "epoch only)")
@@ -334,9 +336,9 @@ class VQVAEStageConfig(_Trainer):
     recon_loss: str = flag("mse", "reconstruction loss", choices=("mse", "l1"))
     val_images: int = flag(2048, "validation images per evaluation (test split)")
     grid_images: int = flag(32, "images in each reconstruction grid")
-    channels_last: bool = flag(False, "channels-last memory format: with --mixed_precision bf16 it measured 3-4x "
-                               "MONAI's fp32 step on AMX CPUs (bench/train_step.py); slower in fp32 on GPU, so off "
-                               "by default")
+    channels_last: bool | None = flag(None, "channels-last (NHWC) memory format for the VQ-VAE (default: on with "
+                                      "bf16 autocast, whose fast CPU/GPU convolutions are NHWC kernels; off in "
+                                      "fp32, where it is no faster on CPU and slower on GPU; see vqgen/perf.py)")
 
     def check(self) -> None:
         _positive(self, "val_images", "grid_images", "shuffle_buffer")

@@ -142,6 +142,9 @@ def build_parser(cls: type) -> argparse.ArgumentParser:
         kw["help"] = fl.help + shown
         try:
             groups[where].add_argument(fl.option, *fl.aliases, **kw)
+            if elem is bool and optional:  # None = "decided at run time": --no_<name> says false explicitly
+                groups[where].add_argument(f"--no_{fl.option[2:]}", dest=fl.key, action="store_false",
+                                           help=f"turn {fl.option} off (its default is decided at run time)")
         except argparse.ArgumentError as e:
             raise TypeError(f"{cls.__name__}: {fl.key} declares {fl.option} a second time ({e})") from None
     return parser

@@ -15,6 +15,7 @@ from datetime import timedelta
 
 import torch
 
+from . import perf
 from .errors import ConfigError
 from .run_dir import RunDir
 
@@ -45,7 +46,25 @@ def build_accelerator(train, log_with: str | None):
     _check_group(acc.num_processes)
     if acc.mixed_precision == "fp16" and acc.device.type == "cpu" and acc.distributed_type != DistributedType.DEEPSPEED:
         raise ConfigError(_FP16_CPU)
+    perf.keep_freed_memory()  # each step reuses the last step's freed activations (no page faults: vqgen/perf.py)
     return acc
+
+
+def resolve_mixed_precision(train, stage: str) -> str:
+    """Fill in ``train.mixed_precision`` when neither the flag/config nor the launcher chose one: the fastest safe
+    precision of ``stage`` ("vqvae" | "prior") on the device this process will train on
+    (:func:`vqgen.perf.default_mixed_precision`: bf16 on CUDA GPUs with bf16 tensor cores and for the VQ-VAE on
+    AMX CPUs, else fp32). The launcher's choice is ``accelerate launch --mixed_precision`` or an accelerate config
+    (ACCELERATE_MIXED_PRECISION) or a DeepSpeed config; it is left to accelerate. Returns the precision autocast
+    will use. The filled-in value is written to the run's config.yaml, so ``--resume`` keeps it."""
+    from accelerate.utils import parse_flag_from_env
+
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if train.mixed_precision is None and not launcher and not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        cuda = torch.cuda.is_available() and not use_cpu(training=True)
+        cpu = not has_accelerator() or use_cpu(training=True)
+        train.mixed_precision = perf.default_mixed_precision(stage, "cuda" if cuda else "cpu" if cpu else "other")
+    return train.mixed_precision or launcher or "no"
 
 
 def start_processes(training: bool = False):
@@ -57,6 +76,7 @@ def start_processes(training: bool = False):
     state = PartialState(cpu=use_cpu(training=training))
     _fix_deepspeed_cpu_ranks(state)
     _check_group(state.num_processes)
+    perf.keep_freed_memory()  # each batch reuses the last batch's freed activations (vqgen/perf.py)
     return state
 
 

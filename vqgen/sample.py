@@ -22,6 +22,7 @@ from .flags import validate
 from .export import check_compatible
 from .fsutil import atomic_write_bytes
 from .launch import resolve_device
+from .perf import keep_freed_memory
 from .models.prior import Prior
 from .models.tokenizer import load_tokenizer
 from .npz_stream import NpzWriter, to_uint8_nhwc
@@ -43,6 +44,7 @@ def run(cfg: SampleConfig) -> Path:
     validate(cfg)  # before loading anything
     sc = cfg.sampling
     device = resolve_device(cfg.device)
+    keep_freed_memory()  # decoding batches reuse the last batch's freed activations (vqgen/perf.py)
     tok, prior = load_pair(cfg.checkpoint, cfg.checkpoint_t)
     tok, prior = tok.to(device), prior.to(device)
     labels = class_labels(prior, sc.num_samples, sc.class_label)

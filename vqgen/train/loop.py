@@ -36,7 +36,8 @@ from ..config import TrainConfig
 from ..flags import to_dict, to_yaml
 from ..errors import ConfigError, TrainingAborted
 from ..hub import push_export
-from ..launch import build_accelerator, fill_deepspeed_config
+from ..launch import build_accelerator, fill_deepspeed_config, resolve_mixed_precision
+from ..perf import release_freed_memory
 from ..run_dir import RunDir
 from .checkpointing import DATA_STATE, LoopState, load_checkpoint, save_checkpoint, saved_data_state
 from .schedule import make_scheduler
@@ -102,6 +103,7 @@ class TrainLoop:
         self.resume_dir = self.run.check_policy(record, cfg.resume, cfg.overwrite)
         # Trackers are decided before anything is written (no wandb login / no network -> offline; tracking.py)
         self.trackers = plan_trackers(cfg, self.run.root, self.resume_dir)
+        resolve_mixed_precision(cfg, task.name)  # unless chosen: bf16 where the device does it natively (perf.py)
         acc = self.accelerator = build_accelerator(cfg, self.trackers.log_with)
         extra = list(getattr(task, "extra_models", ()))
         _check_extra_models(acc, extra)
@@ -307,6 +309,7 @@ class TrainLoop:
                     Path(self.stop_file).unlink()
             self.print(f"{stop}: saved {self.save_checkpoint()}; rerun with --resume latest to continue")
             acc.end_training()
+            release_freed_memory()
             return self.state
         if stop == "max_steps":
             self.save_checkpoint()
@@ -317,6 +320,7 @@ class TrainLoop:
                 push_export(self.run.export, self.cfg.push_to_hub, self.unwrapped_model)
         acc.wait_for_everyone()
         acc.end_training()
+        release_freed_memory()  # the allocator kept the steps' memory (launch.build_accelerator): hand it back
         return self.state
 
     # ------------------------------------------------------------------ helpers for the loop and the tasks

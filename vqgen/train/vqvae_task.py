@@ -23,8 +23,9 @@ from ..data.stream_input import is_streamed, open_stream
 from ..data.streaming import StreamedImages
 from ..export import ExportMeta
 from ..eval.metrics import ReconstructionMeter
-from ..launch import prepare_first, start_processes
+from ..launch import prepare_first, resolve_mixed_precision, start_processes
 from ..models.vqvae import VQVAE
+from ..perf import default_channels_last
 from ..sampling import save_image_grid
 from .gan import VQGANTerms
 from .loop import TrainLoop
@@ -156,6 +157,8 @@ def run(cfg: VQVAEStageConfig) -> TrainLoop:
     state = start_processes(training=True)  # the Accelerator built by the loop joins the same process group
     train_input, val_ds, info = build_inputs(cfg, state)
     config = cfg.model.build(in_channels=info.channels, image_size=info.image_size)
+    if cfg.channels_last is None:  # NHWC with bf16 autocast (its fast kernels), NCHW in fp32 (vqgen/perf.py)
+        cfg.channels_last = default_channels_last(resolve_mixed_precision(cfg.train, VQVAETask.name))
     set_seed(cfg.train.seed)  # identical initial weights on every rank
     model = VQVAE(config)
     if cfg.channels_last:
