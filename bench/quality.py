@@ -34,7 +34,6 @@ and evaluation); ``python bench/quality.py --budget_minutes 0.5 --samples 500`` 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess

@@ -77,6 +77,25 @@ def test_resume_with_other_model_config_is_refused(tmp_path, capsys):
     assert "another model config" in capsys.readouterr().err
 
 
+def test_run_of_an_older_vqgen_without_newer_model_fields_resumes(tmp_path, capsys):
+    """A run folder written before a model field existed (its run_config.json lacks it) resumes when the field
+    keeps its default; set to another value, the resume is refused as another model config."""
+    import json
+
+    argv = [*TINY, "--output_dir", str(tmp_path / "r"), "--n_epochs", "1", "--max_steps", "1"]
+    assert run_cli(train_vqvae.run, VQVAEStageConfig, argv) == 0
+    record_file = tmp_path / "r" / "run_config.json"
+    record = json.loads(record_file.read_text())
+    for added in ("arch", "attention", "norm_groups", "codebook_l2"):  # fields added by issue 15
+        del record["model"][added]
+    record_file.write_text(json.dumps(record))
+    resume = [*argv, "--max_steps", "2", "--resume", "latest"]  # the later --max_steps wins
+    assert run_cli(train_vqvae.run, VQVAEStageConfig, [*resume, "--codebook_l2"]) == 2
+    assert "another model config" in capsys.readouterr().err
+    assert run_cli(train_vqvae.run, VQVAEStageConfig, resume) == 0
+    assert (tmp_path / "r" / "checkpoints" / "checkpoint-2").is_dir()
+
+
 @pytest.mark.parametrize("bad, message", [
     (["--num_channels", "16", "32", "--num_res_channels", "16"], "num_res_channels"),
     (["--downsample_parameters", "2", "4", "1"], "downsample_parameters"),

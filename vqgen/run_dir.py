@@ -124,9 +124,12 @@ class RunDir:
         return (self.record_file.exists() or self.config_file.exists() or bool(self.checkpoint_dirs())
                 or self.export.exists())
 
-    def check_policy(self, record: dict, resume: str | None, overwrite: bool) -> Path | None:
+    def check_policy(self, record: dict, resume: str | None, overwrite: bool,
+                     model_defaults: dict | None = None) -> Path | None:
         """Refuse to mix two runs in one folder and a resume with another model; returns the checkpoint to resume
-        from (None: start fresh). ``record`` is what :meth:`write_record` will store for this run."""
+        from (None: start fresh). ``record`` is what :meth:`write_record` will store for this run.
+        ``model_defaults``: the model config's field defaults; a field that a run of an older vqgen did not record
+        (one added since) counts as its default, so such a run stays resumable."""
         resume_dir = self.resolve_resume(resume) if resume else None
         if self.holds_run() and not resume and not overwrite:
             raise ConfigError(f"{self.root} already holds a run; pass --resume latest to continue it, --overwrite to "
@@ -135,6 +138,10 @@ class RunDir:
         runs = [self] + ([RunDir(resume_dir.parent.parent)] if resume_dir is not None else [])
         for run in runs if resume else []:
             old = run.read_record()
+            if old is not None and isinstance(old.get("model"), dict) and model_defaults:
+                added = {k: model_defaults[k] for k in record.get("model", {}) if k not in old["model"]
+                         and k in model_defaults}
+                old = {**old, "model": {**added, **old["model"]}}
             if old is not None and old.get("model") != record.get("model"):
                 raise CheckpointError(f"--resume: {run.root} was trained with another model config:\n  saved:   "
                                       f"{old.get('model')}\n  flags:   {record.get('model')}")

@@ -19,6 +19,7 @@ Adapted from: the diffusers accelerate example scripts (one Accelerator, banner,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -92,6 +93,19 @@ class StageTask(Protocol):
         """Write ``loop.run.export`` from ``loop.unwrapped_model`` (main process only)."""
 
 
+def field_defaults(config) -> dict:
+    """JSON form of the default of each field of a dataclass config that has one ({} for anything else)."""
+    if not dataclasses.is_dataclass(config):
+        return {}
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(json.dumps(out))
+
+
 class TrainLoop:
     def __init__(self, stage_config, task: StageTask, record: dict):
         """``stage_config``: the stage's config (its ``train`` part drives the loop; all of it is written to the run
@@ -100,7 +114,8 @@ class TrainLoop:
         self.task, self.run = task, RunDir(cfg.output_dir)
         self.stop_file = cfg.stop_file or str(self.run.stop_file)
         record = json.loads(json.dumps(record))  # tuples -> lists: compared as saved
-        self.resume_dir = self.run.check_policy(record, cfg.resume, cfg.overwrite)
+        self.resume_dir = self.run.check_policy(record, cfg.resume, cfg.overwrite,
+                                                model_defaults=field_defaults(getattr(task.model, "config", None)))
         # Trackers are decided before anything is written (no wandb login / no network -> offline; tracking.py)
         self.trackers = plan_trackers(cfg, self.run.root, self.resume_dir)
         resolve_mixed_precision(cfg, task.name)  # unless chosen: bf16 where the device does it natively (perf.py)

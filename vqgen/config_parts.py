@@ -1,0 +1,283 @@
+"""The shared parts of the stage configs (:mod:`vqgen.config`): data, training, sampling, model flags, shards, the
+token reader and the discriminator. Each is a dataclass whose fields are flags (:mod:`vqgen.flags`); a stage config
+composes them with ``part(...)``. Split from config.py only to keep each module short: read them as one."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from .data import DATASETS
+from .errors import ConfigError
+from .flags import flag, int_list
+from .hub import check_push_target
+from .models.discriminator import NORMS
+from .models.losses import DISC_LOSSES, VGG16_FILE
+from .models.prior import PRIOR_MLPS, PRIOR_NORMS, PriorConfig
+from .models.vqvae import ARCHS, VQVAEConfig, level_params
+from .sampling import check_sampling_args
+
+PRECISIONS = ("no", "fp16", "bf16")
+# What every --checkpoint / --checkpoint_t accepts besides a local export folder (vqgen.hub, vqgen.models.tokenizer).
+_HUB_REF = "hf:<user>/<repo>[/<subfolder>][@<revision>] (read from the local Hugging Face cache)"
+_TOKENIZER_REFS = f"a diffusers VQModel folder (pip install \"vqgen[diffusers]\"), or {_HUB_REF} of either"
+
+
+def _precision(default: str | None, help: str, **kw):
+    return flag(default, help, choices=PRECISIONS, **kw)
+
+
+def _positive(cfg: Any, *names: str, zero_ok: bool = False) -> None:
+    for name in names:
+        v = getattr(cfg, name)
+        if v < 0 or (v == 0 and not zero_ok):
+            raise ConfigError(f"--{name} must be {'>= 0' if zero_ok else '> 0'}, got {v}")
+
+
+def _model_default(cls: type, name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+# ------------------------------------------------------------------------------------------------- shared parts
+@dataclass
+class DataConfig:
+    """Image input (stages 1 and 2, evaluate.py)."""
+
+    dataset: str | None = flag("digits", f"registry name ({', '.join(DATASETS)}), a local image folder, a "
+                               "save_to_disk folder, hf:<hub id or path>, or WebDataset shards (wds:<url>, *.tar, "
+                               "{000..009}); 'digits' works offline")
+    data_dir: str = flag("data", "where registry datasets are stored / downloaded to")
+    image_size: int | None = flag(None, "resize + center-crop to this size (default: the dataset's own, 64 for "
+                                  "generic inputs)")
+    num_workers: int = flag(0, "data-loading worker processes per process")
+    streaming: bool = flag(False, "read hf:<name> inputs with datasets' streaming mode (no full download; WebDataset "
+                           "urls are always streamed): every rank and DataLoader worker reads its own shards")
+    prepare_data_once: bool = flag(False, "--data_dir is shared by all nodes: one process of the job prepares the "
+                                   "data (default: one per node), then all load it in parallel")
+
+    def check(self) -> None:
+        _positive(self, "num_workers", zero_ok=True)
+        if self.image_size is not None:
+            _positive(self, "image_size")
+
+
+@dataclass
+class TrainConfig:
+    """What every trainer shares: run folder, batch, schedule, precision, checkpoints, logging, preemption."""
+
+    output_dir: str | None = flag(None, "run folder: checkpoints/, export/, samples/, metrics", required=True)
+    batch_size: int = flag(128, "batch size per process (global = this x processes x accumulation)")
+    n_epochs: int = flag(100, "number of training epochs")
+    lr: float = flag(2e-4, "peak learning rate (AdamW)")
+    weight_decay: float = flag(0.0, "AdamW weight decay (weight matrices and embeddings; not biases or norms)")
+    warmup_steps: int = flag(0, "linear warm-up steps before the schedule")
+    lr_schedule: str = flag("constant", "learning-rate schedule after warm-up (cosine: down to 10%% of the peak)",
+                            choices=("constant", "cosine"))
+    gradient_accumulation_steps: int = flag(1, "micro-batches per optimizer step")
+    max_grad_norm: float = flag(1.0, "gradient clipping norm (0 disables)")
+    mixed_precision: str | None = _precision(None, "autocast precision (default: what `accelerate config`/launch "
+                                             "says, else the fastest safe one for the device: bf16 on CUDA GPUs "
+                                             "with bf16 tensor cores and for the VQ-VAE on CPUs with AMX, no "
+                                             "elsewhere; see vqgen/perf.py)")
+    seed: int = flag(0, "seed for init, data order and sampling")
+    checkpointing_steps: int = flag(0, "save a training checkpoint every N optimizer steps (0: at the end of every "
+                                    "epoch only)")
+    checkpoints_total_limit: int = flag(3, "keep only the newest N checkpoints")
+    resume: str | None = flag(None, "'latest' or a checkpoint folder: continue exactly where it stopped (the run's "
+                              "config.yaml supplies every flag not given again)", persist=False)
+    overwrite: bool = flag(False, "start over in an output_dir that holds another run", persist=False)
+    max_bad_steps: int = flag(20, "stop after this many consecutive steps with a non-finite loss (each is skipped)")
+    max_steps: int = flag(0, "stop after this many optimizer steps (0: run all epochs)", persist=False)
+    max_minutes: float = flag(0.0, "stop after this many minutes of training, as --max_steps does (checkpoint, "
+                              "export); counted from the first step, start-up excluded; 0: no limit", persist=False)
+    sample_and_save_freq: int = flag(5, "every N epochs: validate, write an image grid, log metrics")
+    report_to: str = flag("wandb", "experiment trackers: wandb (online when logged in and reachable, else offline in "
+                          "<output_dir>/wandb with one warning), tensorboard (<output_dir>/logs), all, or none",
+                          choices=("wandb", "tensorboard", "all", "none"))
+    no_wandb: bool = flag(False, "drop wandb from --report_to (with the default: no tracker; the original tool's flag)")
+    wandb_project: str = flag("vqgen", "wandb project name (also the TensorBoard subfolder of <output_dir>/logs)")
+    push_to_hub: str | None = flag(None, "after training, upload the export folder (+ a model card) to this Hub model "
+                                   "repo (<user>/<repo>; token from `hf auth login` or HF_TOKEN, checked before "
+                                   "training); a failed upload only warns", metavar="REPO_ID")
+    stop_file: str | None = flag(None, "if this file appears (default <output_dir>/STOP), save a checkpoint and exit; "
+                                 "the Slurm scripts create it on preemption, then requeue", persist=False)
+    timeout_minutes: int = flag(30, "process-group timeout: a rank that dies makes the others fail instead of "
+                                "hanging forever")
+
+    def check(self) -> None:
+        _positive(self, "batch_size", "n_epochs", "gradient_accumulation_steps", "checkpoints_total_limit",
+                  "sample_and_save_freq", "max_bad_steps")
+        if self.lr <= 0:
+            raise ConfigError(f"learning rate must be > 0, got {self.lr}")
+        _positive(self, "warmup_steps", "checkpointing_steps", "max_steps", "max_minutes", zero_ok=True)
+        check_push_target(self.push_to_hub)  # a missing token is found now, not after training
+
+
+@dataclass
+class SamplingConfig:
+    """How tokens are drawn from a prior (sample.py, evaluate.py, training-time grids, VQVAE_T.py --sample)."""
+
+    num_samples: int = flag(16, "number of images to generate")
+    temperature: float = flag(1.0, "softmax temperature (0 = greedy)")
+    top_k: int | None = flag(None, "keep only the k most likely tokens")
+    top_p: float | None = flag(None, "nucleus sampling: the smallest set of tokens with probability mass >= p")
+    cfg_scale: float = flag(1.0, "classifier-free guidance scale (1 = off; conditional priors)")
+    class_label: int | None = flag(None, "class to generate (conditional priors; default: cycle through all "
+                                   "classes)")
+    seed: int = flag(0, "random seed (same seed -> same samples)")
+
+    def check(self) -> None:
+        _positive(self, "num_samples", zero_ok=True)
+        check_sampling_args(self.temperature, self.top_k, self.top_p, self.cfg_scale)
+
+
+_VQ = VQVAEConfig()
+
+
+@dataclass
+class VQVAEFlags:
+    """The VQ-VAE flags (the original tool's names and defaults, plus the quantiser's knobs). :meth:`build` adds
+    what the data decides (channels, image size) and gives the model's :class:`VQVAEConfig`."""
+
+    num_res_layers: int = flag(_VQ.num_res_layers, "residual units per level in encoder and decoder")
+    downsample_parameters: list[int] = flag(
+        [2, 4, 1, 1], "encoder strided conv per level as 'stride kernel dilation padding': 4 numbers (all levels) "
+        "or 4 per level, e.g. \"2 4 1 1\"", type=int_list, metavar="S K D P")
+    upsample_parameters: list[int] = flag(
+        [2, 4, 1, 1, 0], "decoder transposed conv per level as 'stride kernel dilation padding output_padding': 5 "
+        "numbers (all levels) or 5 per level, e.g. \"2 4 1 1 0\"", type=int_list, metavar="S K D P OP")
+    num_channels: list[int] = flag(list(_VQ.num_channels), "channels per level; the number of values is the number "
+                                   "of levels")
+    num_res_channels: list[int] = flag(list(_VQ.num_res_channels), "channels inside the residual units, one per level")
+    num_embeddings: int = flag(_VQ.num_embeddings, "codebook size K")
+    embedding_dim: int = flag(_VQ.embedding_dim, "code vector dimension")
+    commitment_cost: float = flag(_VQ.commitment_cost, "weight of the commitment loss ||z - sg(q)||^2")
+    ema_decay: float = flag(_VQ.decay, "EMA decay of the codebook statistics")
+    ema_epsilon: float = flag(_VQ.epsilon, "Laplace smoothing of the EMA cluster sizes")
+    dead_code_threshold: float = flag(_VQ.dead_code_threshold, "restart codes that won fewer than this many vectors "
+                                      "per step (all ranks) over the last --restart_every steps; 0 disables")
+    restart_every: int = flag(_VQ.restart_every, "the dead-code window: checked every this many training steps")
+    vq_arch: str = flag(_VQ.arch, "encoder/decoder blocks: conv (MONAI's ReLU residual units) or resnet (taming/"
+                        "LlamaGen GroupNorm + swish ResNet blocks); opt-in, no equal-time ablation yet", choices=ARCHS)
+    vq_attention: bool = flag(False, "with --vq_arch resnet: self-attention at the lowest resolution")
+    norm_groups: int = flag(_VQ.norm_groups, "GroupNorm groups of --vq_arch resnet")
+    codebook_l2: bool = flag(False, "l2-normalised codebook and encoder outputs (LlamaGen): use with a small "
+                             "--embedding_dim, e.g. 8")
+
+    def build(self, in_channels: int, image_size: int) -> VQVAEConfig:
+        """These flags + the dataset's channels/size -> a validated :class:`VQVAEConfig`."""
+        levels = len(self.num_channels)
+        if levels == 0:
+            raise ConfigError("--num_channels needs at least one value (one per level)")
+        if len(self.num_res_channels) != levels:
+            raise ConfigError(f"--num_res_channels has {len(self.num_res_channels)} values but --num_channels has "
+                              f"{levels} (one per level)")
+        cfg = VQVAEConfig(
+            in_channels=in_channels, image_size=image_size, num_channels=tuple(self.num_channels),
+            num_res_channels=tuple(self.num_res_channels), num_res_layers=self.num_res_layers,
+            downsample_parameters=level_params(self.downsample_parameters, 4, levels, "--downsample_parameters"),
+            upsample_parameters=level_params(self.upsample_parameters, 5, levels, "--upsample_parameters"),
+            num_embeddings=self.num_embeddings, embedding_dim=self.embedding_dim,
+            commitment_cost=self.commitment_cost, decay=self.ema_decay, epsilon=self.ema_epsilon,
+            dead_code_threshold=self.dead_code_threshold, restart_every=self.restart_every, arch=self.vq_arch,
+            attention=self.vq_attention, norm_groups=self.norm_groups, codebook_l2=self.codebook_l2)
+        cfg.validate()
+        return cfg
+
+
+@dataclass
+class PriorFlags:
+    """The prior flags (the original tool's names and defaults, plus dropout knobs). :meth:`build` adds what the
+    shards decide (vocabulary, grid, classes) and gives the model's :class:`PriorConfig`."""
+
+    attn_layers_dim: int = flag(_model_default(PriorConfig, "dim"), "transformer width (embedding dimension)")
+    attn_layers_depth: int = flag(_model_default(PriorConfig, "depth"), "number of transformer blocks")
+    attn_layers_heads: int = flag(_model_default(PriorConfig, "heads"), "attention heads (must divide the width)")
+    attn_dropout: float = flag(_model_default(PriorConfig, "dropout"), "dropout on attention probabilities and "
+                               "residual branches during training")
+    class_dropout: float = flag(_model_default(PriorConfig, "class_dropout"), "probability of replacing a label by "
+                                "the null class in training (enables --cfg_scale)")
+    prior_norm: str = flag(_model_default(PriorConfig, "norm"), "normalisation layers of the prior (rms: LLaMA's "
+                           "RMSNorm); opt-in", choices=PRIOR_NORMS)
+    prior_mlp: str = flag(_model_default(PriorConfig, "mlp"), "MLP of the prior's blocks (swiglu: LLaMA's, same "
+                          "parameter count); opt-in", choices=PRIOR_MLPS)
+    rope: bool = flag(False, "2D rotary position embedding (row/column) on the prior's queries and keys, on top of "
+                      "the learned positions (head dimension divisible by 4); opt-in")
+
+    def build(self, vocab_size: int, latent_h: int, latent_w: int, num_classes: int) -> PriorConfig:
+        cfg = PriorConfig(vocab_size=int(vocab_size), latent_h=int(latent_h), latent_w=int(latent_w),
+                          dim=self.attn_layers_dim, depth=self.attn_layers_depth, heads=self.attn_layers_heads,
+                          dropout=self.attn_dropout, num_classes=max(int(num_classes), 0),
+                          class_dropout=self.class_dropout, norm=self.prior_norm, mlp=self.prior_mlp,
+                          rope=self.rope)
+        cfg.validate()
+        return cfg
+
+
+@dataclass
+class ShardingConfig:
+    """How stage 2 cuts its output (extract_codes.py, VQVAE_T.py)."""
+
+    shard_size: int = flag(1000, "samples per shard, the unit of resume (1000: ~1.5 MB of 16x16 uint16 tokens; "
+                           "ImageNet gives ~1300 shards, enough for shard-level splitting over ranks x workers)")
+    hflip: bool = flag(False, "also store the tokens of the horizontally mirrored image as tokens_flip.npy")
+    order_seed: int = flag(0, "map-style inputs are encoded in a permutation of the source order seeded by this: the "
+                           "shards of a class-sorted folder mix classes (keys stay source indices)")
+
+    def check(self) -> None:
+        _positive(self, "shard_size")
+        _positive(self, "order_seed", zero_ok=True)
+
+
+@dataclass
+class TokenReaderConfig:
+    """How stage 3 reads token shards (train_prior.py; evaluate.py takes --verify_shards): vqgen/shards/reader.py."""
+
+    verify_shards: str = flag("full", "shard checks: full = size of every shard at start-up + the sha256 of each "
+                              "shard as the rank holding its first sample reads it; size = sizes only; none",
+                              choices=("full", "size", "none"))
+    reader_streams: int = flag(8, "shuffled read streams per process (a multiple of --num_workers reads every byte "
+                               "once; the batches do not depend on --num_workers)")
+    resampled: bool = flag(False, "draw shards with replacement (very large or growing shard sets); an epoch is "
+                           "--epoch_samples samples per process")
+    epoch_samples: int | None = flag(None, "samples per process per epoch with --resampled (default: split size / "
+                                     "processes)")
+
+    def check(self) -> None:
+        _positive(self, "reader_streams")
+        if self.epoch_samples is not None:
+            _positive(self, "epoch_samples")
+            if not self.resampled:
+                raise ConfigError("--epoch_samples needs --resampled (without it an epoch is one pass over the split)")
+
+
+@dataclass
+class GANConfig:
+    """The VQGAN recipe's terms of stage 1 (opt-in: the defaults train the plain VQ-VAE). See vqgen/train/gan.py."""
+
+    disc_weight: float = flag(0.0, "weight of the PatchGAN adversarial loss (times the adaptive weight); 0: no "
+                              "discriminator. Not with DeepSpeed or fp16 (a clear error says why)")
+    disc_start: int = flag(0, "optimizer step from which the discriminator trains and the adversarial term counts "
+                           "(taming: after the reconstruction has converged)")
+    disc_loss: str = flag("hinge", "discriminator / adversarial loss", choices=DISC_LOSSES)
+    disc_channels: int = flag(64, "channels of the discriminator's first conv (doubling per layer, at most x8)")
+    disc_layers: int = flag(2, "PatchGAN conv layers (2: 6x6 patch logits on 32x32 images; taming uses 3 at 256px)")
+    disc_norm: str = flag("batch", "discriminator normalisation (group: no running statistics)", choices=NORMS)
+    disc_lr: float | None = flag(None, "discriminator learning rate (default: --lr); AdamW betas (0.5, 0.9)")
+    no_adaptive_weight: bool = flag(False, "use disc_weight as is instead of scaling it by ||grad rec|| / ||grad "
+                                    "gan|| at the decoder's last layer")
+    perceptual_weight: float = flag(0.0, "weight of the LPIPS (VGG) loss; needs the lpips package and VGG-16 "
+                                    "weights on disk (never downloaded)")
+    lpips_weights: str | None = flag(None, f"torchvision's VGG-16 weights file for LPIPS (default: "
+                                     f"<torch hub dir>/checkpoints/{VGG16_FILE})")
+
+    def check(self) -> None:
+        _positive(self, "disc_weight", "disc_start", "perceptual_weight", zero_ok=True)
+        _positive(self, "disc_channels", "disc_layers")
+        if self.disc_lr is not None:
+            _positive(self, "disc_lr")
+
+    @property
+    def enabled(self) -> bool:
+        return self.disc_weight > 0 or self.perceptual_weight > 0
