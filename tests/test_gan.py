@@ -20,7 +20,7 @@ from vqgen.flags import load_config
 from vqgen.models import losses as L
 from vqgen.models.discriminator import PatchDiscriminator
 from vqgen.train import vqvae_task
-from vqgen.train.loop import _check_extra_models
+from vqgen.launch import check_extra_models
 
 TINY = ["--dataset", "digits", "--num_channels", "16", "32", "--num_res_channels", "16", "32",
         "--num_res_layers", "1", "--num_embeddings", "32", "--embedding_dim", "8", "--batch_size", "128",
@@ -145,11 +145,11 @@ def test_deepspeed_and_fp16_are_refused_with_a_second_model():
 
     disc = [PatchDiscriminator(1, 8, 2)]
     with pytest.raises(ConfigError, match="DeepSpeed"):
-        _check_extra_models(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, mixed_precision="bf16"), disc)
+        check_extra_models(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, mixed_precision="bf16"), disc)
     with pytest.raises(ConfigError, match="fp16"):
-        _check_extra_models(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, mixed_precision="fp16"), disc)
-    _check_extra_models(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, mixed_precision="bf16"), disc)
-    _check_extra_models(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, mixed_precision="fp16"), [])
+        check_extra_models(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, mixed_precision="fp16"), disc)
+    check_extra_models(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, mixed_precision="bf16"), disc)
+    check_extra_models(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, mixed_precision="fp16"), [])
 
 
 # ------------------------------------------------------------------------------------------------ LPIPS

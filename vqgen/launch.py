@@ -211,3 +211,18 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: no CUDA device is available on this machine (use --device cpu)")
     return device
+
+
+def check_extra_models(acc, extra: list) -> None:
+    """A second trained module (GAN discriminator) needs DDP-style prepare and one grad scaler per optimizer."""
+    from accelerate.utils import DistributedType
+
+    if not extra:
+        return
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError("a second trained model (--disc_weight > 0: the discriminator) is not supported under "
+                          "DeepSpeed (accelerate builds one engine per prepare, and the engine owns backward and "
+                          "step); launch with DDP (e.g. accelerate_configs/cpu_2proc.yaml or a multi-GPU config)")
+    if acc.mixed_precision == "fp16":
+        raise ConfigError("--mixed_precision fp16 with a second optimizer (--disc_weight > 0): accelerate updates the "
+                          "one grad scaler after each optimizer step, which mis-scales the second; use bf16 or no")

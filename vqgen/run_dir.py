@@ -23,6 +23,7 @@ A checkpoint folder counts only when complete: it is written as ``.checkpoint-<s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -193,3 +194,16 @@ class PipelineLayout:
         self.vqvae, self.prior = RunDir(self.root / "vqvae"), RunDir(self.root / "prior")
         self.shards, self.samples = self.root / "shards", self.root / RunDir.SAMPLES
         self.eval_json, self.eval_plots = self.root / "eval.json", self.root / "eval"
+
+
+def field_defaults(config) -> dict:
+    """JSON form of the default of each field of a dataclass config that has one ({} for anything else)."""
+    if not dataclasses.is_dataclass(config):
+        return {}
+    out = {}
+    for f in dataclasses.fields(config):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return json.loads(json.dumps(out))

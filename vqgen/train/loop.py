@@ -19,7 +19,6 @@ Adapted from: the diffusers accelerate example scripts (one Accelerator, banner,
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -37,9 +36,9 @@ from ..config import TrainConfig
 from ..flags import to_dict, to_yaml
 from ..errors import ConfigError, TrainingAborted
 from ..hub import push_export
-from ..launch import build_accelerator, fill_deepspeed_config, resolve_mixed_precision
+from ..launch import build_accelerator, check_extra_models, fill_deepspeed_config, resolve_mixed_precision
 from ..perf import release_freed_memory
-from ..run_dir import RunDir
+from ..run_dir import RunDir, field_defaults
 from .checkpointing import DATA_STATE, LoopState, load_checkpoint, save_checkpoint, saved_data_state
 from .schedule import make_scheduler
 from .tracking import STATE_KEY, plan_trackers, start_trackers
@@ -93,19 +92,6 @@ class StageTask(Protocol):
         """Write ``loop.run.export`` from ``loop.unwrapped_model`` (main process only)."""
 
 
-def field_defaults(config) -> dict:
-    """JSON form of the default of each field of a dataclass config that has one ({} for anything else)."""
-    if not dataclasses.is_dataclass(config):
-        return {}
-    out = {}
-    for f in dataclasses.fields(config):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-    return json.loads(json.dumps(out))
-
-
 class TrainLoop:
     def __init__(self, stage_config, task: StageTask, record: dict):
         """``stage_config``: the stage's config (its ``train`` part drives the loop; all of it is written to the run
@@ -121,7 +107,7 @@ class TrainLoop:
         resolve_mixed_precision(cfg, task.name)  # unless chosen: bf16 where the device does it natively (perf.py)
         acc = self.accelerator = build_accelerator(cfg, self.trackers.log_with)
         extra = list(getattr(task, "extra_models", ()))
-        _check_extra_models(acc, extra)
+        check_extra_models(acc, extra)
         if cfg.overwrite and not cfg.resume and acc.is_main_process:
             self.run.clear()  # only now: every check that can refuse the run has passed
         self.world_size, self.rank = acc.num_processes, acc.process_index
@@ -388,21 +374,6 @@ class _SignalFlag:
     def __exit__(self, *exc):
         for s, h in self._old.items():
             signal.signal(s, h)
-
-
-def _check_extra_models(acc, extra: list) -> None:
-    """A second trained module (GAN discriminator) needs DDP-style prepare and one grad scaler per optimizer."""
-    from accelerate.utils import DistributedType
-
-    if not extra:
-        return
-    if acc.distributed_type == DistributedType.DEEPSPEED:
-        raise ConfigError("a second trained model (--disc_weight > 0: the discriminator) is not supported under "
-                          "DeepSpeed (accelerate builds one engine per prepare, and the engine owns backward and "
-                          "step); launch with DDP (e.g. accelerate_configs/cpu_2proc.yaml or a multi-GPU config)")
-    if acc.mixed_precision == "fp16":
-        raise ConfigError("--mixed_precision fp16 with a second optimizer (--disc_weight > 0): accelerate updates the "
-                          "one grad scaler after each optimizer step, which mis-scales the second; use bf16 or no")
 
 
 def _cast_floats(batch, dtype: torch.dtype | None):
