@@ -119,8 +119,9 @@ def test_tensorboard_events_under_the_run_folder_and_wandb_run_id_reused_on_resu
     assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?", r.name) for r in runs)
     last = sorted((tmp_path / "r" / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name[11:]))[-1]
     assert json.loads((last / "vqgen_state.json").read_text())["extra"]["trackers"]["wandb_run_id"] == run_id
-    events = sorted((tmp_path / "r" / "logs" / "vqgen").glob("events.out.tfevents.*"))
-    assert len(events) == 2  # one writer per process start
+    events = sorted((tmp_path / "r" / "logs" / "vqgen").glob("events.out.tfevents.*"),
+                    key=lambda p: p.stat().st_mtime_ns)
+    assert len(events) == 2  # one writer (one file, even within the same second) per process start
     first, second = read_scalars(events[0]), read_scalars(events[1])
     assert first["loss"] == [1] and min(second["loss"]) > 3 and "val/mse" in second
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -111,8 +112,12 @@ def plan_trackers(train, output_dir: Path, resume_dir: Path | None) -> TrackerPl
         raise ConfigError("--report_to wandb needs wandb: pip install wandb (or pass --report_to none)")
     saved, step = saved_tracker_state(resume_dir)
     plan = TrackerPlan(names, saved=saved)
-    if "tensorboard" in names and step:
-        plan.init_kwargs["tensorboard"] = {"purge_step": step}
+    if "tensorboard" in names:
+        # Event files are named events.out.tfevents.<second>.<host>: two starts in one second (a quick requeue)
+        # would write the same file and lose the first's events, so each start adds its own suffix.
+        plan.init_kwargs["tensorboard"] = {"filename_suffix": f".{uuid.uuid4().hex[:8]}"}
+        if step:
+            plan.init_kwargs["tensorboard"]["purge_step"] = step
     if "wandb" in names:
         kw = {"dir": str(output_dir), "name": output_dir.name}
         if saved.get("wandb_run_id"):
