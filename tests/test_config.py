@@ -20,10 +20,11 @@ from vqgen.train import vqvae_task
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (VQVAEStageConfig, ExtractConfig, PriorStageConfig, SampleConfig, EvalConfig, PipelineConfig)
-# The flags `make demo` passed to VQVAE_T.py before configs/digits_demo.yaml replaced them (Makefile DEMO_FLAGS).
+# The flags `make demo` passed to VQVAE_T.py before configs/digits_demo.yaml replaced them (Makefile DEMO_FLAGS); the
+# code dimension (16 then) is the default's since issue 15 (8, l2 codebook).
 DEMO_FLAGS = ["--train", "--sample", "--dataset", "digits", "--no_wandb", "--batch_size", "64", "--n_epochs", "15",
               "--lr", "1e-3", "--num_channels", "64", "--num_res_channels", "64", "--num_res_layers", "1",
-              "--num_embeddings", "128", "--embedding_dim", "16", "--attn_layers_dim", "128", "--attn_layers_depth",
+              "--num_embeddings", "128", "--attn_layers_dim", "128", "--attn_layers_depth",
               "4", "--attn_layers_heads", "4", "--attn_dropout", "0.1", "--n_epochs_t", "40", "--lr_t", "1e-3",
               "--sample_and_save_freq", "5", "--shard_size", "500", "--num_samples", "64", "--cfg_scale", "2",
               "--temperature", "0.8"]
@@ -36,7 +37,10 @@ def test_precedence_defaults_file_flags(tmp_path):
     assert cfg.model.attn_layers_dim == 64 and cfg.model.attn_layers_depth == 12
     assert cfg.train.lr == 1e-3 and cfg.train.batch_size == 8                     # file, then flags
     assert (cfg.train.lr_schedule, cfg.train.warmup_steps, cfg.train.weight_decay) == ("cosine", 100, 0.05)
-    assert load_config(VQVAEStageConfig, []).train.lr_schedule == "constant"        # stage 1 keeps the default
+    stage1 = load_config(VQVAEStageConfig, []).train                              # stage 1's own defaults
+    assert (stage1.lr, stage1.lr_schedule, stage1.warmup_steps) == (1e-3, "cosine", 0)
+    pipe = load_config(PipelineConfig, ["--train"])                               # VQVAE_T.py's --lr / --lr_t
+    assert (pipe.training.lr, pipe.prior_training.lr) == (stage1.lr, load_config(PriorStageConfig, []).train.lr)
     f.write_text("model: {num_channels: [8, 16]}\n")
     with pytest.raises(ConfigError, match="unknown key 'model.num_channels'"):   # a VQ-VAE flag in a prior file
         load_config(PriorStageConfig, ["--config", str(f)])

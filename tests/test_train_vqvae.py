@@ -82,17 +82,23 @@ def test_run_of_an_older_vqgen_without_newer_model_fields_resumes(tmp_path, caps
     keeps its default; set to another value, the resume is refused as another model config."""
     import json
 
+    import yaml
+
     argv = [*TINY, "--output_dir", str(tmp_path / "r"), "--n_epochs", "1", "--max_steps", "1"]
-    assert run_cli(train_vqvae.run, VQVAEStageConfig, argv) == 0
-    record_file = tmp_path / "r" / "run_config.json"
-    record = json.loads(record_file.read_text())
+    # an older vqgen trained the plain codebook (the l2 codebook became the default later) and recorded none of these
+    assert run_cli(train_vqvae.run, VQVAEStageConfig, [*argv, "--no_codebook_l2"]) == 0
+    record_file, config_file = tmp_path / "r" / "run_config.json", tmp_path / "r" / "config.yaml"
+    record, config = json.loads(record_file.read_text()), yaml.safe_load(config_file.read_text())
     for added in ("arch", "attention", "norm_groups", "codebook_l2"):  # fields added by issue 15
         del record["model"][added]
+    for added in ("vq_arch", "vq_attention", "norm_groups", "codebook_l2"):
+        del config["model"][added]
     record_file.write_text(json.dumps(record))
-    resume = [*argv, "--max_steps", "2", "--resume", "latest"]  # the later --max_steps wins
+    config_file.write_text(yaml.safe_dump(config))
+    resume = ["--output_dir", str(tmp_path / "r"), "--max_steps", "2", "--resume", "latest"]
     assert run_cli(train_vqvae.run, VQVAEStageConfig, [*resume, "--codebook_l2"]) == 2
     assert "another model config" in capsys.readouterr().err
-    assert run_cli(train_vqvae.run, VQVAEStageConfig, resume) == 0
+    assert run_cli(train_vqvae.run, VQVAEStageConfig, resume) == 0   # its config.yaml: the plain codebook it meant
     assert (tmp_path / "r" / "checkpoints" / "checkpoint-2").is_dir()
 
 

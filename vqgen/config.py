@@ -33,6 +33,11 @@ from .shards.format import SPLIT_RE
 
 
 # ------------------------------------------------------------------------------------------------ stage configs
+# Peak learning rates of stage 1 and of the prior: each stage's own default and VQVAE_T.py's --lr / --lr_t (one
+# value, two places that show it). From the equal-time ablation on Fashion-MNIST (docs/RESULTS.md section 4); large
+# models pass their own (configs/imagenet256.yaml: 2e-4 and 4e-4).
+VQVAE_LR = 1e-3
+PRIOR_LR = 1e-3
 GRID_SAMPLING = ("num_samples", "temperature", "top_k", "top_p", "cfg_scale")
 
 
@@ -53,10 +58,14 @@ class VQVAEStageConfig(_Trainer):
 
     PROG: ClassVar[str] = "train_vqvae.py"
     GROUP: ClassVar[str] = "stage 1"
+    # A run folder's config.yaml written before --codebook_l2 existed meant the plain codebook (--resume keeps it).
+    SAVED_DEFAULTS: ClassVar[dict] = {"model": {"codebook_l2": False}}
     data: DataConfig = part(DataConfig, title="data")
     augment: AugmentConfig = part(AugmentConfig, title="augmentation (training only)")
     model: VQVAEFlags = part(VQVAEFlags, title="VQ-VAE model")
-    train: TrainConfig = part(TrainConfig, title="training")
+    # Stage 1's own defaults: peak lr 1e-3 with cosine decay over the run (equal-time ablation, docs/RESULTS.md
+    # section 4: PSNR +1.3 dB, tokenizer floor 11.9 -> 8.5 against 2e-4 constant).
+    train: TrainConfig = part(TrainConfig, title="training", lr=VQVAE_LR, lr_schedule="cosine")
     gan: GANConfig = part(GANConfig, title="VQGAN losses (opt-in)")
     val_dataset: str | None = flag(None, "validation input (default: the test split of --dataset; for WebDataset urls "
                                    "the same shards, read in order)")
@@ -122,7 +131,8 @@ class PriorStageConfig(_Trainer):
     reader: TokenReaderConfig = part(TokenReaderConfig, title="token reader")
     model: PriorFlags = part(PriorFlags, title="prior (transformer)")
     # The prior's own defaults: warm-up + cosine decay and AdamW weight decay, as GPT training does.
-    train: TrainConfig = part(TrainConfig, title="training", lr_schedule="cosine", warmup_steps=100, weight_decay=0.05,
+    train: TrainConfig = part(TrainConfig, title="training", lr=PRIOR_LR, lr_schedule="cosine", warmup_steps=100,
+                              weight_decay=0.05,
                               aliases={"lr": ("--lr_t",), "n_epochs": ("--n_epochs_t",)})
     sampling: SamplingConfig = part(SamplingConfig, title="samples during training", only=GRID_SAMPLING)
 
@@ -231,9 +241,9 @@ class PipelineConfig:
     vqvae: VQVAEFlags = part(VQVAEFlags, title="VQ-VAE model (stage 1)")
     prior: PriorFlags = part(PriorFlags, title="prior (stage 3)")
     training: TrainConfig = part(TrainConfig, title="training (--lr/--n_epochs: stage 1; the rest: stages 1 and 3)",
-                                 only=PIPELINE_TRAINING)
+                                 only=PIPELINE_TRAINING, lr=VQVAE_LR)
     prior_training: TrainConfig = part(TrainConfig, title="prior training (stage 3)", only=("lr", "n_epochs"),
-                                       rename={"lr": "lr_t", "n_epochs": "n_epochs_t"},
+                                       rename={"lr": "lr_t", "n_epochs": "n_epochs_t"}, lr=PRIOR_LR,
                                        help={"lr": "prior learning rate", "n_epochs": "prior epochs"})
     sharding: ShardingConfig = part(ShardingConfig, title="token shards (stage 2)", only=("shard_size",))
     sampling: SamplingConfig = part(SamplingConfig, title="sampling (--sample and training-time grids)",

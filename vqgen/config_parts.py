@@ -151,7 +151,8 @@ class VQVAEFlags:
                                    "of levels")
     num_res_channels: list[int] = flag(list(_VQ.num_res_channels), "channels inside the residual units, one per level")
     num_embeddings: int = flag(_VQ.num_embeddings, "codebook size K")
-    embedding_dim: int = flag(_VQ.embedding_dim, "code vector dimension")
+    embedding_dim: int = flag(8, "code vector dimension (8 with the l2 codebook, LlamaGen's choice; "
+                              "exports keep their own)")
     commitment_cost: float = flag(_VQ.commitment_cost, "weight of the commitment loss ||z - sg(q)||^2")
     ema_decay: float = flag(_VQ.decay, "EMA decay of the codebook statistics")
     ema_epsilon: float = flag(_VQ.epsilon, "Laplace smoothing of the EMA cluster sizes")
@@ -162,8 +163,8 @@ class VQVAEFlags:
                         "LlamaGen GroupNorm + swish ResNet blocks); opt-in, no equal-time ablation yet", choices=ARCHS)
     vq_attention: bool = flag(False, "with --vq_arch resnet: self-attention at the lowest resolution")
     norm_groups: int = flag(_VQ.norm_groups, "GroupNorm groups of --vq_arch resnet")
-    codebook_l2: bool = flag(False, "l2-normalised codebook and encoder outputs (LlamaGen): use with a small "
-                             "--embedding_dim, e.g. 8")
+    codebook_l2: bool = flag(True, "l2-normalised codebook and encoder outputs (LlamaGen's low-dimensional "
+                             "codebook, with --embedding_dim 8; docs/RESULTS.md section 4)")
 
     def build(self, in_channels: int, image_size: int) -> VQVAEConfig:
         """These flags + the dataset's channels/size -> a validated :class:`VQVAEConfig`."""

@@ -142,9 +142,11 @@ def build_parser(cls: type) -> argparse.ArgumentParser:
         kw["help"] = fl.help + shown
         try:
             groups[where].add_argument(fl.option, *fl.aliases, **kw)
-            if elem is bool and optional:  # None = "decided at run time": --no_<name> says false explicitly
+            # None = "decided at run time", True = on by default: --no_<name> says false explicitly
+            if elem is bool and (optional or fl.value is True):
+                why = "its default is decided at run time" if fl.value is None else "on by default"
                 groups[where].add_argument(f"--no_{fl.option[2:]}", dest=fl.key, action="store_false",
-                                           help=f"turn {fl.option} off (its default is decided at run time)")
+                                           help=f"turn {fl.option} off ({why})")
         except argparse.ArgumentError as e:
             raise TypeError(f"{cls.__name__}: {fl.key} declares {fl.option} a second time ({e})") from None
     return parser
@@ -282,12 +284,14 @@ def read_yaml(path: str | os.PathLike, cls: type) -> dict:
 
 
 def load_config(cls: type, argv: Sequence[str] | None = None) -> Any:
-    """Flags (and ``--config``) -> a config of ``cls``: defaults < ``cls.saved_config(...)`` < file < flags."""
+    """Flags (and ``--config``) -> a config of ``cls``: defaults < ``cls.saved_config(...)`` < file < flags.
+    ``cls.SAVED_DEFAULTS``: what a saved config that lacks a key meant (the default before it changed)."""
     given = vars(build_parser(cls).parse_args(argv))
     file = given.pop("config", None)
     layer = _merge(read_yaml(file, cls) if file else {}, _nest(given))
     saved = cls.saved_config(layer) if hasattr(cls, "saved_config") else None
-    base = read_yaml(saved, cls) if saved is not None and Path(saved).is_file() else {}
+    base = (_merge(getattr(cls, "SAVED_DEFAULTS", {}), read_yaml(saved, cls))
+            if saved is not None and Path(saved).is_file() else {})
     return from_dict(cls, _merge(base, layer), where=f"{file}: " if file else "")
 
 

@@ -1,0 +1,50 @@
+"""One markdown table from several ``bench/quality.py`` runs: one row per run folder (an ablation lever each).
+
+    python bench/ablation_table.py runs/bq10/base runs/bq10/sched runs/bq10/plr ...
+
+Each folder's results.json holds a vqgen row run with its own ``--vqvae_flags`` / ``--prior_flags`` (recorded in
+its config); the table shows those flags, the steps each stage got in the budget, the tokenizer metrics and the
+unconditional / class-conditional sample metrics, so levers compare at equal wall-clock time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def row(folder: Path) -> str:
+    res = json.loads((folder / "results.json").read_text())
+    if "vqgen" not in res:
+        sys.exit(f"error: {folder}/results.json holds no vqgen row")
+    cfg, r = res["config"], res["vqgen"]
+    tk, tm, s = r["tokenizer"], r["timings"], r["samples"]
+    flags = cfg.get("vqvae_flags") or "(defaults)"
+    if cfg.get("prior_flags"):
+        flags += f" / prior: {cfg['prior_flags']}"
+    u, c = s["null"], s["cond"]
+    return (f"| {folder.name} | `{flags}` | {tm['stage1']['steps']} / {tm['stage3']['steps']} | {tk['psnr']:.2f} | "
+            f"{tk['ssim']:.3f} | {100 * tk['codebook_usage']:.0f}% | {tk['floor_fid']:.2f} | {u['fid']:.2f} | "
+            f"{u['precision']:.2f} / {u['recall']:.2f} | {c['fid']:.2f} | {c['precision']:.2f} / {c['recall']:.2f} | "
+            f"{100 * c['confident']:.0f}% |")
+
+
+def main(argv=None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("folders", nargs="+", type=Path, help="bench/quality.py --out folders, one per row")
+    args = p.parse_args(argv)
+    missing = [str(f) for f in args.folders if not (f / "results.json").is_file()]
+    if missing:
+        p.error(f"no results.json in {', '.join(missing)}")
+    lines = ["| row | flags (stage 1 / prior) | steps (stage 1 / 3) | PSNR | SSIM | usage | tokenizer floor | "
+             "uncond gFID | uncond P / R | cond gFID | cond P / R | cond confident |", "|" + "---|" * 12]
+    lines += [row(f) for f in args.folders]
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The quality benchmark's bookkeeping (bench/quality.py, bench/ablation_table.py): how an ablation row's flags set its
+step budget and how run folders become the ablation table. The benchmark itself trains for hours; not run here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import ablation_table  # noqa: E402
+import quality  # noqa: E402
+
+
+def test_flag_value_is_the_last_given():
+    flags = ["--batch_size", "128", "--lr", "1e-3", "--batch_size", "32"]   # the row's flags come after the common ones
+    assert quality.flag_value(flags, "--batch_size", 128) == 32
+    assert quality.flag_value(["--lr", "1e-3"], "--batch_size", 128) == 128
+
+
+def test_step_seconds_from_the_last_two_logged_steps(tmp_path):
+    # samples/s counts from the epoch's start: step 10 took 10 x 32 / 64 = 5 s, step 20 took 20 x 32 / 40 = 16 s
+    rows = [{"step": 10, "samples_per_s": 64.0}, {"step": 15, "loss": 1.0}, {"step": 20, "samples_per_s": 40.0}]
+    f = tmp_path / "metrics.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert quality.step_seconds(f, 32) == pytest.approx((16 - 5) / 10)
+    assert quality.step_seconds(f, 128) == pytest.approx(4 * (16 - 5) / 10)   # the batch the row really used matters
+
+
+def _results(folder: Path, vqvae_flags: str, prior_flags: str, psnr: float) -> Path:
+    tok = {"psnr": psnr, "ssim": 0.8, "codebook_usage": 0.97, "floor_fid": 5.0}
+    samples = {m: {"fid": 10.0 + i, "precision": 0.8, "recall": 0.5, "confident": 0.9} for i, m in
+               enumerate(("null", "cond"))}
+    res = {"config": {"vqvae_flags": vqvae_flags, "prior_flags": prior_flags},
+           "vqgen": {"tokenizer": tok, "samples": samples,
+                     "timings": {"stage1": {"steps": 300}, "stage3": {"steps": 400}}}}
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(res))
+    return folder
+
+
+def test_ablation_table_one_row_per_folder(tmp_path):
+    a = _results(tmp_path / "base", "", "", 21.5)
+    b = _results(tmp_path / "lr", "--lr 1e-3", "--lr 1e-3", 22.75)
+    lines = ablation_table.main([str(a), str(b)]).splitlines()
+    assert len(lines) == 4 and lines[0].count("|") == lines[2].count("|") == lines[3].count("|")
+    assert lines[2].startswith("| base | `(defaults)` | 300 / 400 | 21.50 |")
+    assert "`--lr 1e-3 / prior: --lr 1e-3`" in lines[3] and "| 22.75 |" in lines[3]
+    assert "| 10.00 | 0.80 / 0.50 | 11.00 |" in lines[3]
+
+
+def test_ablation_table_refuses_a_folder_without_results(tmp_path):
+    a = _results(tmp_path / "base", "", "", 21.5)
+    r = subprocess.run([sys.executable, str(ROOT / "bench/ablation_table.py"), str(a), str(tmp_path / "nope")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "error: no results.json in" in r.stderr and r.stdout == ""
