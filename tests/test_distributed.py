@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"
 TINY_VQ = ["--dataset", "digits", "--num_channels", "16", "32", "--num_res_channels", "16", "32",
            "--num_res_layers", "1", "--num_embeddings", "32", "--embedding_dim", "8", "--no_wandb",
-           "--val_images", "64", "--lr", "1e-3", "--n_epochs", "1", "--restart_every", "1000"]
+           "--val_images", "64", "--lr", "1e-3", "--n_epochs", "1", "--restart_every", "1000",
+           "--lr_schedule", "constant"]  # constant: runs cut with --max_steps, the default cosine's horizon too
 TINY_PRIOR = ["--attn_layers_dim", "32", "--attn_layers_depth", "2", "--attn_layers_heads", "2", "--no_wandb",
               "--num_samples", "4", "--val_batches", "2", "--n_epochs_t", "1", "--warmup_steps", "2"]
 # Dead-code restarts are pushed past the end of these short runs (--restart_every 1000): their candidate vectors

@@ -14,9 +14,11 @@ from vqgen.models.quantizer import VectorQuantizerEMA
 from vqgen.models.vqvae import VQVAE, VQVAEConfig
 from vqgen.train import vqvae_task
 
+# constant lr: these tests cut runs with --max_steps, which is also the horizon of the default cosine schedule
 TINY = ["--dataset", "digits", "--num_channels", "16", "32", "--num_res_channels", "16", "32",
         "--num_res_layers", "1", "--num_embeddings", "32", "--embedding_dim", "8", "--batch_size", "128",
-        "--no_wandb", "--val_images", "64", "--lr", "1e-3"]
+        "--no_wandb", "--val_images", "64", "--lr", "1e-3",
+        "--lr_schedule", "constant"]
 
 
 def small(**kw) -> VQVAEConfig:

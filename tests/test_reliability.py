@@ -42,7 +42,8 @@ from factories import tiny_vqvae
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VQ = ["--dataset", "digits", "--num_channels", "8", "16", "--num_res_channels", "8", "16",
            "--num_res_layers", "1", "--num_embeddings", "32", "--embedding_dim", "8", "--batch_size", "64",
-           "--no_wandb", "--val_images", "64", "--lr", "1e-3", "--sample_and_save_freq", "100"]
+           "--no_wandb", "--val_images", "64", "--lr", "1e-3", "--sample_and_save_freq", "100",
+           "--lr_schedule", "constant"]  # constant: runs cut with --max_steps, the default cosine's horizon too
 TINY_PRIOR = ["--attn_layers_dim", "32", "--attn_layers_depth", "2", "--attn_layers_heads", "2", "--batch_size", "64",
               "--no_wandb", "--num_samples", "4", "--val_batches", "2", "--warmup_steps", "2",
               "--sample_and_save_freq", "100"]

@@ -16,9 +16,11 @@ from vqgen.config import VQVAEStageConfig
 from vqgen.flags import load_config
 from vqgen.models.vqvae import VQVAE
 
+# constant lr: these tests cut runs with --max_steps, which is also the horizon of the default cosine schedule
 TINY = ["--dataset", "digits", "--num_channels", "16", "32", "--num_res_channels", "16", "32",
         "--num_res_layers", "1", "--num_embeddings", "32", "--embedding_dim", "8", "--batch_size", "128",
-        "--no_wandb", "--val_images", "64", "--lr", "1e-3"]
+        "--no_wandb", "--val_images", "64", "--lr", "1e-3",
+        "--lr_schedule", "constant"]
 
 
 def run(tmp_path, *extra, out="run"):
