@@ -201,8 +201,9 @@ def budgeted_stage(script: str, flags: list[str], out: Path, budget_s: float, ar
                                        "--max_minutes", f"{budget_s / 60:.4f}", epochs, "1000"], log)
     done = json.loads((sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
                        [-1] / "vqgen_state.json").read_text())["global_step"]
+    # fewer steps than planned: the --max_minutes hard stop fired, i.e. the stage trained for the whole budget
     return {"process_s": wall, "steps": done, "planned_steps": steps, "calibrated_step_s": per_step,
-            "train_s": done * per_step}
+            "train_s": budget_s if done < steps else done * per_step, "hard_stop": done < steps}
 
 
 def sample_images(prior, tok, n: int, setting: dict, conditional: bool, seed: int):
