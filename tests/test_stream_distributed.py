@@ -21,7 +21,8 @@ from vqgen import shards
 TINY = ["--num_channels", "8", "16", "--num_res_channels", "8", "16", "--num_res_layers", "1",
         "--num_embeddings", "16", "--embedding_dim", "4", "--no_wandb", "--val_images", "16", "--lr", "1e-3",
         "--restart_every", "1000", "--image_size", "16", "--batch_size", "4", "--num_workers", "1",
-        "--shuffle_buffer", "8", "--random_crop", "--hflip", "--sample_and_save_freq", "100"]
+        "--shuffle_buffer", "8", "--random_crop", "--hflip", "--sample_and_save_freq", "100",
+        "--lr_schedule", "constant"]  # constant: the runs are cut with --max_steps, the default cosine's horizon too
 
 pytestmark = pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate CLI not installed")
 

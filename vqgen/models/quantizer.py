@@ -188,6 +188,11 @@ class VectorQuantizerEMA(nn.Module):
         return QuantizerOutput(q_st.to(z.dtype), loss, idx.view(B, H, W), perplexity, counts)
 
     # ---- training-only state updates -------------------------------------------------------------------------
+    @torch.compiler.disable  # Inductor (torch 2.14) fails to generate code for the l2 normalise + copy_ into the
+    def _store_codes(self, codes: torch.Tensor) -> None:  # buffer (KeyError 'buf11'): a graph break, run eagerly
+        """The EMA means (K, D) become the codebook (on the unit sphere with ``l2_norm``)."""
+        self.embedding.copy_(self._norm(codes))
+
     @torch.compiler.disable
     def _read_initialized(self) -> bool:
         return bool(self.initialized)
@@ -273,7 +278,7 @@ class VectorQuantizerEMA(nn.Module):
         # Laplace smoothing keeps the division finite for (nearly) unused codes.
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.epsilon) / (n + K * self.epsilon) * n
-        self.embedding.copy_(self._norm(self.embed_sum / smoothed[:, None]))
+        self._store_codes(self.embed_sum / smoothed[:, None])
         self.usage.add_(batch_counts)
         self.window_counts.add_(batch_counts)
         self.step.add_(1)
