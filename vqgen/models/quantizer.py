@@ -94,7 +94,8 @@ class VectorQuantizerEMA(nn.Module):
         self.init_kmeans_iters = int(init_kmeans_iters)
         # LlamaGen's l2-normalised codebook: encoder outputs and codes live on the unit sphere, so the nearest code
         # is the one of highest cosine similarity and the codebook's scale cannot drift from the encoder's (LlamaGen
-        # VQ-16: 8-dim codes, 97% usage). Off by default (opt-in --codebook_l2).
+        # VQ-16: 8-dim codes, 97% usage). Off in the module and model config (exports from before load as trained);
+        # on by default in the training flags (--codebook_l2, --embedding_dim 8: docs/RESULTS.md section 4).
         self.l2_norm = bool(l2_norm)
         K, D = self.num_embeddings, self.embedding_dim
         # Placeholder codebook until the first training batch initialises it (also what an untrained model uses).
