@@ -183,10 +183,13 @@ def step_seconds(metrics: Path, batch_size: int) -> float:
     return (tb - ta) / max(1, b["step"] - a["step"])
 
 
-def flag_value(flags: list[str], name: str, default: int) -> int:
-    """The value argparse will use for ``name`` in ``flags`` (the last one given), e.g. an ablation's --batch_size."""
-    given = [flags[i + 1] for i, f in enumerate(flags[:-1]) if f == name]
-    return int(given[-1]) if given else default
+def batch_size_of(script: str, flags: list[str]) -> int:
+    """The batch size ``script`` trains with for ``flags``, read through the script's own config loader (flag
+    aliases, ``--x=y``, ``--config`` files and the last of repeated flags all count), e.g. an ablation's 32."""
+    from vqgen.config import PriorStageConfig, VQVAEStageConfig
+    from vqgen.flags import load_config
+    cls = VQVAEStageConfig if "vqvae" in script else PriorStageConfig
+    return load_config(cls, flags).train.batch_size
 
 
 def budgeted_stage(script: str, flags: list[str], out: Path, budget_s: float, args, log: Path) -> dict:
@@ -194,7 +197,7 @@ def budgeted_stage(script: str, flags: list[str], out: Path, budget_s: float, ar
     calib = out.with_name(out.name + "_calib")
     run_script(script, flags + ["--output_dir", str(calib), "--overwrite", "--max_steps", str(args.calibration_steps),
                                 "--sample_and_save_freq", "1000"], log)
-    per_step = step_seconds(calib / "metrics.jsonl", flag_value(flags, "--batch_size", 128))
+    per_step = step_seconds(calib / "metrics.jsonl", batch_size_of(script, flags + ["--output_dir", str(calib)]))
     steps = max(1, int(budget_s / per_step))
     epochs = "--n_epochs" if "vqvae" in script else "--n_epochs_t"
     wall = run_script(script, flags + ["--output_dir", str(out), "--overwrite", "--max_steps", str(steps),

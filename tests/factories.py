@@ -1,6 +1,12 @@
-"""Small model builders shared by several test modules (importable: pytest puts tests/ on sys.path)."""
+"""Small model builders and flag sets shared by several test modules (importable: pytest puts tests/ on sys.path)."""
 
 import torch
+
+# A stage-1 run on the digits that trains in seconds. Constant lr: tests cut runs with --max_steps, which is also
+# the horizon of the default cosine schedule, and compare them with uninterrupted runs.
+TINY_VQVAE_FLAGS = ["--dataset", "digits", "--num_channels", "16", "32", "--num_res_channels", "16", "32",
+                    "--num_res_layers", "1", "--num_embeddings", "32", "--embedding_dim", "8", "--batch_size", "128",
+                    "--no_wandb", "--val_images", "64", "--lr", "1e-3", "--lr_schedule", "constant"]
 
 
 def tiny_vqvae(seed=0, k=32):

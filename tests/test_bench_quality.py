@@ -17,10 +17,13 @@ import ablation_table  # noqa: E402
 import quality  # noqa: E402
 
 
-def test_flag_value_is_the_last_given():
+def test_batch_size_is_what_the_script_reads(tmp_path):
     flags = ["--batch_size", "128", "--lr", "1e-3", "--batch_size", "32"]   # the row's flags come after the common ones
-    assert quality.flag_value(flags, "--batch_size", 128) == 32
-    assert quality.flag_value(["--lr", "1e-3"], "--batch_size", 128) == 128
+    assert quality.batch_size_of("train_vqvae.py", flags) == 32
+    assert quality.batch_size_of("train_prior.py", ["--shards", "s", "--batch_size=48"]) == 48
+    cfg = tmp_path / "prior.yaml"
+    cfg.write_text("train:\n  batch_size: 24\n")
+    assert quality.batch_size_of("train_prior.py", ["--config", str(cfg)]) == 24
 
 
 def test_step_seconds_from_the_last_two_logged_steps(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from factories import tiny_vqvae
+from factories import TINY_VQVAE_FLAGS, tiny_vqvae
 from vqgen.cli import run_cli
 from vqgen.config import VQVAEStageConfig
 from vqgen.errors import ConfigError
@@ -23,10 +23,7 @@ from vqgen.train import vqvae_task
 from vqgen.launch import check_extra_models
 
 # constant lr: these tests cut runs with --max_steps, which is also the horizon of the default cosine schedule
-TINY = ["--dataset", "digits", "--num_channels", "16", "32", "--num_res_channels", "16", "32",
-        "--num_res_layers", "1", "--num_embeddings", "32", "--embedding_dim", "8", "--batch_size", "128",
-        "--no_wandb", "--val_images", "64", "--lr", "1e-3",
-        "--lr_schedule", "constant", "--n_epochs", "2", "--sample_and_save_freq", "2"]
+TINY = [*TINY_VQVAE_FLAGS, "--n_epochs", "2", "--sample_and_save_freq", "2"]
 GAN = ["--disc_weight", "0.5", "--disc_channels", "16"]
 needs_lpips = pytest.mark.skipif(importlib.util.find_spec("lpips") is None, reason="lpips not installed")
 

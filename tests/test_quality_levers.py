@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from factories import TINY_VQVAE_FLAGS
 from vqgen.config import VQVAEStageConfig
 from vqgen.errors import ConfigError
 from vqgen.flags import load_config
@@ -14,11 +15,7 @@ from vqgen.models.quantizer import VectorQuantizerEMA
 from vqgen.models.vqvae import VQVAE, VQVAEConfig
 from vqgen.train import vqvae_task
 
-# constant lr: these tests cut runs with --max_steps, which is also the horizon of the default cosine schedule
-TINY = ["--dataset", "digits", "--num_channels", "16", "32", "--num_res_channels", "16", "32",
-        "--num_res_layers", "1", "--num_embeddings", "32", "--embedding_dim", "8", "--batch_size", "128",
-        "--no_wandb", "--val_images", "64", "--lr", "1e-3",
-        "--lr_schedule", "constant"]
+TINY = TINY_VQVAE_FLAGS  # constant lr (tests cut runs with --max_steps, the cosine schedule's horizon)
 
 
 def small(**kw) -> VQVAEConfig:

@@ -12,15 +12,12 @@ from safetensors.torch import load_file
 from vqgen.train import vqvae_task as train_vqvae
 from vqgen.export import load_export
 from vqgen.cli import run_cli
+from factories import TINY_VQVAE_FLAGS
 from vqgen.config import VQVAEStageConfig
 from vqgen.flags import load_config
 from vqgen.models.vqvae import VQVAE
 
-# constant lr: these tests cut runs with --max_steps, which is also the horizon of the default cosine schedule
-TINY = ["--dataset", "digits", "--num_channels", "16", "32", "--num_res_channels", "16", "32",
-        "--num_res_layers", "1", "--num_embeddings", "32", "--embedding_dim", "8", "--batch_size", "128",
-        "--no_wandb", "--val_images", "64", "--lr", "1e-3",
-        "--lr_schedule", "constant"]
+TINY = TINY_VQVAE_FLAGS  # constant lr (tests cut runs with --max_steps, the cosine schedule's horizon)
 
 
 def run(tmp_path, *extra, out="run"):

@@ -189,10 +189,16 @@ class VectorQuantizerEMA(nn.Module):
         return QuantizerOutput(q_st.to(z.dtype), loss, idx.view(B, H, W), perplexity, counts)
 
     # ---- training-only state updates -------------------------------------------------------------------------
-    @torch.compiler.disable  # Inductor (torch 2.14) fails to generate code for the l2 normalise + copy_ into the
-    def _store_codes(self, codes: torch.Tensor) -> None:  # buffer (KeyError 'buf11'): a graph break, run eagerly
+    def _store_codes(self, codes: torch.Tensor) -> None:
         """The EMA means (K, D) become the codebook (on the unit sphere with ``l2_norm``)."""
-        self.embedding.copy_(self._norm(codes))
+        if self.l2_norm:
+            self._store_unit_codes(codes)
+        else:
+            self.embedding.copy_(codes)
+
+    @torch.compiler.disable  # Inductor (torch 2.14) fails to generate code for the l2 normalise + copy_ into the
+    def _store_unit_codes(self, codes: torch.Tensor) -> None:  # buffer (KeyError 'buf11'): a graph break, eager;
+        self.embedding.copy_(F.normalize(codes, dim=1))         # the plain codebook stays in the compiled graph
 
     @torch.compiler.disable
     def _read_initialized(self) -> bool:
