@@ -22,7 +22,6 @@ from vqgen.models.discriminator import PatchDiscriminator
 from vqgen.train import vqvae_task
 from vqgen.launch import check_extra_models
 
-# constant lr: these tests cut runs with --max_steps, which is also the horizon of the default cosine schedule
 TINY = [*TINY_VQVAE_FLAGS, "--n_epochs", "2", "--sample_and_save_freq", "2"]
 GAN = ["--disc_weight", "0.5", "--disc_channels", "16"]
 needs_lpips = pytest.mark.skipif(importlib.util.find_spec("lpips") is None, reason="lpips not installed")

@@ -198,7 +198,7 @@ class VectorQuantizerEMA(nn.Module):
 
     @torch.compiler.disable  # Inductor (torch 2.14) fails to generate code for the l2 normalise + copy_ into the
     def _store_unit_codes(self, codes: torch.Tensor) -> None:  # buffer (KeyError 'buf11'): a graph break, eager;
-        self.embedding.copy_(F.normalize(codes, dim=1))         # the plain codebook stays in the compiled graph
+        self.embedding.copy_(self._norm(codes))                 # the plain codebook stays in the compiled graph
 
     @torch.compiler.disable
     def _read_initialized(self) -> bool:
