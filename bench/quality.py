@@ -41,6 +41,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -55,7 +56,25 @@ DATASET = "fashionmnist"
 SIZES_VQ = ["--num_channels", "64", "64", "--num_res_channels", "64", "64", "--num_res_layers", "1",
             "--num_embeddings", "256"]
 SIZES_PRIOR = ["--attn_layers_dim", "128", "--attn_layers_depth", "6", "--attn_layers_heads", "8"]
-COND_GRID = [{"cfg_scale": c, "temperature": t} for c in (1.5, 2.0, 3.0) for t in (0.8, 1.0)]
+
+
+class Stage(NamedTuple):
+    """A budgeted vqgen training stage: its script, its epochs flag and its config class (imported when needed)."""
+    script: str
+    epochs_flag: str
+    config_name: str
+
+    def config(self):
+        import vqgen.config
+        return getattr(vqgen.config, self.config_name)
+
+
+# What a row was trained with: --resample keeps these from the row's results.json.
+TRAINING_ARGS = ("budget_minutes", "stage1_share", "calibration_steps", "vqvae_flags", "prior_flags", "seed")
+STAGE1 = Stage("train_vqvae.py", "--n_epochs", "VQVAEStageConfig")
+PRIOR = Stage("train_prior.py", "--n_epochs_t", "PriorStageConfig")
+COND_GRID = ([{"cfg_scale": c, "temperature": t} for c in (1.5, 2.0, 3.0) for t in (0.8, 1.0)]
+             + [{"cfg_scale": c, "cfg_schedule": "linear", "temperature": t} for c in (3.0, 4.5) for t in (0.8, 1.0)])
 NULL_GRID = [{"temperature": t, "top_k": k} for t in (0.9, 1.0) for k in (None, 64)]
 LABELS = {("peer", "null"): "original recipe as GenerativeZoo runs it (unconditional)",
           ("peer_frozen", "null"): "original recipe, its VQ-VAE kept frozen while the prior trains",
@@ -84,6 +103,8 @@ def parse_args(argv=None):
     a("--prior_flags", default="", help="extra train_prior.py flags of the vqgen row (one string)")
     a("--seed", type=int, default=0, help="seed of every row")
     a("--redo", action="store_true", help="recompute rows that already have results")
+    a("--resample", action="store_true", help="keep the vqgen row's trained models in --out and redo only its "
+                                             "choice of sampling settings and its sample scores (sampling levers)")
     args = p.parse_args(argv)
     if not (args.budget_minutes > 0 and 0 < args.stage1_share < 1 and args.samples >= 2 and args.val_samples >= 2
             and args.calibration_steps >= 11):
@@ -184,25 +205,23 @@ def step_seconds(metrics: Path, batch_size: int) -> float:
     return (tb - ta) / max(1, b["step"] - a["step"])
 
 
-def batch_size_of(script: str, flags: list[str]) -> int:
-    """The batch size ``script`` trains with for ``flags``, read through the script's own config loader (flag
-    aliases, ``--x=y``, ``--config`` files and the last of repeated flags all count), e.g. an ablation's 32."""
-    from vqgen.config import PriorStageConfig, VQVAEStageConfig
+def batch_size_of(stage, flags: list[str]) -> int:
+    """The batch size the ``stage`` (a :data:`STAGES` entry) trains with for ``flags``, read through its script's own
+    config loader (flag aliases, ``--x=y``, ``--config`` files and the last of repeated flags all count), e.g. an
+    ablation's 32."""
     from vqgen.flags import load_config
-    cls = VQVAEStageConfig if "vqvae" in script else PriorStageConfig
-    return load_config(cls, flags).train.batch_size
+    return load_config(stage.config(), flags).train.batch_size
 
 
-def budgeted_stage(script: str, flags: list[str], out: Path, budget_s: float, args, log: Path) -> dict:
+def budgeted_stage(stage, flags: list[str], out: Path, budget_s: float, args, log: Path) -> dict:
     """Calibrate the step time, then train ``budget_s`` seconds' worth of steps (``--max_minutes`` as hard stop)."""
-    calib = out.with_name(out.name + "_calib")
+    calib, script = out.with_name(out.name + "_calib"), stage.script
     run_script(script, flags + ["--output_dir", str(calib), "--overwrite", "--max_steps", str(args.calibration_steps),
                                 "--sample_and_save_freq", "1000"], log)
-    per_step = step_seconds(calib / "metrics.jsonl", batch_size_of(script, flags + ["--output_dir", str(calib)]))
+    per_step = step_seconds(calib / "metrics.jsonl", batch_size_of(stage, flags + ["--output_dir", str(calib)]))
     steps = max(1, int(budget_s / per_step))
-    epochs = "--n_epochs" if "vqvae" in script else "--n_epochs_t"
     wall = run_script(script, flags + ["--output_dir", str(out), "--overwrite", "--max_steps", str(steps),
-                                       "--max_minutes", f"{budget_s / 60:.4f}", epochs, "1000"], log)
+                                       "--max_minutes", f"{budget_s / 60:.4f}", stage.epochs_flag, "1000"], log)
     done = json.loads((sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
                        [-1] / "vqgen_state.json").read_text())["global_step"]
     # fewer steps than planned: the --max_minutes hard stop fired, i.e. the stage trained for the whole budget
@@ -216,7 +235,8 @@ def sample_images(prior, tok, n: int, setting: dict, conditional: bool, seed: in
     labels = class_labels(prior, n, None) if conditional else None
     g = torch.Generator().manual_seed(seed)
     toks = generate(prior, n, labels=labels, temperature=setting.get("temperature", 1.0), top_k=setting.get("top_k"),
-                    cfg_scale=setting.get("cfg_scale", 1.0) if conditional else 1.0, generator=g, batch_size=512)
+                    cfg_scale=setting.get("cfg_scale", 1.0) if conditional else 1.0,
+                    cfg_schedule=setting.get("cfg_schedule", "constant"), generator=g, batch_size=512)
     return decode_to_images(tok, toks, 500).clamp(-1, 1), labels
 
 
@@ -225,33 +245,38 @@ def pick_setting(ev: Evaluator, prior, tok, grid: list[dict], conditional: bool,
     trials = []
     for s in grid:
         imgs, labels = sample_images(prior, tok, args.val_samples, s, conditional, seed=args.seed + 1)
-        trials.append({**s, "val_fid": ev.scores(ev.image_set(imgs, labels), ref=ev.val)["fid"]})
+        sc = ev.scores(ev.image_set(imgs, labels), ref=ev.val)
+        trials.append({**s, **{f"val_{k}": sc[k] for k in ("fid", "precision", "recall")}})
     best = min(trials, key=lambda t: t["val_fid"])
-    return {k: v for k, v in best.items() if k != "val_fid"}, trials
+    return {k: v for k, v in best.items() if not k.startswith("val_")}, trials
 
 
-def run_vqgen_row(ev: Evaluator, args, out: Path) -> dict:
-    from vqgen.models.prior import Prior
-    from vqgen.models.vqvae import VQVAE
-
+def train_vqgen_row(args, out: Path) -> dict:
+    """Stages 1-3 of the vqgen row in ``out/vqgen`` within the budget -> the row's timings."""
     run = out / "vqgen"
     run.mkdir(parents=True, exist_ok=True)
     log = run / "stages.log"
     b1 = 60 * args.budget_minutes * args.stage1_share
     common = ["--no_wandb", "--seed", str(args.seed), "--batch_size", "128"]
-    s1 = budgeted_stage("train_vqvae.py", ["--dataset", DATASET, "--data_dir", args.data_dir, *common, *SIZES_VQ,
-                                           *args.vqvae_flags.split()],
-                        run / "vqvae", b1, args, log)
+    s1 = budgeted_stage(STAGE1, ["--dataset", DATASET, "--data_dir", args.data_dir, *common, *SIZES_VQ,
+                                 *args.vqvae_flags.split()], run / "vqvae", b1, args, log)
     t2 = run_script("extract_codes.py", ["--dataset", DATASET, "--data_dir", args.data_dir, "--checkpoint",
                                          str(run / "vqvae/export"), "--split", "train", "test", "--output",
                                          str(run / "shards"), "--overwrite", "--no_progress"], log)
     b3 = max(1.0, 60 * args.budget_minutes - b1 - t2)
-    s3 = budgeted_stage("train_prior.py", ["--shards", str(run / "shards"), *common, "--num_samples", "16",
-                                           *SIZES_PRIOR, *args.prior_flags.split()], run / "prior", b3, args, log)
-    tok = VQVAE.from_export(run / "vqvae/export").eval()
-    prior = Prior.from_export(run / "prior/export").eval()
-    res = {"timings": {"stage1_s": s1["train_s"], "stage2_s": t2, "stage3_s": s3["train_s"], "stage1": s1,
-                       "stage3": s3}, "tokenizer": ev.tokenizer(tok), "samples": {}}
+    s3 = budgeted_stage(PRIOR, ["--shards", str(run / "shards"), *common, "--num_samples", "16", *SIZES_PRIOR,
+                                *args.prior_flags.split()], run / "prior", b3, args, log)
+    return {"stage1_s": s1["train_s"], "stage2_s": t2, "stage3_s": s3["train_s"], "stage1": s1, "stage3": s3}
+
+
+def score_vqgen_row(ev: Evaluator, args, out: Path, timings: dict) -> dict:
+    """The trained row's tokenizer scores, and its samples' scores at the settings chosen on the validation set."""
+    from vqgen.models.prior import Prior
+    from vqgen.models.vqvae import VQVAE
+
+    tok = VQVAE.from_export(out / "vqgen/vqvae/export").eval()
+    prior = Prior.from_export(out / "vqgen/prior/export").eval()
+    res = {"timings": timings, "tokenizer": ev.tokenizer(tok), "samples": {}}
     for mode, grid, cond in (("null", NULL_GRID, False), ("cond", COND_GRID, True)):
         setting, trials = pick_setting(ev, prior, tok, grid, cond, args)
         t = time.perf_counter()
@@ -369,17 +394,25 @@ def write_outputs(results: dict, out: Path, args) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    if args.resample:
+        if "vqgen" not in results:
+            print(f"error: --resample needs a trained vqgen row in {out} (no results.json with one)", file=sys.stderr)
+            sys.exit(2)
+        # the saved models were trained with the saved settings: those describe the row (and the ablation table)
+        vars(args).update({k: results["config"][k] for k in TRAINING_ARGS})
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ev = Evaluator(args)
-    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     results["real"] = ev.real_floor()
     results["config"] = vars(args)
     peers = [r for r in args.rows if r.startswith("peer") and (args.redo or r not in results)]
-    if peers:
+    if peers and not args.resample:
         run_peer_rows(peers, ev, args, out, results)
-    if "vqgen" in args.rows and (args.redo or "vqgen" not in results):
-        results["vqgen"] = run_vqgen_row(ev, args, out)
+    if "vqgen" in args.rows and args.resample:
+        results["vqgen"] = score_vqgen_row(ev, args, out, results["vqgen"]["timings"])
+    elif "vqgen" in args.rows and (args.redo or "vqgen" not in results):
+        results["vqgen"] = score_vqgen_row(ev, args, out, train_vqgen_row(args, out))
     results["bench_seconds"] = time.perf_counter() - t0
     write_outputs(results, out, args)
     print(table(results), flush=True)

@@ -19,11 +19,11 @@ import quality  # noqa: E402
 
 def test_batch_size_is_what_the_script_reads(tmp_path):
     flags = ["--batch_size", "128", "--lr", "1e-3", "--batch_size", "32"]   # the row's flags come after the common ones
-    assert quality.batch_size_of("train_vqvae.py", flags) == 32
-    assert quality.batch_size_of("train_prior.py", ["--shards", "s", "--batch_size=48"]) == 48
+    assert quality.batch_size_of(quality.STAGE1, flags) == 32
+    assert quality.batch_size_of(quality.PRIOR, ["--shards", "s", "--batch_size=48"]) == 48
     cfg = tmp_path / "prior.yaml"
     cfg.write_text("train:\n  batch_size: 24\n")
-    assert quality.batch_size_of("train_prior.py", ["--config", str(cfg)]) == 24
+    assert quality.batch_size_of(quality.PRIOR, ["--config", str(cfg)]) == 24
 
 
 def test_step_seconds_from_the_last_two_logged_steps(tmp_path):
@@ -62,3 +62,11 @@ def test_ablation_table_refuses_a_folder_without_results(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench/ablation_table.py"), str(a), str(tmp_path / "nope")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "error: no results.json in" in r.stderr and r.stdout == ""
+
+
+def test_resample_refuses_a_folder_without_a_trained_row(tmp_path):
+    """--resample only rescores models that exist: an empty folder is refused before anything loads or is written."""
+    out = tmp_path / "row"
+    r = subprocess.run([sys.executable, str(ROOT / "bench/quality.py"), "--out", str(out), "--rows", "vqgen",
+                        "--resample"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: --resample needs a trained vqgen row") and not out.exists()

@@ -58,11 +58,18 @@ def test_old_spellings_are_aliases():
         load_config(SampleConfig, ["--precision", "fp64"])
 
 
-def test_top_p_wherever_sampling_happens():
+def test_top_p_and_cfg_schedule_wherever_sampling_happens(capsys):
     for cls in (SampleConfig, EvalConfig, PriorStageConfig, PipelineConfig):
-        assert any("--top_p" in a.option_strings for a in build_parser(cls)._actions), cls.__name__
-    cfg = load_config(PipelineConfig, ["--train", "--top_p", "0.9"])
-    assert all(c.sampling.top_p == 0.9 for c in (pipeline.stage_configs(cfg)[k] for k in ("prior", "sample")))
+        for name in ("--top_p", "--cfg_schedule"):
+            assert any(name in a.option_strings for a in build_parser(cls)._actions), (cls.__name__, name)
+    cfg = load_config(PipelineConfig, ["--train", "--top_p", "0.9", "--cfg_schedule", "linear"])
+    for c in (pipeline.stage_configs(cfg)[k] for k in ("prior", "sample")):
+        assert (c.sampling.top_p, c.sampling.cfg_schedule) == (0.9, "linear")
+        assert c.sampling.draw_kwargs()["cfg_schedule"] == "linear"
+    assert load_config(SampleConfig, []).sampling.cfg_schedule == "constant"     # the old behaviour by default
+    with pytest.raises(SystemExit) as e:
+        load_config(SampleConfig, ["--cfg_schedule", "cosine"])
+    assert e.value.code == 2 and "invalid choice: 'cosine'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("cls", STAGES, ids=lambda c: c.PROG)

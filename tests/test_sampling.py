@@ -8,8 +8,8 @@ from PIL import Image
 
 from vqgen.errors import ConfigError
 from vqgen.models.prior import Prior, PriorConfig
-from vqgen.sampling import (apply_cfg, decode_to_images, generate, sample_logits, save_image_grid, top_k_filter,
-                            top_p_filter)
+from vqgen.sampling import (apply_cfg, decode_to_images, generate, guidance_at, sample_logits, save_image_grid,
+                            top_k_filter, top_p_filter)
 
 
 def tiny(num_classes=0) -> Prior:
@@ -30,13 +30,15 @@ CASES = [
 
 
 @pytest.mark.parametrize("kw", CASES, ids=["greedy", "sample", "topk_topp"])
-@pytest.mark.parametrize("num_classes,labels,cfg_scale", [(0, None, 1.0), (3, [0, 1, 2, -1, 1], 1.0),
-                                                          (3, [0, 1, 2, -1, 1], 3.0)],
-                         ids=["uncond", "cond_cfg1", "cond_cfg3"])
-def test_cache_equals_recompute(kw, num_classes, labels, cfg_scale):
+@pytest.mark.parametrize("num_classes,labels,cfg_scale,schedule",
+                         [(0, None, 1.0, "constant"), (3, [0, 1, 2, -1, 1], 1.0, "constant"),
+                          (3, [0, 1, 2, -1, 1], 3.0, "constant"), (3, [0, 1, 2, -1, 1], 3.0, "linear")],
+                         ids=["uncond", "cond_cfg1", "cond_cfg3", "cond_cfg3_linear"])
+def test_cache_equals_recompute(kw, num_classes, labels, cfg_scale, schedule):
     p = tiny(num_classes)
-    outs = [generate(p, 5, labels=labels, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(7),
-                     use_cache=use_cache, batch_size=3, **kw) for use_cache in (True, False)]
+    outs = [generate(p, 5, labels=labels, cfg_scale=cfg_scale, cfg_schedule=schedule,
+                     generator=torch.Generator().manual_seed(7), use_cache=use_cache, batch_size=3, **kw)
+            for use_cache in (True, False)]
     assert outs[0].shape == (5, 3, 3) and outs[0].dtype == torch.long
     assert torch.equal(outs[0], outs[1])
     assert int(outs[0].min()) >= 0 and int(outs[0].max()) < 16
@@ -75,6 +77,24 @@ def test_cfg_changes_samples_for_conditional_prior():
     assert not torch.equal(a, b)
 
 
+def test_linear_cfg_schedule_ramps_from_one_to_the_scale():
+    assert [guidance_at(3.0, "linear", i, 5) for i in range(5)] == [1.0, 1.5, 2.0, 2.5, 3.0]
+    assert [guidance_at(3.0, "constant", i, 5) for i in range(5)] == [3.0] * 5
+    assert guidance_at(3.0, "linear", 0, 1) == 3.0          # a single token gets the whole scale
+
+
+def test_linear_cfg_first_token_unguided_last_fully_guided():
+    """Greedy: under the linear ramp the first token is the plain conditional one (scale 1); the whole grid
+    differs from both constant-scale grids (the ramp really changes later tokens)."""
+    p = tiny(num_classes=3)
+    kw = dict(labels=[0, 1, 2, 0, 1, 2], temperature=0)
+    plain = generate(p, 6, cfg_scale=1.0, **kw).flatten(1)
+    linear = generate(p, 6, cfg_scale=8.0, cfg_schedule="linear", **kw).flatten(1)
+    const = generate(p, 6, cfg_scale=8.0, **kw).flatten(1)
+    assert torch.equal(linear[:, 0], plain[:, 0])
+    assert not torch.equal(linear, const) and not torch.equal(linear, plain)
+
+
 def test_top_k_filter_known_logits():
     logits = torch.tensor([[1.0, 4.0, 3.0, 2.0], [0.0, 0.0, 5.0, -1.0]])
     out = top_k_filter(logits, 2)
@@ -109,7 +129,7 @@ def test_sample_logits_respects_filters():
 
 def test_bad_sampling_args():
     p = tiny()
-    for kw in (dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
+    for kw in (dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(cfg_schedule="cosine")):
         with pytest.raises(ConfigError):
             generate(p, 1, **kw)
     with pytest.raises(ConfigError):

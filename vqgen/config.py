@@ -38,7 +38,7 @@ from .shards.format import SPLIT_RE
 # models pass their own (configs/imagenet256.yaml: 2e-4 and 4e-4).
 VQVAE_LR = 1e-3
 PRIOR_LR = 1e-3
-GRID_SAMPLING = ("num_samples", "temperature", "top_k", "top_p", "cfg_scale")
+GRID_SAMPLING = ("num_samples", "temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule")
 
 
 class _Trainer:

@@ -16,7 +16,7 @@ from .models.discriminator import NORMS
 from .models.losses import DISC_LOSSES, VGG16_FILE
 from .models.prior import PRIOR_MLPS, PRIOR_NORMS, PriorConfig
 from .models.vqvae import ARCHS, VQVAEConfig, level_params
-from .sampling import check_sampling_args
+from .sampling import CFG_SCHEDULES, check_sampling_args
 
 PRECISIONS = ("no", "fp16", "bf16")
 # What every --checkpoint / --checkpoint_t accepts besides a local export folder (vqgen.hub, vqgen.models.tokenizer).
@@ -123,13 +123,21 @@ class SamplingConfig:
     top_k: int | None = flag(None, "keep only the k most likely tokens")
     top_p: float | None = flag(None, "nucleus sampling: the smallest set of tokens with probability mass >= p")
     cfg_scale: float = flag(1.0, "classifier-free guidance scale (1 = off; conditional priors)")
+    cfg_schedule: str = flag("constant", "guidance over the tokens: constant (--cfg_scale for every token) or linear "
+                             "(1 at the first token -> --cfg_scale at the last: more varied samples at a given scale)",
+                             choices=CFG_SCHEDULES)
     class_label: int | None = flag(None, "class to generate (conditional priors; default: cycle through all "
                                    "classes)")
     seed: int = flag(0, "random seed (same seed -> same samples)")
 
     def check(self) -> None:
         _positive(self, "num_samples", zero_ok=True)
-        check_sampling_args(self.temperature, self.top_k, self.top_p, self.cfg_scale)
+        check_sampling_args(self.temperature, self.top_k, self.top_p, self.cfg_scale, self.cfg_schedule)
+
+    def draw_kwargs(self) -> dict:
+        """How to draw tokens, as :func:`vqgen.sampling.generate` takes it (every caller passes the same set)."""
+        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, cfg_scale=self.cfg_scale,
+                    cfg_schedule=self.cfg_schedule)
 
 
 _VQ = VQVAEConfig()

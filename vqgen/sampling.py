@@ -4,9 +4,12 @@
 The KV-cache path and the full-recompute reference path (``use_cache=False``) draw their random numbers in the
 same order (one ``torch.multinomial`` call per step), so with the same ``torch.Generator`` they give the same
 tokens. Classifier-free guidance runs the conditional and the null-class rows as one batch (cond ‖ null) and
-combines them as ``uncond + scale * (cond - uncond)``.
+combines them as ``uncond + scale * (cond - uncond)``; ``cfg_schedule="linear"`` ramps the scale from 1 at the
+first token to ``cfg_scale`` at the last (VAR's ramp over its scales, per token here): the first tokens, which fix
+the layout, are drawn unguided and stay diverse, the later ones, which fill in detail, get the full guidance.
 
-Adapted from: gpt-fast / LlamaGen ``generate.py`` (prefill, decode_n_tokens, CFG as one batch).
+Adapted from: gpt-fast / LlamaGen ``generate.py`` (prefill, decode_n_tokens, CFG as one batch); the linear CFG ramp
+from VAR ``models/var.py`` (``t = cfg * ratio``).
 """
 
 from __future__ import annotations
@@ -47,7 +50,11 @@ def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None, cfg_scale: float) -> None:
+CFG_SCHEDULES = ("constant", "linear")
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None, cfg_scale: float,
+                        cfg_schedule: str = "constant") -> None:
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
@@ -56,6 +63,8 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
         raise ConfigError(f"top_p must be in (0, 1] (or unset), got {top_p}")
     if not math.isfinite(cfg_scale):
         raise ConfigError(f"cfg_scale must be finite, got {cfg_scale}")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ConfigError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, got {cfg_schedule!r}")
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -69,6 +78,13 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)   # one uniform per row: same order always
 
 
+def guidance_at(cfg_scale: float, schedule: str, i: int, n: int) -> float:
+    """The CFG scale for token ``i`` of ``n``: ``cfg_scale`` throughout, or (linear) 1 -> ``cfg_scale``."""
+    if schedule == "constant" or n < 2:
+        return cfg_scale
+    return 1.0 + (cfg_scale - 1.0) * i / (n - 1)
+
+
 def apply_cfg(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
     """``logits (2B, vocab)`` ordered (cond ‖ null) -> guided ``(B, vocab)``."""
     cond, uncond = logits.float().chunk(2, dim=0)
@@ -77,7 +93,7 @@ def apply_cfg(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
 
 # ---- generation ---------------------------------------------------------------------------------------
 def decode_n_tokens(prior: Prior, labels: torch.Tensor, n: int, use_cfg: bool, cfg_scale: float,
-                    use_cache: bool, sample_kw: dict) -> torch.Tensor:
+                    use_cache: bool, sample_kw: dict, cfg_schedule: str = "constant") -> torch.Tensor:
     """Generate ``n`` tokens for one batch; ``labels`` already holds (cond ‖ null) when ``use_cfg``.
 
     Returns ``(B, n)`` long where ``B = len(labels) // 2`` with CFG, else ``len(labels)``.
@@ -88,7 +104,8 @@ def decode_n_tokens(prior: Prior, labels: torch.Tensor, n: int, use_cfg: bool, c
     empty = out[:, :0].repeat(2, 1) if use_cfg else out[:, :0]
     logits = prior.prefill(empty, labels) if use_cache else prior.logits_for_prefix(empty, labels)
     for i in range(n):
-        tok = sample_logits(apply_cfg(logits, cfg_scale) if use_cfg else logits, **sample_kw)   # (B,)
+        guided = apply_cfg(logits, guidance_at(cfg_scale, cfg_schedule, i, n)) if use_cfg else logits
+        tok = sample_logits(guided, **sample_kw)                                                  # (B,)
         out[:, i] = tok
         if i == n - 1:
             break
@@ -116,17 +133,20 @@ def _labels_tensor(prior: Prior, labels, num_samples: int) -> torch.Tensor:
 def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch.Tensor | None = None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              cfg_scale: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True,
-             batch_size: int | None = None, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+             batch_size: int | None = None, autocast_dtype: torch.dtype | None = None,
+             cfg_schedule: str = "constant") -> torch.Tensor:
     """Sample ``num_samples`` token grids -> LongTensor ``(N, latent_h, latent_w)`` on the CPU.
 
     labels: None (unconditional / null class), one class id for all, or N ids (-1 = null class).
     cfg_scale: classifier-free guidance; 1 = plain conditional sampling (the null half is skipped). It has no
         effect on an unconditional prior (cond and null rows are the same), so it is skipped there too.
+    cfg_schedule: "constant" (``cfg_scale`` for every token) or "linear" (1 at the first token -> ``cfg_scale`` at
+        the last).
     generator: a ``torch.Generator`` on the prior's device, for reproducible samples.
     use_cache: False recomputes the full prefix every step (slow reference path, same tokens).
     autocast_dtype: e.g. ``torch.bfloat16`` to run under ``torch.autocast`` (KV cache in that dtype).
     """
-    check_sampling_args(temperature, top_k, top_p, cfg_scale)
+    check_sampling_args(temperature, top_k, top_p, cfg_scale, cfg_schedule)
     if num_samples < 1:
         raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
     cfg = prior.config
@@ -148,7 +168,8 @@ def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch
                 if use_cache:
                     prior.setup_caches(lab.shape[0], cfg.seq_len, autocast_dtype or next(prior.parameters()).dtype,
                                        device)
-                toks = decode_n_tokens(prior, lab, cfg.seq_len, use_cfg, cfg_scale, use_cache, sample_kw)
+                toks = decode_n_tokens(prior, lab, cfg.seq_len, use_cfg, cfg_scale, use_cache, sample_kw,
+                                       cfg_schedule)
                 chunks.append(toks.cpu())
     finally:
         if use_cache:

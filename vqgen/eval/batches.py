@@ -79,8 +79,7 @@ def generate_batches(prior, tokenizer, cfg: EvalConfig, device, rank: int = 0, w
         idx = mine[s:s + GEN_CHUNK]
         lab = labels[idx] if labels is not None else None
         tokens = generate(prior, len(idx), labels=lab.to(device) if lab is not None else None,
-                          temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p, cfg_scale=sc.cfg_scale,
-                          generator=g, batch_size=len(idx))
+                          **sc.draw_kwargs(), generator=g, batch_size=len(idx))
         for b in range(0, len(idx), cfg.batch_size):
             yield (idx[b:b + cfg.batch_size], decode_to_images(tokenizer, tokens[b:b + cfg.batch_size],
                                                                batch_size=cfg.batch_size),

@@ -207,8 +207,8 @@ def prior_section(prior, tokenizer, space: FeatureSpace, real, dataset: str, man
         t = time.perf_counter()
         fake, grid = eval_samples(prior, tokenizer, space, cfg, device, rank, world)
         seconds["sampling_and_features"] = time.perf_counter() - t
-        pm.update(num_samples=sc.num_samples, pr_k=cfg.pr_k, temperature=sc.temperature, top_k=sc.top_k,
-                  top_p=sc.top_p, cfg_scale=sc.cfg_scale, **stream_stats.quality(real, fake, cfg.pr_k))
+        pm.update(num_samples=sc.num_samples, pr_k=cfg.pr_k, **sc.draw_kwargs(),
+                  **stream_stats.quality(real, fake, cfg.pr_k))
         if space.classifier is not None:
             pm["classifier"] = fake.classifier_stats(with_labels=prior.config.num_classes > 0)
         t = time.perf_counter()

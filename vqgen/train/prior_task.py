@@ -150,8 +150,7 @@ class PriorTask:
             labels = labels.to(loop.accelerator.device) if labels is not None else None
             g = torch.Generator(device=loop.accelerator.device).manual_seed(self.cfg.train.seed)
             sc = self.cfg.sampling
-            tokens = generate(model, n, labels=labels, temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p,
-                              cfg_scale=sc.cfg_scale, generator=g)
+            tokens = generate(model, n, labels=labels, **sc.draw_kwargs(), generator=g)
             images = decode_to_images(tok, tokens, n)
             path = loop.run.samples / f"samples_epoch{epoch + 1:04d}.png"
             save_image_grid(images, path, nrow=int(math.ceil(math.sqrt(n))), min_cell=48)
