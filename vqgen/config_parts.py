@@ -31,6 +31,8 @@ def _precision(default: str | None, help: str, **kw):
 def _positive(cfg: Any, *names: str, zero_ok: bool = False) -> None:
     for name in names:
         v = getattr(cfg, name)
+        if v is None:        # "the stage decides" (VQVAE_T.py's --batch_size): the stage's own check sees its value
+            continue
         if v < 0 or (v == 0 and not zero_ok):
             raise ConfigError(f"--{name} must be {'>= 0' if zero_ok else '> 0'}, got {v}")
 

@@ -34,8 +34,10 @@ def layout(cfg: PipelineConfig) -> PipelineLayout:
 
 
 def _training(cfg: PipelineConfig, stage_default, run: RunDir, **own):
-    """A trainer's TrainConfig: its stage defaults, the values the pipeline shares, its folder, resume if begun."""
-    shared = {name: getattr(cfg.training, name) for name in PIPELINE_TRAINING}
+    """A trainer's TrainConfig: its stage defaults, the values the pipeline shares (None: the stage's own, e.g. the
+    batch size when --batch_size is not given), its folder, resume if begun."""
+    shared = {name: getattr(cfg.training, name) for name in PIPELINE_TRAINING
+              if getattr(cfg.training, name) is not None}
     return dataclasses.replace(stage_default, **{**shared, **own}, output_dir=str(run.root),
                                resume="latest" if run.holds_run() else None)
 
@@ -46,7 +48,7 @@ def stage_configs(cfg: PipelineConfig) -> dict:
     vqvae = VQVAEStageConfig(data=dataclasses.replace(cfg.data), model=dataclasses.replace(cfg.vqvae))
     vqvae.train = _training(cfg, vqvae.train, d.vqvae)
     ext = ExtractConfig(checkpoint=str(d.vqvae.export), split=["train", "test"], output_dir=str(d.shards),
-                        batch_size=cfg.training.batch_size, no_progress=False,
+                        batch_size=cfg.training.batch_size or ExtractConfig.batch_size, no_progress=False,
                         sharding=dataclasses.replace(cfg.sharding), data=dataclasses.replace(cfg.data))
     prior = PriorStageConfig(shards=str(d.shards), checkpoint=str(d.vqvae.export), num_workers=cfg.data.num_workers,
                              model=dataclasses.replace(cfg.prior), sampling=dataclasses.replace(cfg.sampling))
