@@ -161,3 +161,17 @@ def test_run_folder_config_yaml_is_reused_by_resume(tmp_path):
                                          "--val_images", "16"])
     assert cfg.model.num_channels == [8] and cfg.data.dataset == "digits" and cfg.val_images == 16
     assert vqvae_task.run(cfg).state.global_step == 2
+
+
+def test_pipeline_batch_size_is_each_stages_own_unless_given():
+    """Stage 1 trains at batch 32 and the prior at 128 by default (equal-time ablation, docs/RESULTS.md section 4);
+    VQVAE_T.py's --batch_size, the original tool's one flag for both trainers, sets both when it is given."""
+    own = (load_config(VQVAEStageConfig, []).train.batch_size, load_config(PriorStageConfig, []).train.batch_size)
+    assert own == (32, 128)
+    stages = pipeline.stage_configs(load_config(PipelineConfig, ["--train"]))
+    assert (stages["vqvae"].train.batch_size, stages["prior"].train.batch_size) == own
+    assert stages["extract"].batch_size == load_config(ExtractConfig, ["--checkpoint", "x"]).batch_size
+    stages = pipeline.stage_configs(load_config(PipelineConfig, ["--train", "--batch_size", "64"]))
+    assert {stages["vqvae"].train.batch_size, stages["prior"].train.batch_size, stages["extract"].batch_size} == {64}
+    with pytest.raises(ConfigError, match="--batch_size must be > 0"):
+        validate(load_config(PipelineConfig, ["--train", "--batch_size", "0"]))
