@@ -20,16 +20,16 @@ images passed through the tokenizer, against the test split) and ``batches.refer
 (train vs test); ``stream_stats.quality`` (FID, k=3 precision/recall) and the classifier statistics (confident share,
 class coverage) of ``--samples`` samples against the 10k test images, in the features of the offline Fashion-MNIST
 classifier (vqgen.eval.classifier, trained once and cached in <data_dir>/classifier). vqgen's sampling settings (CFG
-scale, temperature, top-k) are chosen on a validation reference carved from TRAIN (``--val_images`` random train
+scale and schedule, temperature, top-k) are chosen on a validation reference carved from TRAIN (``--val_images`` random train
 images, fixed seed; never the test split): ``--val_samples`` samples per candidate, lowest FID wins. The peer samples
 as its tool does (temperature 1: it exposes no setting).
 
 Outputs in ``--out``: results.json, results.md (the table), samples_<row>_<mode>.png and samples_side_by_side.png,
 and each vqgen stage's run folder.
 
-Run: ``make bench-quality`` (``--budget_minutes 30 --samples 5000``: about 2 h: the vqgen row took 37 min, the frozen
-original alone 44 min, 11 of them MONAI sampling); ``python bench/quality.py --budget_minutes 0.5 --samples 500``
-checks the plumbing in minutes.
+Run: ``make bench-quality`` (``--budget_minutes 30 --samples 5000``: about 2 h: the vqgen row took 37-44 min, the
+frozen original alone 44 min, 11 of them MONAI sampling); ``--resample`` rescores a trained vqgen row in ~8 min;
+``python bench/quality.py --budget_minutes 0.5 --samples 500`` checks the plumbing in minutes.
 """
 
 from __future__ import annotations
