@@ -20,10 +20,11 @@ Rows, each in its own fresh subprocess, per case, side by side (round-robin, ``-
 
 Cases (the configs of bench/train_step.py, plus the issue's smaller tokenizer): 1x32x32 batch 128 (the original
 tool's default VQ-VAE: channels 256 256, res channels 256 256, 2 res layers, 256 codes x 32), the same at 28 px,
-1x32x32 with 64/64 channels and 1 res layer (issue 15's table), 3x32x32 batch 64, and the prior 96/12/8 on 8x8
-tokens, batch 64. 1-channel images are real Fashion-MNIST when its IDX files are found (``--data_dir`` or Debian's
-/usr/share/datasets/fashion-mnist), else generated; 3-channel images and the prior's shards come from generated
-images (an image folder both sides read; the shards are written by vqgen's stage 2 from an untrained tokenizer).
+1x32x32 with 64/64 channels and 1 res layer (issue 15's table; ``vq32s_b32``: at batch 32, stage 1's default),
+3x32x32 batch 64, and the prior 96/12/8 on 8x8 tokens, batch 64. 1-channel images are real Fashion-MNIST when its
+IDX files are found (``--data_dir`` or Debian's /usr/share/datasets/fashion-mnist), else generated; 3-channel images
+and the prior's shards come from generated images (an image folder both sides read; the shards are written by
+vqgen's stage 2 from an untrained tokenizer).
 
 Per step: median wall time and mean CPU time (user + sys of the process and its threads) after ``--warmup``
 steps (codebook initialisation, allocator warm-up). Ratios > 1 mean vqgen is faster. The machine's other load
@@ -54,6 +55,7 @@ CASES = {  # name: (kind, channels, size, batch, tokenizer sizes)
     "vq32": ("vqvae", 1, 32, 128, DEFAULT),
     "vq28": ("vqvae", 1, 28, 128, DEFAULT),
     "vq32s": ("vqvae", 1, 32, 128, SMALL),
+    "vq32s_b32": ("vqvae", 1, 32, 32, SMALL),  # the same at stage 1's default batch since issue 15's 30-min rows
     "vq32c3": ("vqvae", 3, 32, 64, DEFAULT),
     "prior": ("prior", 1, 32, 64, SMALL),  # the prior's tokens: 8x8 from a 64/64 tokenizer on 1x32x32 images
 }

@@ -20,9 +20,9 @@ images passed through the tokenizer, against the test split) and ``batches.refer
 (train vs test); ``stream_stats.quality`` (FID, k=3 precision/recall) and the classifier statistics (confident share,
 class coverage) of ``--samples`` samples against the 10k test images, in the features of the offline Fashion-MNIST
 classifier (vqgen.eval.classifier, trained once and cached in <data_dir>/classifier). vqgen's sampling settings (CFG
-scale and schedule, temperature, top-k) are chosen on a validation reference carved from TRAIN (``--val_images`` random train
-images, fixed seed; never the test split): ``--val_samples`` samples per candidate, lowest FID wins. The peer samples
-as its tool does (temperature 1: it exposes no setting).
+scale and schedule, temperature, top-k) are chosen on a validation reference carved from TRAIN (``--val_images``
+random train images, fixed seed; never the test split): ``--val_samples`` samples per candidate, lowest FID wins. The
+peer samples as its tool does (temperature 1: it exposes no setting).
 
 Outputs in ``--out``: results.json, results.md (the table), samples_<row>_<mode>.png and samples_side_by_side.png,
 and each vqgen stage's run folder.
