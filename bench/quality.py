@@ -207,9 +207,9 @@ def step_seconds(metrics: Path, batch_size: int) -> float:
 
 
 def batch_size_of(stage, flags: list[str]) -> int:
-    """The batch size the ``stage`` (a :data:`STAGES` entry) trains with for ``flags``, read through its script's own
-    config loader (flag aliases, ``--x=y``, ``--config`` files and the last of repeated flags all count), e.g. an
-    ablation's 32."""
+    """The batch size the ``stage`` (:data:`STAGE1` or :data:`PRIOR`) trains with for ``flags``, read through its
+    script's own config loader (flag aliases, ``--x=y``, ``--config`` files and the last of repeated flags all
+    count), e.g. an ablation's 32."""
     from vqgen.flags import load_config
     return load_config(stage.config(), flags).train.batch_size
 
@@ -232,12 +232,13 @@ def budgeted_stage(stage, flags: list[str], out: Path, budget_s: float, args, lo
 
 def sample_images(prior, tok, n: int, setting: dict, conditional: bool, seed: int):
     """(images (n, 1, 32, 32), asked labels or None): vqgen.sampling, as evaluate.py draws them."""
+    from vqgen.config import SamplingConfig
     from vqgen.sampling import class_labels, decode_to_images, generate
     labels = class_labels(prior, n, None) if conditional else None
     g = torch.Generator().manual_seed(seed)
-    toks = generate(prior, n, labels=labels, temperature=setting.get("temperature", 1.0), top_k=setting.get("top_k"),
-                    cfg_scale=setting.get("cfg_scale", 1.0) if conditional else 1.0,
-                    cfg_schedule=setting.get("cfg_schedule", "constant"), generator=g, batch_size=512)
+    kw = SamplingConfig(**setting).draw_kwargs()   # a grid entry names fields; the rest keep sample.py's defaults
+    toks = generate(prior, n, labels=labels, **{**kw, "cfg_scale": kw["cfg_scale"] if conditional else 1.0},
+                    generator=g, batch_size=512)
     return decode_to_images(tok, toks, 500).clamp(-1, 1), labels
 
 
