@@ -296,9 +296,10 @@ def row_plain(spec: dict, clock: Clock) -> None:
             out = model(x)
             return F.mse_loss(out.recon, x) + out.vq_loss
     else:
-        from vqgen.models.prior import Prior, PriorConfig
+        from vqgen.config import PriorConfig
+        from vqgen.models.prior import Prior, build_prior
 
-        model = Prior(PriorConfig(vocab_size=256, latent_h=8, latent_w=8, num_classes=10))  # train_prior defaults
+        model = build_prior(PriorConfig(vocab_size=256, latent_h=8, latent_w=8, num_classes=10))  # train_prior defaults
         toks, labels = torch.randint(0, 256, (n * batch, 64)), torch.randint(0, 10, (n * batch,))
 
         def step(i):

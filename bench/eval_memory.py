@@ -29,7 +29,7 @@ import torch
 torch.set_num_threads(2)
 from vqgen.config import EvalConfig
 from vqgen.eval import evaluate
-from vqgen.flags import load_config
+from vqgen.config import load_config
 run = os.environ["BENCH_RUN"]
 res = evaluate.run(load_config(EvalConfig, ["--run_dir", run, "--num_samples", os.environ["BENCH_N"],
     "--batch_size", "256", "--classifier_dir", os.path.join(run, "clf"), "--classifier_epochs", "1", "--no_plots",
@@ -43,7 +43,8 @@ def make_run(root: Path, image_size: int, levels: int) -> Path:
     import torch
     sys.path.insert(0, str(ROOT))
     from vqgen.export import ExportMeta
-    from vqgen.models.prior import Prior, PriorConfig
+    from vqgen.config import PriorConfig
+    from vqgen.models.prior import Prior, build_prior
     from vqgen.models.vqvae import VQVAE, VQVAEConfig
     torch.manual_seed(0)
     tok = VQVAE(VQVAEConfig(in_channels=1, image_size=image_size, num_channels=(16,) * levels,
@@ -51,7 +52,7 @@ def make_run(root: Path, image_size: int, levels: int) -> Path:
                             embedding_dim=8)).eval()
     sha = tok.export_to(root / "vqvae/export", meta=ExportMeta(dataset={"name": "digits"}))
     h, w = tok.config.latent_size
-    Prior(PriorConfig(vocab_size=64, latent_h=h, latent_w=w, dim=32, depth=1, heads=2, num_classes=10)).export_to(
+    build_prior(PriorConfig(vocab_size=64, latent_h=h, latent_w=w, attn_layers_dim=32, attn_layers_depth=1, attn_layers_heads=2, num_classes=10)).export_to(
         root / "prior/export", meta=ExportMeta(tokenizer_sha256=sha))
     return root
 

@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vqgen import extract  # noqa: E402
 from vqgen.config import ExtractConfig  # noqa: E402
 from vqgen.data import build_dataset  # noqa: E402
-from vqgen.flags import load_config  # noqa: E402
-from vqgen.models.prior import Prior, PriorConfig  # noqa: E402
+from vqgen.config import load_config  # noqa: E402
+from vqgen.config import PriorConfig  # noqa: E402
+from vqgen.models.prior import Prior, build_prior  # noqa: E402
 from vqgen.shards import make_token_loader  # noqa: E402
 from vqgen.models.vqvae import VQVAE, VQVAEConfig  # noqa: E402
 
@@ -99,8 +100,8 @@ def main(argv=None) -> float:
         ds, info = build_dataset("digits", "train", str(tmp / "data"), image_size=args.image_size)
         img_loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True,
                                                  num_workers=args.num_workers, drop_last=True)
-        pcfg = PriorConfig(vocab_size=cfg.num_embeddings, latent_h=h, latent_w=w, dim=args.dim, depth=args.depth,
-                           heads=args.heads, num_classes=info.num_classes)
+        pcfg = PriorConfig(vocab_size=cfg.num_embeddings, latent_h=h, latent_w=w, attn_layers_dim=args.dim, attn_layers_depth=args.depth,
+                           attn_layers_heads=args.heads, num_classes=info.num_classes)
         results = {}
         for side in ("warmup", "original", "vqgen", "original2", "vqgen2"):
             torch.manual_seed(0)

@@ -122,7 +122,7 @@ class Evaluator:
         from vqgen.config import EvalConfig
         from vqgen.eval import batches as B
         from vqgen.eval.features import build_feature_space
-        from vqgen.flags import load_config
+        from vqgen.config import load_config
 
         self.args, self.B = args, B
         self.cfg = load_config(EvalConfig, ["--data_dir", args.data_dir, "--features", "classifier",
@@ -210,7 +210,7 @@ def batch_size_of(stage, flags: list[str]) -> int:
     """The batch size the ``stage`` (:data:`STAGE1` or :data:`PRIOR`) trains with for ``flags``, read through its
     script's own config loader (flag aliases, ``--x=y``, ``--config`` files and the last of repeated flags all
     count), e.g. an ablation's 32."""
-    from vqgen.flags import load_config
+    from vqgen.config import load_config
     return load_config(stage.config(), flags).train.batch_size
 
 
@@ -233,7 +233,7 @@ def budgeted_stage(stage, flags: list[str], out: Path, budget_s: float, args, lo
 def sample_images(prior, tok, n: int, setting: dict, conditional: bool, seed: int):
     """(images (n, 1, 32, 32), asked labels or None): vqgen.sampling, as evaluate.py draws them."""
     from vqgen.config import SamplingConfig
-    from vqgen.sampling import class_labels, decode_to_images, generate
+    from vqgen.models.sampling import class_labels, decode_to_images, generate
     labels = class_labels(prior, n, None) if conditional else None
     g = torch.Generator().manual_seed(seed)
     kw = SamplingConfig(**setting).draw_kwargs()   # a grid entry names fields; the rest keep sample.py's defaults
@@ -339,7 +339,7 @@ def run_peer_rows(rows: list[str], ev: Evaluator, args, out: Path, results: dict
 
 # ---------------------------------------------------------------------------------------------------- output
 def save_grid(images: torch.Tensor, path: Path) -> None:
-    from vqgen.sampling import save_image_grid
+    from vqgen.images import save_image_grid
     save_image_grid(images, path, nrow=8, min_cell=48)
 
 

@@ -7,7 +7,7 @@ batch, temperature 1, no top-k, one sampled token per grid cell. What is timed i
   Its last line calls ``vqvae_model.decode_samples(latent)``; we pass a stand-in VQ-VAE whose ``decode_samples``
   returns the token grid unchanged, so no image decoding is timed (MONAI's loop re-runs the full prefix through
   the transformer at every step: no KV cache).
-* vqgen: ``vqgen.sampling.generate(prior, ..., use_cache=True)`` (prefill + one cached decode step per token).
+* vqgen: ``vqgen.models.sampling.generate(prior, ..., use_cache=True)`` (prefill + one cached decode step per token).
 
 Each sampler is warmed up once on a 1-row grid, then timed ``--repeats`` times (median reported).
 Run: ``python bench/sampling.py [--batch 16 --grids 8 16 --dim 96 --depth 12 --heads 8 --repeats 1]``.
@@ -25,8 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vqgen.models.prior import Prior, PriorConfig  # noqa: E402
-from vqgen.sampling import generate  # noqa: E402
+from vqgen.config import PriorConfig  # noqa: E402
+
+from vqgen.models.prior import Prior, build_prior  # noqa: E402
+from vqgen.models.sampling import generate  # noqa: E402
 
 
 class TokensOnlyVQVAE(torch.nn.Module):
@@ -79,8 +81,8 @@ def bench_grid(g: int, args) -> dict:
 
     torch.manual_seed(args.seed)
     seq_len = g * g
-    prior = Prior(PriorConfig(vocab_size=args.vocab, latent_h=g, latent_w=g, dim=args.dim, depth=args.depth,
-                              heads=args.heads)).eval()
+    prior = build_prior(PriorConfig(vocab_size=args.vocab, latent_h=g, latent_w=g, attn_layers_dim=args.dim, attn_layers_depth=args.depth,
+                              attn_layers_heads=args.heads)).eval()
     # MONAI: vocab + 1 tokens (its BOS is token id num_embeddings); input = BOS + first T-1 tokens = T positions
     monai_tf = DecoderOnlyTransformer(num_tokens=args.vocab + 1, max_seq_len=seq_len, attn_layers_dim=args.dim,
                                       attn_layers_depth=args.depth, attn_layers_heads=args.heads,

@@ -99,8 +99,9 @@ def build(impl: str, case: str, variant: str, device):
     else:
         tokens = torch.randint(0, 256, (batch, size * size), device=device)
         if impl == "vqgen":
-            from vqgen.models.prior import Prior, PriorConfig
-            model = Prior(PriorConfig(vocab_size=256, latent_h=size, latent_w=size, dim=96, depth=12, heads=8)).to(device)
+            from vqgen.config import PriorConfig
+            from vqgen.models.prior import Prior, build_prior
+            model = build_prior(PriorConfig(vocab_size=256, latent_h=size, latent_w=size, attn_layers_dim=96, attn_layers_depth=12, attn_layers_heads=8)).to(device)
 
             def loss_fn():
                 logits = model(tokens)

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vqgen.data import archives, offline
+from vqgen import offline
+from vqgen.data import archives
 from vqgen.data import build_dataset
 from vqgen.errors import DatasetUnavailableError
 

@@ -15,7 +15,7 @@ from vqgen.config import (EvalConfig, ExtractConfig, PipelineConfig, PriorStageC
                           TrainConfig, VQVAEStageConfig)
 from vqgen.data import DATASETS
 from vqgen.errors import ConfigError
-from vqgen.flags import build_parser, flag, load_config, part, to_dict, validate
+from vqgen.config import build_parser, flag, load_config, part, to_dict, validate
 from vqgen.train import vqvae_task
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ def vq_dir(tmp_path_factory):
 def test_adapter_matches_the_vqmodel_and_fingerprint_ignores_location(vq_dir, tmp_path):
     tok, exp = load_tokenizer(vq_dir)
     vq = tok.vq
-    assert exp.kind == "diffusers-vqmodel" and tok.config.latent_size == (8, 8) and tok.config.num_embeddings == 32
+    assert exp.kind == "diffusers-vqmodel" and tok.config.latent_size == (8, 8) and tok.config.codebook_size == 32
     x = torch.rand(3, 1, 16, 16) * 2 - 1
     idx = tok.encode_to_indices(x)
     with torch.no_grad():

@@ -14,10 +14,11 @@ from vqgen import extract
 from vqgen.cli import run_cli
 from vqgen.errors import CheckpointError, ConfigError
 from vqgen.config import EvalConfig, ExtractConfig
-from vqgen.flags import load_config
+from vqgen.config import load_config
 from vqgen.eval.evaluate import run as evaluate
 from vqgen.export import ExportMeta
-from vqgen.models.prior import Prior, PriorConfig
+from vqgen.config import PriorConfig
+from vqgen.models.prior import Prior, build_prior
 from vqgen.models.vqvae import VQVAE, VQVAEConfig
 
 
@@ -41,7 +42,7 @@ def run(tmp_path_factory) -> Path:
         ["--dataset", "digits", "--checkpoint", str(root / "vqvae" / "export"), "--split", "train", "test",
          "--output", str(root / "shards"), "--no_progress"]))
     torch.manual_seed(0)
-    prior = Prior(PriorConfig(vocab_size=16, latent_h=4, latent_w=4, dim=16, depth=1, heads=2, num_classes=10))
+    prior = build_prior(PriorConfig(vocab_size=16, latent_h=4, latent_w=4, attn_layers_dim=16, attn_layers_depth=1, attn_layers_heads=2, num_classes=10))
     prior.export_to(root / "prior" / "export", meta=ExportMeta(tokenizer_sha256=sha))
     for stage, key in (("vqvae", "recon_loss"), ("prior", "bpt")):
         rows = [{"step": s, "epoch": 0, "loss": 2.0 / s, key: 1.0 / s} for s in range(1, 40, 10)]
@@ -106,7 +107,7 @@ def test_identical_reconstruction_metrics_reference_is_perfect(run, clf_root, tm
 
 def test_streamed_statistics_match_the_all_in_memory_ones():
     """FID, IS and precision/recall accumulated in batches equal the torchmetrics values on all features."""
-    from vqgen.eval import metrics as M
+    from vqgen import metrics as M
     from vqgen.eval.stream_stats import FeatureSet, quality
     g = torch.Generator().manual_seed(0)
     fr, ff = torch.randn(300, 12, generator=g), torch.randn(200, 12, generator=g) * 1.3 + 0.2
@@ -194,7 +195,7 @@ def test_sample_npz_in_evaluator_layout_and_capped_grid(run, tmp_path):
 
     from vqgen import sample
     from vqgen.config import SampleConfig
-    from vqgen.sampling import class_labels, generate
+    from vqgen.models.sampling import class_labels, generate
     out = tmp_path / "s"
     argv = ["--checkpoint", str(run / "vqvae" / "export"), "--checkpoint_t", str(run / "prior" / "export"),
             "--num_samples", "10", "--batch_size", "3", "--npz", "--grid_images", "4", "--output_dir", str(out)]

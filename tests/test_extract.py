@@ -35,12 +35,12 @@ class FakeTokenizer(torch.nn.Module):
     def __init__(self, k: int = 16, image_size: int = 16, latent: int = 4):
         super().__init__()
         self.dummy = torch.nn.Parameter(torch.zeros(1))
-        self.config = SimpleNamespace(num_embeddings=k, latent_size=(latent, latent), image_size=image_size,
+        self.config = SimpleNamespace(codebook_size=k, latent_size=(latent, latent), image_size=image_size,
                                       in_channels=1)
 
     def encode_to_indices(self, x):
         p = F.adaptive_avg_pool2d(x.float().mean(1, keepdim=True), self.config.latent_size)[:, 0]  # (B, h, w)
-        return ((p.clamp(-1, 1) + 1) / 2 * (self.config.num_embeddings - 1)).round().long()
+        return ((p.clamp(-1, 1) + 1) / 2 * (self.config.codebook_size - 1)).round().long()
 
 
 class ImageSet(torch.utils.data.Dataset):

@@ -16,7 +16,7 @@ from factories import TINY_VQVAE_FLAGS, tiny_vqvae
 from vqgen.cli import run_cli
 from vqgen.config import VQVAEStageConfig
 from vqgen.errors import ConfigError
-from vqgen.flags import load_config
+from vqgen.config import load_config
 from vqgen.models import losses as L
 from vqgen.models.discriminator import PatchDiscriminator
 from vqgen.train import vqvae_task

@@ -19,7 +19,8 @@ from vqgen.config import SampleConfig, VQVAEStageConfig
 from vqgen.errors import CheckpointError, ConfigError
 from vqgen.export import ExportMeta, canonical_json, export_fingerprint, load_export
 from vqgen.hub import check_push_target, parse_hub_ref
-from vqgen.models.prior import Prior, PriorConfig
+from vqgen.config import PriorConfig
+from vqgen.models.prior import Prior, build_prior
 from vqgen.models.vqvae import VQVAE
 from vqgen.train import vqvae_task
 
@@ -29,8 +30,8 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 def tiny_prior(tok: VQVAE) -> Prior:
     torch.manual_seed(1)
     h, w = tok.config.latent_size
-    return Prior(PriorConfig(vocab_size=tok.config.num_embeddings, latent_h=h, latent_w=w, dim=16, depth=1,
-                             heads=2)).eval()
+    return build_prior(PriorConfig(vocab_size=tok.config.num_embeddings, latent_h=h, latent_w=w, attn_layers_dim=16, attn_layers_depth=1,
+                             attn_layers_heads=2)).eval()
 
 
 @pytest.fixture

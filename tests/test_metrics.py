@@ -1,4 +1,4 @@
-"""vqgen.eval.metrics (+ the feature classifier): known answers for reconstruction, codebook and sample metrics."""
+"""vqgen.metrics (+ the feature classifier): known answers for reconstruction, codebook and sample metrics."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vqgen.eval import metrics as M
+from vqgen import metrics as M
 from vqgen.eval.classifier import accuracy, load_or_train
 from vqgen.data import build_dataset
 

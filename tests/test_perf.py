@@ -17,7 +17,7 @@ from torchvision import transforms as T
 from vqgen import launch, perf
 from vqgen.config import PriorStageConfig, VQVAEStageConfig
 from vqgen.data.transforms import ImageTransform, convert_mode
-from vqgen.flags import load_config
+from vqgen.config import load_config
 from vqgen.train import vqvae_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ FAULTS = textwrap.dedent("""
         perf.keep_freed_memory()
     elif mode == "train":
         from vqgen.config import VQVAEStageConfig
-        from vqgen.flags import load_config
+        from vqgen.config import load_config
         from vqgen.train import vqvae_task
         vqvae_task.run(load_config(VQVAEStageConfig, sys.argv[3:] + ["--output_dir", out]))
     def faults():

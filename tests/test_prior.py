@@ -7,30 +7,30 @@ import torch
 from vqgen.export import save_export
 from vqgen.errors import CheckpointError, ConfigError
 from vqgen.export import ExportMeta
-from vqgen.config import PriorFlags
-from vqgen.flags import load_config
-from vqgen.models.prior import Prior, PriorConfig
+from vqgen.config import load_config
+from vqgen.config import PriorConfig
+from vqgen.models.prior import Prior, build_prior
 
 
 def tiny(num_classes=0, **kw) -> Prior:
     torch.manual_seed(0)
-    cfg = PriorConfig(vocab_size=16, latent_h=3, latent_w=4, dim=32, depth=2, heads=4, num_classes=num_classes, **kw)
-    return Prior(cfg).eval()
+    cfg = PriorConfig(vocab_size=16, latent_h=3, latent_w=4, attn_layers_dim=32, attn_layers_depth=2, attn_layers_heads=4, num_classes=num_classes, **kw)
+    return build_prior(cfg).eval()
 
 
 def test_config_validate_and_flags():
     with pytest.raises(ConfigError, match="divisible"):
-        PriorConfig(vocab_size=16, latent_h=2, latent_w=2, dim=30, heads=8).validate()
+        PriorConfig(vocab_size=16, latent_h=2, latent_w=2, attn_layers_dim=30, attn_layers_heads=8).validate()
     with pytest.raises(ConfigError):
         PriorConfig(vocab_size=16, latent_h=2, latent_w=2, class_dropout=1.0).validate()
     with pytest.raises(ConfigError, match="unknown"):
         PriorConfig.from_dict({"vocab_size": 4, "latent_h": 2, "latent_w": 2, "bogus": 1})
-    flags = load_config(PriorFlags, [])
+    flags = load_config(PriorConfig, [])
     assert (flags.attn_layers_dim, flags.attn_layers_depth, flags.attn_layers_heads) == (96, 12, 8)
     assert (flags.attn_dropout, flags.class_dropout) == (0.0, 0.1)
     cfg = flags.build(vocab_size=256, latent_h=8, latent_w=8, num_classes=10)
-    assert cfg.seq_len == 64 and cfg.null_class == 10 and cfg.dim == 96
-    bad = load_config(PriorFlags, ["--attn_layers_heads", "7"])
+    assert cfg.seq_len == 64 and cfg.null_class == 10 and cfg.attn_layers_dim == 96
+    bad = load_config(PriorConfig, ["--attn_layers_heads", "7"])
     with pytest.raises(ConfigError):
         bad.build(256, 8, 8, 0)
 
@@ -40,16 +40,16 @@ def test_forward_shape_and_causal():
     toks = torch.randint(0, 16, (2, 12))
     lab = torch.tensor([0, 2])
     with torch.no_grad():
-        out = p(toks, lab)
+        out = p(toks, lab).logits
         assert out.shape == (2, 12, 16)
         changed = toks.clone()
         changed[:, 7] = (changed[:, 7] + 1) % 16
-        out2 = p(changed, lab)
+        out2 = p(changed, lab).logits
     # logits at position i depend on tokens < i only: positions 0..7 unchanged, 8.. changed
     torch.testing.assert_close(out[:, :8], out2[:, :8], atol=1e-6, rtol=0)
     assert (out[:, 8:] - out2[:, 8:]).abs().max() > 1e-4
     # grid input is read in raster order
-    torch.testing.assert_close(p(toks.view(2, 3, 4), lab), out)
+    torch.testing.assert_close(p(toks.view(2, 3, 4), lab).logits, out)
 
 
 def test_labels_checked():
@@ -71,7 +71,7 @@ def test_cached_decode_matches_full_forward(num_classes):
     toks = torch.randint(0, 16, (3, 12))
     lab = torch.tensor([0, 1, -1]) if num_classes else None
     with torch.no_grad():
-        full = p(toks, lab)                                         # (3, 12, 16)
+        full = p(toks, lab).logits                                         # (3, 12, 16)
         labels = p.resolve_labels(lab, 3, toks.device)
         p.setup_caches(4, 12, torch.float32)
         for n_prefix in (0, 5):
@@ -89,14 +89,14 @@ def test_class_dropout_is_deterministic_and_only_in_training():
     lab = torch.randint(0, 3, (64,))
     p.train()
     torch.manual_seed(5)
-    a = p(toks, lab)
+    a = p(toks, lab).logits
     torch.manual_seed(5)
-    b = p(toks, lab)
+    b = p(toks, lab).logits
     torch.testing.assert_close(a, b)
     p.eval()
     with torch.no_grad():
-        cond = p(toks, lab)
-        null = p(toks, None)
+        cond = p(toks, lab).logits
+        null = p(toks, None).logits
     # in training, some rows got the null class, some kept theirs
     rows_null = (a[:, 0] - null[:, 0]).abs().amax(-1) < 1e-5
     rows_cond = (a[:, 0] - cond[:, 0]).abs().amax(-1) < 1e-5
@@ -105,9 +105,9 @@ def test_class_dropout_is_deterministic_and_only_in_training():
 
 def test_loss_decreases_on_synthetic_tokens():
     torch.manual_seed(0)
-    cfg = PriorConfig(vocab_size=8, latent_h=4, latent_w=4, dim=32, depth=2, heads=4, num_classes=2,
+    cfg = PriorConfig(vocab_size=8, latent_h=4, latent_w=4, attn_layers_dim=32, attn_layers_depth=2, attn_layers_heads=4, num_classes=2,
                       class_dropout=0.1)
-    p = Prior(cfg).train()
+    p = build_prior(cfg).train()
     # class c: a shifted diagonal pattern (tokens = (row + col + 3c) mod 8) with a random start offset
     lab = torch.randint(0, 2, (64,))
     off = torch.randint(0, 8, (64, 1, 1))
@@ -133,7 +133,7 @@ def test_export_round_trip(tmp_path):
     assert not q.training and q.config == p.config and q.export_meta.tokenizer_sha256 == "abc"
     toks = torch.randint(0, 16, (2, 12))
     with torch.no_grad():
-        torch.testing.assert_close(q(toks, torch.tensor([1, 2])), p(toks, torch.tensor([1, 2])), atol=0, rtol=0)
+        torch.testing.assert_close(q(toks, torch.tensor([1, 2])).logits, p(toks, torch.tensor([1, 2])).logits, atol=0, rtol=0)
     assert len(sha) == 64
     # a run dir holding export/ works too
     assert Prior.from_export(tmp_path).config == p.config

@@ -9,9 +9,9 @@ import torch
 from factories import TINY_VQVAE_FLAGS
 from vqgen.config import VQVAEStageConfig
 from vqgen.errors import ConfigError
-from vqgen.flags import load_config
+from vqgen.config import load_config
 from vqgen.models.blocks import AttnBlock, ResnetBlock, group_norm
-from vqgen.models.quantizer import VectorQuantizerEMA
+from vqgen.models.quantizers.vq import VectorQuantizerEMA
 from vqgen.models.vqvae import VQVAE, VQVAEConfig
 from vqgen.train import vqvae_task
 
@@ -41,7 +41,7 @@ def test_attention_mixes_positions_and_resnet_vqvae_round_trips():
     y = x.clone()
     y[..., 3, 3] += 1.0  # change one position: every output position changes (global attention)
     assert ((attn(x) - attn(y)).abs().amax(dim=1) > 0).all()
-    model = VQVAE(small(arch="resnet", attention=True, norm_groups=4))
+    model = VQVAE(small(vq_arch="resnet", vq_attention=True, norm_groups=4))
     assert any(isinstance(m, AttnBlock) for m in model.encoder) and any(isinstance(m, AttnBlock) for m in model.decoder)
     out = model(torch.rand(2, 1, 32, 32) * 2 - 1)
     assert out.recon.shape == (2, 1, 32, 32) and out.indices.shape == (2, 8, 8)
@@ -52,9 +52,9 @@ def test_attention_mixes_positions_and_resnet_vqvae_round_trips():
 
 def test_bad_lever_configs_are_refused():
     with pytest.raises(ConfigError, match="attention"):
-        small(attention=True).validate()
+        small(vq_attention=True).validate()
     with pytest.raises(ConfigError, match="arch"):
-        small(arch="vit").validate()
+        small(vq_arch="vit").validate()
 
 
 def test_l2_codebook_lives_on_the_unit_sphere():
@@ -82,7 +82,7 @@ def test_tokenizer_levers_train_export_and_resume_bitwise(tmp_path):
     run("cut", "--max_steps", "8", "--resume", "latest")
     model = VQVAE.from_export(tmp_path / "full/export")
     cfg = model.config
-    assert cfg.arch == "resnet" and cfg.attention and cfg.norm_groups == 8 and cfg.codebook_l2
+    assert cfg.vq_arch == "resnet" and cfg.vq_attention and cfg.norm_groups == 8 and cfg.codebook_l2
     assert torch.allclose(model.quantizer.embedding.norm(dim=1), torch.ones(32), atol=1e-5)
     a, b = (VQVAE.from_export(tmp_path / n / "export").state_dict() for n in ("full", "cut"))
     for k in a:
@@ -94,39 +94,41 @@ def test_tokenizer_levers_train_export_and_resume_bitwise(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ prior
 def tiny_prior(num_classes=3, **kw):
-    from vqgen.models.prior import Prior, PriorConfig
+    from vqgen.config import PriorConfig
+    from vqgen.models.prior import Prior, build_prior
 
     torch.manual_seed(0)
-    return Prior(PriorConfig(vocab_size=16, latent_h=3, latent_w=4, dim=32, depth=2, heads=2,
+    return build_prior(PriorConfig(vocab_size=16, latent_h=3, latent_w=4, attn_layers_dim=32, attn_layers_depth=2, attn_layers_heads=2,
                              num_classes=num_classes, **kw)).eval()
 
 
 def test_llama_prior_blocks_decode_with_the_cache_as_the_full_forward():
-    p = tiny_prior(norm="rms", mlp="swiglu", rope=True)
+    p = tiny_prior(prior_norm="rms", prior_mlp="swiglu", rope=True)
     assert isinstance(p.ln_f, torch.nn.RMSNorm) and p.rope_angles.shape == (13, 8)  # (1 + h*w, head_dim // 2)
     torch.manual_seed(1)
     toks, lab = torch.randint(0, 16, (3, 12)), torch.tensor([0, 1, -1])
     with torch.no_grad():
-        full = p(toks, lab)                                         # (3, 12, 16)
+        full = p(toks, lab).logits                                  # (3, 12, 16)
         labels = p.resolve_labels(lab, 3, toks.device)
         p.setup_caches(4, 12, torch.float32)
         steps = [p.prefill(toks[:, :5], labels)] + [p.decode_one_token(toks[:, i], i + 1) for i in range(5, 11)]
         torch.testing.assert_close(torch.stack(steps, 1), full[:, 5:], atol=1e-5, rtol=0)
         torch.testing.assert_close(p.logits_for_prefix(toks[:, :6], labels), full[:, 6], atol=1e-5, rtol=0)
-        plain = tiny_prior(norm="rms", mlp="swiglu")
+        plain = tiny_prior(prior_norm="rms", prior_mlp="swiglu")
         plain.load_state_dict(p.state_dict())  # same weights (the angles are not saved): RoPE changes the logits
-        assert not torch.allclose(plain(toks, lab), full)
+        assert not torch.allclose(plain(toks, lab).logits, full)
 
 
 def test_swiglu_keeps_the_parameter_count_and_rope_needs_head_dim_divisible_by_4():
-    from vqgen.models.prior import Prior, PriorConfig
-    from vqgen.models.prior_blocks import rope_2d_table
+    from vqgen.config import PriorConfig
+    from vqgen.models.prior import Prior, build_prior
+    from vqgen.models.priors.blocks import rope_2d_table
 
-    gelu, swiglu = (sum(q.numel() for q in tiny_prior(mlp=m).parameters()) for m in ("gelu", "swiglu"))
+    gelu, swiglu = (sum(q.numel() for q in tiny_prior(prior_mlp=m).parameters()) for m in ("gelu", "swiglu"))
     assert abs(swiglu - gelu) / gelu < 0.05
     assert torch.equal(rope_2d_table(3, 4, 8)[0], torch.zeros(4))  # the class token is not rotated
     with pytest.raises(ConfigError, match="rope"):
-        Prior(PriorConfig(vocab_size=16, latent_h=3, latent_w=4, dim=24, depth=1, heads=4, rope=True))
+        build_prior(PriorConfig(vocab_size=16, latent_h=3, latent_w=4, attn_layers_dim=24, attn_layers_depth=1, attn_layers_heads=4, rope=True))
 
 
 def test_prior_weights_ema_is_exported_and_resumed_bitwise(stage2, tmp_path):
@@ -149,7 +151,7 @@ def test_prior_weights_ema_is_exported_and_resumed_bitwise(stage2, tmp_path):
     assert (tmp_path / "cut/checkpoints/checkpoint-5" / FILE).exists()
     run("cut", "--resume", "latest")
     exp = load_export(tmp_path / "full/export")
-    assert exp.config["rope"] and exp.config["norm"] == "rms" and exp.config["mlp"] == "swiglu"
+    assert exp.config["rope"] and exp.config["prior_norm"] == "rms" and exp.config["prior_mlp"] == "swiglu"
     raw, ema = loop.unwrapped_model.state_dict(), loop.task.ema.model.state_dict()
     assert all(torch.equal(exp.state_dict[k], ema[k]) for k in exp.state_dict)  # the export is the average ...
     assert any(not torch.equal(raw[k], ema[k]) for k in exp.state_dict)        # ... not the last weights

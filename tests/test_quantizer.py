@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqgen.models.quantizer import VectorQuantizerEMA
+from vqgen.models.quantizers.vq import VectorQuantizerEMA
 
 
 def make_q(K=4, D=2, codebook=None, **kw):

@@ -33,7 +33,7 @@ from vqgen.train import vqvae_task as train_vqvae
 from vqgen.export import load_export
 from vqgen.cli import run_cli
 from vqgen.config import ExtractConfig, PriorStageConfig, SampleConfig, VQVAEStageConfig
-from vqgen.flags import load_config
+from vqgen.config import load_config
 from vqgen.errors import CheckpointError, DiskFullError
 from vqgen.fsutil import atomic_directory
 

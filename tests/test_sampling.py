@@ -7,15 +7,17 @@ import torch
 from PIL import Image
 
 from vqgen.errors import ConfigError
-from vqgen.models.prior import Prior, PriorConfig
-from vqgen.sampling import (apply_cfg, decode_to_images, generate, guidance_at, sample_logits, save_image_grid,
-                            top_k_filter, top_p_filter)
+from vqgen.config import PriorConfig
+from vqgen.models.prior import Prior, build_prior
+from vqgen.images import save_image_grid
+from vqgen.models.sampling import (apply_cfg, decode_to_images, generate, guidance_at, sample_logits, top_k_filter,
+                                   top_p_filter)
 
 
 def tiny(num_classes=0) -> Prior:
     torch.manual_seed(0)
     # a larger init scale makes the distributions peaked enough that greedy/top-k/top-p actually matter
-    p = Prior(PriorConfig(vocab_size=16, latent_h=3, latent_w=3, dim=32, depth=2, heads=4, num_classes=num_classes))
+    p = build_prior(PriorConfig(vocab_size=16, latent_h=3, latent_w=3, attn_layers_dim=32, attn_layers_depth=2, attn_layers_heads=4, num_classes=num_classes))
     with torch.no_grad():
         p.head.weight.mul_(20)
         p.cls_emb.weight.mul_(20)
@@ -56,8 +58,8 @@ def test_cfg_scale_one_equals_conditional_logits():
     p = tiny(num_classes=3)
     toks = torch.randint(0, 16, (2, 9))
     with torch.no_grad():
-        cond = p(toks, torch.tensor([0, 2]))
-        both = p(toks.repeat(2, 1), torch.tensor([0, 2, 3, 3]))   # (cond ‖ null)
+        cond = p(toks, torch.tensor([0, 2])).logits
+        both = p(toks.repeat(2, 1), torch.tensor([0, 2, 3, 3])).logits   # (cond ‖ null)
     torch.testing.assert_close(apply_cfg(both[:, 4], 1.0), cond[:, 4], atol=1e-6, rtol=0)
     # scale 0 = unconditional
     torch.testing.assert_close(apply_cfg(both[:, 4], 0.0), both[2:, 4], atol=1e-6, rtol=0)

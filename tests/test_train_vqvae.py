@@ -14,7 +14,7 @@ from vqgen.export import load_export
 from vqgen.cli import run_cli
 from factories import TINY_VQVAE_FLAGS
 from vqgen.config import VQVAEStageConfig
-from vqgen.flags import load_config
+from vqgen.config import load_config
 from vqgen.models.vqvae import VQVAE
 
 TINY = TINY_VQVAE_FLAGS  # constant lr (tests cut runs with --max_steps, the cosine schedule's horizon)
@@ -88,8 +88,9 @@ def test_run_of_an_older_vqgen_without_newer_model_fields_resumes(tmp_path, caps
     assert run_cli(train_vqvae.run, VQVAEStageConfig, [*argv, "--no_codebook_l2"]) == 0
     record_file, config_file = tmp_path / "r" / "run_config.json", tmp_path / "r" / "config.yaml"
     record, config = json.loads(record_file.read_text()), yaml.safe_load(config_file.read_text())
-    for added in ("arch", "attention", "norm_groups", "codebook_l2"):  # fields added by issue 15
-        del record["model"][added]
+    old_names = {"ema_decay": "decay", "ema_epsilon": "epsilon"}  # and the fields added since it, left out
+    record["model"] = {old_names.get(k, k): v for k, v in record["model"].items()
+                       if k not in ("vq_arch", "vq_attention", "norm_groups", "codebook_l2", "quantizer")}
     for added in ("vq_arch", "vq_attention", "norm_groups", "codebook_l2"):
         del config["model"][added]
     record_file.write_text(json.dumps(record))

@@ -9,8 +9,7 @@ import torch
 
 from vqgen.export import ExportMeta, load_export, save_export
 from vqgen.errors import CheckpointError, ConfigError
-from vqgen.config import VQVAEFlags
-from vqgen.flags import load_config
+from vqgen.config import load_config
 from vqgen.models.vqvae import VQVAE, VQVAEConfig
 
 
@@ -21,8 +20,8 @@ def tiny(**kw):
     return VQVAEConfig(**base)
 
 
-def parse(argv: str) -> VQVAEFlags:
-    return load_config(VQVAEFlags, shlex.split(argv))
+def parse(argv: str) -> VQVAEConfig:
+    return load_config(VQVAEConfig, shlex.split(argv))
 
 
 @pytest.mark.parametrize("kw, latent", [
@@ -55,11 +54,14 @@ def test_shapes(kw, latent):
 
 def test_seed_defaults_from_flags():
     cfg = parse("").build(1, 32)
-    # the flags' defaults are the model's, except the l2 codebook of 8-dim codes (the flags' default since issue 15;
-    # the model config keeps the plain one so that exports written before still load as they were trained)
-    assert cfg == replace(VQVAEConfig(), embedding_dim=8, codebook_l2=True)
-    assert not VQVAEConfig().codebook_l2
+    # the flags are the model config: one set of defaults (the l2 codebook of 8-dim codes among them)
+    assert cfg == replace(VQVAEConfig(), in_channels=1, image_size=32)
+    assert cfg.codebook_l2 and cfg.embedding_dim == 8 and cfg.quantizer == "vq"
     assert cfg.latent_size == (8, 8)
+    # an export written before the l2 codebook existed (no key) meant the plain codebook, under its old key names
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("codebook_l2", "quantizer", "ema_decay")}
+    loaded = VQVAEConfig.from_dict({**old, "decay": 0.9, "embedding_dim": 32})
+    assert not loaded.codebook_l2 and loaded.ema_decay == 0.9 and loaded.embedding_dim == 32
 
 
 def test_level_params_broadcast_vs_per_level():
@@ -69,13 +71,13 @@ def test_level_params_broadcast_vs_per_level():
                                        '--downsample_parameters "2 4 1 1" "2 4 1 1" 2,4,1,1 '
                                        '--upsample_parameters 2 4 1 1 0 2 4 1 1 0 2 4 1 1 0').build(1, 32)
     assert one == per
-    assert one.downsample_parameters == ((2, 4, 1, 1),) * 3 and one.latent_size == (4, 4)
+    assert one.down_levels == ((2, 4, 1, 1),) * 3 and one.latent_size == (4, 4)
     mixed = parse('--downsample_parameters 2 4 1 1 4 4 1 0 '
                                          '--upsample_parameters 4 4 1 0 0 2 4 1 1 0').build(1, 32)
-    assert mixed.downsample_parameters == ((2, 4, 1, 1), (4, 4, 1, 0)) and mixed.latent_size == (4, 4)
-    # In the dataclass: a flat tuple or identical per-level tuples (the defaults) broadcast to any depth.
-    assert tiny(num_channels=(8,), num_res_channels=(4,)).downsample_parameters == ((2, 4, 1, 1),)
-    assert tiny(upsample_parameters=(2, 4, 1, 1, 0)).upsample_parameters == ((2, 4, 1, 1, 0),) * 2
+    assert mixed.down_levels == ((2, 4, 1, 1), (4, 4, 1, 0)) and mixed.latent_size == (4, 4)
+    # one level's numbers broadcast to any depth
+    assert tiny(num_channels=(8,), num_res_channels=(4,)).down_levels == ((2, 4, 1, 1),)
+    assert tiny(upsample_parameters=(2, 4, 1, 1, 0)).up_levels == ((2, 4, 1, 1, 0),) * 2
 
 
 def test_config_errors():
@@ -85,13 +87,13 @@ def test_config_errors():
         parse("--upsample_parameters 2 4 1 1").build(1, 32)
     with pytest.raises(ConfigError, match="num_res_channels has 2 values but --num_channels has 3"):
         parse("--num_channels 8 8 8").build(1, 32)
-    with pytest.raises(ConfigError, match="num_res_channels has 1 values but num_channels has 2"):
+    with pytest.raises(ConfigError, match="num_res_channels has 1 values but --num_channels has 2"):
         tiny(num_res_channels=(4,)).validate()
     with pytest.raises(ConfigError, match="shrink 8x8 images to nothing"):
         tiny(image_size=8, num_channels=(4,) * 4, num_res_channels=(4,) * 4).validate()
     with pytest.raises(ConfigError, match=r"decoder 3 -> 6 -> 12 -> 24 \(expected 28\)"):
         tiny(image_size=28, num_channels=(4,) * 3, num_res_channels=(4,) * 3).validate()
-    with pytest.raises(ConfigError, match="downsample_parameters must hold 3 tuples of 4 ints"):
+    with pytest.raises(ConfigError, match=r"downsample_parameters has 8 numbers; expected 4 \(one level, repeated\) or 4\*3=12"):
         tiny(num_channels=(4,) * 3, num_res_channels=(4,) * 3,
              downsample_parameters=((2, 4, 1, 1), (1, 3, 1, 1))).validate()
     with pytest.raises(ConfigError, match="output_padding"):
@@ -105,10 +107,10 @@ def test_config_json_round_trip():
                downsample_parameters=((2, 4, 1, 1), (2, 4, 1, 1), (1, 3, 1, 1)),
                upsample_parameters=((1, 3, 1, 1, 0), (2, 4, 1, 1, 0), (2, 4, 1, 1, 0)))
     assert cfg.latent_size == (4, 4)
-    back = VQVAEConfig.from_dict(json.loads(json.dumps(asdict(cfg))))
-    assert back == cfg and isinstance(back.downsample_parameters[0], tuple)
+    back = VQVAEConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and back.down_levels == cfg.down_levels
     with pytest.raises(ConfigError, match="unknown VQ-VAE config field"):
-        VQVAEConfig.from_dict({**asdict(cfg), "bogus": 1})
+        VQVAEConfig.from_dict({**cfg.to_dict(), "bogus": 1})
 
 
 def test_encode_to_indices_never_touches_the_codebook():

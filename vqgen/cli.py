@@ -6,7 +6,7 @@ import re
 import sys
 from typing import Any, Callable, Sequence
 
-from .flags import load_config
+from .config import load_config
 from .errors import VQGenError
 from .fsutil import is_disk_full
 

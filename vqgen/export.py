@@ -219,7 +219,7 @@ class Exportable:
 
     def export_to(self, out_dir: str | os.PathLike, meta: ExportMeta | None = None) -> str:
         """Write ``out_dir/{config.json, model.safetensors}``; returns the export fingerprint (sha256)."""
-        return save_export(out_dir, self.EXPORT_KIND, dataclasses.asdict(self.config), self.state_dict(), meta)
+        return save_export(out_dir, self.EXPORT_KIND, self.config.to_dict(), self.state_dict(), meta)
 
     @classmethod
     def from_export(cls, path_or_export: "str | os.PathLike | Export"):
@@ -282,7 +282,7 @@ def _tokenizer_identity(tokenizer: Any) -> tuple[str | None, Any, tuple[int, int
     if tokenizer is None or isinstance(tokenizer, str):
         return tokenizer, None, None
     cfg = getattr(tokenizer, "config", None)
-    grid = (int(cfg.num_embeddings), *map(int, cfg.latent_size)) if hasattr(cfg, "latent_size") else None
+    grid = (int(cfg.codebook_size), *map(int, cfg.latent_size)) if hasattr(cfg, "latent_size") else None
     return tokenizer.sha256, getattr(tokenizer, "export_path", None) or getattr(tokenizer, "path", None), grid
 
 

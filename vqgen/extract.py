@@ -25,8 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import shards
-from .config import ExtractConfig
-from .flags import validate
+from .config import ExtractConfig, validate
 from .errors import ConfigError
 from .hub import is_hub_ref
 from .launch import prepare_first, start_processes
@@ -161,7 +160,7 @@ def tokenizer_header(model, sha256: str, config: dict, path, num_classes: int, d
     """The format-level manifest fields (everything that ties the shards to their tokenizer and dataset); the
     splits are added by :func:`vqgen.shards.merge_manifest`."""
     h, w = (int(v) for v in model.config.latent_size)
-    k = int(model.config.num_embeddings)
+    k = int(model.config.codebook_size)
     return shards.Manifest(tokenizer=_json({"sha256": sha256, "config": config, "path": str(path) if path else None}),
                            codebook_size=k, latent_h=h, latent_w=w, dtype=shards.token_dtype(k).name,
                            num_classes=int(num_classes), dataset=dataset)
@@ -174,7 +173,7 @@ def extract_split(model, dataset, out_dir, *, split: str, tokenizer_sha256: str,
                   writer_thread: bool = True, order_seed: int | None = 0) -> dict:
     """Encode this rank's part of ``dataset`` into ``out_dir`` (resuming a killed run); returns the part record.
 
-    ``model``: eval-mode tokenizer with ``encode_to_indices`` and ``config.num_embeddings/latent_size``.
+    ``model``: eval-mode tokenizer with ``encode_to_indices`` and ``config.codebook_size/latent_size``.
     ``dataset``: map-style (encoded in the permutation seeded by ``order_seed``; None: source order) or a
     :class:`~vqgen.data.streaming.StreamedImages` planned for this rank.
     ``writer_thread``: serialise shards on a background thread (overlaps the encoder; see BackgroundWriter).
@@ -185,7 +184,7 @@ def extract_split(model, dataset, out_dir, *, split: str, tokenizer_sha256: str,
     device = torch.device(device) if device is not None else next(model.parameters()).device
     streamed = isinstance(dataset, StreamedImages)
     n = source_size(dataset)
-    k = int(model.config.num_embeddings)
+    k = int(model.config.codebook_size)
     order = {"stream_readers": dataset.k} if streamed else {"order_seed": order_seed}
     settings = _json({"tokenizer_sha256": tokenizer_sha256, "dataset": dataset_name, "split": split,
                       "num_samples": n, "world_size": world_size, "shard_size": shard_size, "hflip": bool(hflip),

@@ -102,7 +102,7 @@ def _hub_unreachable() -> str | None:
 
     from huggingface_hub import constants
 
-    from .data.offline import PROBE_TIMEOUT_S, probe_host
+    from .offline import PROBE_TIMEOUT_S, probe_host
 
     reason = _offline_flag()
     if reason:

@@ -21,9 +21,8 @@ from pathlib import Path
 
 from . import extract, sample
 from .config import (PIPELINE_TRAINING, ExtractConfig, PipelineConfig, PriorStageConfig, SampleConfig,
-                     VQVAEStageConfig)
+                     VQVAEStageConfig, validate)
 from .export import is_export
-from .flags import validate
 from .run_dir import PipelineLayout, RunDir
 from .shards import has_split
 from .train import prior_task, vqvae_task

@@ -23,13 +23,13 @@ A checkpoint folder counts only when complete: it is written as ``.checkpoint-<s
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import shutil
 from pathlib import Path
 
-from .errors import CheckpointError, ConfigError
+from .config.stages import CONFIG_FILE
+from .errors import CheckpointError, ConfigError, VQGenError
 from .fsutil import atomic_write_json, atomic_write_text
 
 
@@ -37,7 +37,7 @@ class RunDir:
     """A training run folder (``--output_dir`` of a trainer)."""
 
     CHECKPOINTS, EXPORT, SAMPLES, LOGS = "checkpoints", "export", "samples", "logs"
-    METRICS, CONFIG, RECORD, STATE, STOP = "metrics.jsonl", "config.yaml", "run_config.json", "vqgen_state.json", "STOP"
+    METRICS, CONFIG, RECORD, STATE, STOP = "metrics.jsonl", CONFIG_FILE, "run_config.json", "vqgen_state.json", "STOP"
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -125,12 +125,12 @@ class RunDir:
         return (self.record_file.exists() or self.config_file.exists() or bool(self.checkpoint_dirs())
                 or self.export.exists())
 
-    def check_policy(self, record: dict, resume: str | None, overwrite: bool,
-                     model_defaults: dict | None = None) -> Path | None:
+    def check_policy(self, record: dict, resume: str | None, overwrite: bool, model_config=None) -> Path | None:
         """Refuse to mix two runs in one folder and a resume with another model; returns the checkpoint to resume
         from (None: start fresh). ``record`` is what :meth:`write_record` will store for this run.
-        ``model_defaults``: the model config's field defaults; a field that a run of an older vqgen did not record
-        (one added since) counts as its default, so such a run stays resumable."""
+        ``model_config``: this run's model config (a :class:`vqgen.config.ModelConfig`); the model a run of an
+        earlier vqgen recorded is read through its class (earlier names, fields added since), so it stays
+        resumable."""
         resume_dir = self.resolve_resume(resume) if resume else None
         if self.holds_run() and not resume and not overwrite:
             raise ConfigError(f"{self.root} already holds a run; pass --resume latest to continue it, --overwrite to "
@@ -139,10 +139,8 @@ class RunDir:
         runs = [self] + ([RunDir(resume_dir.parent.parent)] if resume_dir is not None else [])
         for run in runs if resume else []:
             old = run.read_record()
-            if old is not None and isinstance(old.get("model"), dict) and model_defaults:
-                added = {k: model_defaults[k] for k in record.get("model", {}) if k not in old["model"]
-                         and k in model_defaults}
-                old = {**old, "model": {**added, **old["model"]}}
+            if old is not None and isinstance(old.get("model"), dict) and model_config is not None:
+                old = {**old, "model": _canonical(type(model_config), old["model"])}
             if old is not None and old.get("model") != record.get("model"):
                 raise CheckpointError(f"--resume: {run.root} was trained with another model config:\n  saved:   "
                                       f"{old.get('model')}\n  flags:   {record.get('model')}")
@@ -196,14 +194,9 @@ class PipelineLayout:
         self.eval_json, self.eval_plots = self.root / "eval.json", self.root / "eval"
 
 
-def field_defaults(config) -> dict:
-    """JSON form of the default of each field of a dataclass config that has one ({} for anything else)."""
-    if not dataclasses.is_dataclass(config):
-        return {}
-    out = {}
-    for f in dataclasses.fields(config):
-        if f.default is not dataclasses.MISSING:
-            out[f.name] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            out[f.name] = f.default_factory()
-    return json.loads(json.dumps(out))
+def _canonical(config_cls, model: dict) -> dict:
+    """A recorded model config as this vqgen writes it (earlier names upgraded); as recorded if it is not valid."""
+    try:
+        return config_cls.from_dict(model).to_dict()
+    except VQGenError:
+        return model

@@ -16,17 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import SampleConfig
-
-from .flags import validate
+from .config import SampleConfig, validate
 from .export import check_compatible
 from .fsutil import atomic_write_bytes
 from .launch import resolve_device
 from .perf import keep_freed_memory
-from .models.prior import Prior
+from .models.prior import Prior, load_prior
 from .models.tokenizer import load_tokenizer
 from .npz_stream import NpzWriter, to_uint8_nhwc
-from .sampling import class_labels, decode_to_images, generate, save_image_grid
+from .images import save_image_grid
+from .models.sampling import class_labels, decode_to_images, generate
 
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,7 +33,7 @@ AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def load_pair(tokenizer_path: str, prior_path: str) -> tuple[torch.nn.Module, Prior]:
     """Load both (eval mode; a vqgen export or a diffusers VQModel tokenizer, hf: refs too) and refuse a prior
     trained on another tokenizer's codes."""
-    tok, prior = load_tokenizer(tokenizer_path)[0], Prior.from_export(prior_path)
+    tok, prior = load_tokenizer(tokenizer_path)[0], load_prior(prior_path)
     check_compatible(tokenizer=tok, prior=prior)
     return tok, prior
 

@@ -12,23 +12,11 @@ RandomCrop + flip).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from ..flags import flag
 
 CROP_SCALE = 1.125
-
-
-@dataclass
-class AugmentConfig:
-    """Stage-1 training augmentation (train_vqvae.py's ``augment`` part): seeded per sample, never on validation."""
-
-    random_crop: bool = flag(False, "upsample by 1.125 and take a random crop (LlamaGen); training batches only")
-    hflip: bool = flag(False, "mirror half of the training images (seeded per sample); not extraction's --hflip, which "
-                       "stores the tokens of mirrored images for the prior")
 
 
 class Augment:

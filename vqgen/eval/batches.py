@@ -15,8 +15,8 @@ import torch
 
 from ..config import EvalConfig
 from ..errors import ConfigError, VQGenError
-from ..sampling import class_labels, decode_to_images, generate
-from . import metrics as M
+from ..models.sampling import class_labels, decode_to_images, generate
+from .. import metrics as M
 from . import stream_stats
 from .features import FeatureSpace
 
@@ -103,7 +103,7 @@ def eval_real(tokenizer, space: FeatureSpace, ds, cfg: EvalConfig, device, rank:
     """One pass over the split: reconstruction metrics, code counts, and the feature sets of the split and of its
     reconstructions (reduced over processes). Encodes through codes only (never updates the codebook)."""
     n = split_size(ds, cfg.max_images)
-    meter = M.ReconstructionMeter(tokenizer.config.num_embeddings)
+    meter = M.ReconstructionMeter(tokenizer.config.codebook_size)
     real, recon = new_set(cfg, n, space, world), new_set(cfg, n, space, world)
     for idx, x, _ in split_batches(ds, cfg.max_images, cfg.batch_size, rank, world, cfg.data.num_workers):
         x = x.to(device)
@@ -117,7 +117,7 @@ def eval_real(tokenizer, space: FeatureSpace, ds, cfg: EvalConfig, device, rank:
     real.reduce()
     recon.reduce()
     out = meter.compute()
-    out.update(num_images=int(meter.n), codebook_size=int(tokenizer.config.num_embeddings),
+    out.update(num_images=int(meter.n), codebook_size=int(tokenizer.config.codebook_size),
                codes_used=int((meter.counts > 0).sum()))
     return out, meter.counts, real, recon
 

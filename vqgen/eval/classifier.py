@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
 from ..export import Export, ExportMeta, Exportable, is_export
 
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(ModelConfig):
     in_channels: int = 1
     image_size: int = 16
     num_classes: int = 10

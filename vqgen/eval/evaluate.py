@@ -34,18 +34,17 @@ from pathlib import Path
 import torch
 
 from .. import shards
-from ..config import EvalConfig
-from ..flags import validate
+from ..config import EvalConfig, validate
 from ..errors import CheckpointError, ConfigError
 from ..export import check_compatible
 from ..fsutil import atomic_write_json
 from ..hub import is_hub_ref, resolve_model_path
 from ..launch import prepare_first, resolve_device, start_processes
-from ..models.prior import Prior
+from ..models.prior import load_prior, token_nll
 from ..models.tokenizer import load_tokenizer
 from ..run_dir import PipelineLayout, RunDir
-from ..sampling import save_image_grid
-from . import metrics as M
+from ..images import save_image_grid
+from .. import metrics as M
 from . import stream_stats
 from .batches import eval_real, eval_samples, open_split, reference_scores, split_size
 from .features import FeatureSpace, build_feature_space, find_inception_weights
@@ -108,7 +107,7 @@ def bits_per_token(prior, manifest: shards.Manifest, split: str, batch_size: int
     shards.check_split(shards.TokenSplit.from_manifest(manifest, split), verify)
     loader = shards.make_token_loader(manifest, split, batch_size=batch_size, shuffle=False, num_workers=0,
                                       hflip=False, verify=verify)
-    total, count = M.token_nll(prior, loader, device)
+    total, count = token_nll(prior, loader, device)
     return {"bits_per_token": M.bits_per_token(total / max(1, count)), "tokens": count,
             "sequences": count // max(1, prior.config.seq_len), "split": split}
 
@@ -126,7 +125,7 @@ def run(cfg: EvalConfig) -> dict:
     dataset = cfg.data.dataset or (tok_export.meta.dataset or {}).get("name")
     if not dataset:
         raise ConfigError(f"{paths.tokenizer} does not record its dataset; pass --dataset")
-    prior = Prior.from_export(paths.prior).to(device).eval() if paths.prior else None
+    prior = load_prior(paths.prior).to(device).eval() if paths.prior else None
     manifest = None
     if paths.shards is not None and (paths.shards / shards.MANIFEST_NAME).exists():
         manifest = shards.Manifest.read(paths.shards)

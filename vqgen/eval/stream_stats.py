@@ -152,7 +152,7 @@ def frechet(a: FeatureSet, b: FeatureSet) -> float:
 
 def quality(real: FeatureSet, fake: FeatureSet, k: int) -> dict:
     """FID, IS (of ``fake``) and k-NN precision/recall of ``fake`` against ``real``."""
-    from .metrics import precision_recall
+    from ..metrics import precision_recall
     out = {"fid": frechet(real, fake)}
     if fake.p_sum is not None:
         out["inception_score"], out["inception_score_std"] = fake.inception_score()

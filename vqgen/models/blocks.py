@@ -60,28 +60,28 @@ class AttnBlock(nn.Module):
 
 def build_resnet_encoder(cfg) -> nn.Sequential:
     """Per level: strided conv, ``num_res_layers`` ResnetBlocks (+ attention at the last level); GN, swish, conv
-    to ``embedding_dim``. ``cfg`` is a :class:`vqgen.models.vqvae.VQVAEConfig`."""
+    to ``code_dim``. ``cfg`` is a :class:`vqgen.config.VQVAEConfig`."""
     layers: list[nn.Module] = []
     prev, L = cfg.in_channels, cfg.num_levels
     for i, (ch, res, (s, k, d, p)) in enumerate(zip(cfg.num_channels, cfg.num_res_channels,
-                                                     cfg.downsample_parameters)):
+                                                     cfg.down_levels)):
         layers.append(nn.Conv2d(prev, ch, k, stride=s, padding=p, dilation=d))
         layers += [ResnetBlock(ch, res, cfg.norm_groups) for _ in range(cfg.num_res_layers)]
-        if cfg.attention and i == L - 1:
+        if cfg.vq_attention and i == L - 1:
             layers.append(AttnBlock(ch, cfg.norm_groups))
         prev = ch
-    layers += [group_norm(prev, cfg.norm_groups), nn.SiLU(), nn.Conv2d(prev, cfg.embedding_dim, 3, padding=1)]
+    layers += [group_norm(prev, cfg.norm_groups), nn.SiLU(), nn.Conv2d(prev, cfg.code_dim, 3, padding=1)]
     return nn.Sequential(*layers)
 
 
 def build_resnet_decoder(cfg) -> nn.Sequential:
-    """Mirror of :func:`build_resnet_encoder`: conv from ``embedding_dim``, attention + ResnetBlocks at the lowest
+    """Mirror of :func:`build_resnet_encoder`: conv from ``code_dim``, attention + ResnetBlocks at the lowest
     level, a transposed conv per level; GN + swish before the last one (the output layer, ``decoder[-1]``)."""
     chans, res_chans = cfg.num_channels[::-1], cfg.num_res_channels[::-1]
     L = cfg.num_levels
-    layers: list[nn.Module] = [nn.Conv2d(cfg.embedding_dim, chans[0], 3, padding=1)]
-    for i, (s, k, d, p, op) in enumerate(cfg.upsample_parameters):
-        if cfg.attention and i == 0:
+    layers: list[nn.Module] = [nn.Conv2d(cfg.code_dim, chans[0], 3, padding=1)]
+    for i, (s, k, d, p, op) in enumerate(cfg.up_levels):
+        if cfg.vq_attention and i == 0:
             layers.append(AttnBlock(chans[0], cfg.norm_groups))
         layers += [ResnetBlock(chans[i], res_chans[i], cfg.norm_groups) for _ in range(cfg.num_res_layers)]
         last = i == L - 1

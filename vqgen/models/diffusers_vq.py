@@ -2,7 +2,7 @@
 
 :class:`DiffusersVQTokenizer` wraps a ``diffusers.VQModel`` and exposes exactly what stages 2 and 3, sampling and
 evaluation use from a tokenizer: ``encode_to_indices`` (images ``[B, C, H, W]`` in [-1, 1] -> codes ``[B, h, w]``),
-``decode_indices`` (codes -> images), and a ``config`` with ``num_embeddings``, ``latent_size``, ``image_size``,
+``decode_indices`` (codes -> images), and a ``config`` with ``codebook_size``, ``latent_size``, ``image_size``,
 ``in_channels``. Like a loaded vqgen export it carries ``sha256`` (vqgen's content fingerprint,
 :func:`vqgen.export.export_fingerprint` of kind ``diffusers-vqmodel``, the config.json values without diffusers'
 bookkeeping keys, every tensor), ``export_meta`` and ``export_path``, so :func:`vqgen.export.check_compatible`
@@ -50,8 +50,8 @@ class TokenizerGeometry:
 
     in_channels: int
     image_size: int
-    num_embeddings: int
-    embedding_dim: int
+    codebook_size: int
+    code_dim: int
     latent_size: tuple[int, int]
 
 
@@ -72,7 +72,7 @@ def geometry(config: dict) -> TokenizerGeometry:
         raise CheckpointError(f"VQModel sample_size {size} is not divisible by its downsampling factor {factor}")
     dim = config.get("vq_embed_dim") or config.get("latent_channels", 3)
     return TokenizerGeometry(in_channels=int(config.get("in_channels", 3)), image_size=size,
-                             num_embeddings=int(config.get("num_vq_embeddings", 256)), embedding_dim=int(dim),
+                             codebook_size=int(config.get("num_vq_embeddings", 256)), code_dim=int(dim),
                              latent_size=(size // factor, size // factor))
 
 
@@ -116,10 +116,10 @@ class DiffusersVQTokenizer(nn.Module):
         """Code indices (B, h, w) (or (B, h*w)) -> images (B, C, H, W)."""
         h, w = self.config.latent_size
         indices = indices.reshape(-1, h, w).long()
-        k = self.config.num_embeddings
+        k = self.config.codebook_size
         if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= k):
             raise ValueError(f"code indices must be in [0, {k}), got [{int(indices.min())}, {int(indices.max())}]")
-        shape = (indices.shape[0], h, w, self.config.embedding_dim)  # channels-last, as get_codebook_entry wants
+        shape = (indices.shape[0], h, w, self.config.code_dim)  # channels-last, as get_codebook_entry wants
         flat = indices.reshape(-1)
         if self.vq.config.lookup_from_codebook:
             out = self.vq.decode(flat, force_not_quantize=True, shape=shape).sample

@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import DISC_NORMS
 from ..errors import ConfigError
 from .optim import adamw
 
-NORMS = ("batch", "group")
+NORMS = DISC_NORMS
 
 
 class PatchDiscriminator(nn.Module):

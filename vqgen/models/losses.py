@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config.parts import DISC_LOSSES, VGG16_FILE  # noqa: F401 (DISC_LOSSES: the losses defined here)
 from ..errors import ConfigError
 
-VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG-16 ImageNet weights (what lpips' net="vgg" loads)
-DISC_LOSSES = ("hinge",)
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 ``ref`` is an export folder, a run folder holding ``export/``, a legacy weights file, a diffusers VQModel folder,
 or ``hf:<user>/<repo>[/<subfolder>][@<revision>]`` for either kind in the local Hub cache (:mod:`vqgen.hub`).
-The model has ``encode_to_indices``, ``decode_indices``, ``config.{num_embeddings, latent_size, image_size,
+The model has ``encode_to_indices``, ``decode_indices``, ``config.{codebook_size, latent_size, image_size,
 in_channels}`` and, like every loaded export, ``sha256`` / ``export_meta`` / ``export_path``, which
 :func:`vqgen.export.check_compatible` compares with shard manifests and priors. The returned
 :class:`~vqgen.export.Export` record holds the config that shard manifests store.

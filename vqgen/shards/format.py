@@ -32,8 +32,7 @@ FORMAT = "vqgen-shards"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 PARTS_DIR = ".parts"
-SPLITS = ("train", "test")  # the usual ones; any name matching SPLIT_RE can be extracted
-SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")
+SPLITS = ("train", "test")  # the usual ones; any name matching vqgen.config.SPLIT_RE can be extracted
 KEY_FORMAT = "%09d"
 # Fixed tar headers -> reproducible shard bytes (an int mtime also avoids a PAX header per member: half the size).
 TAR_KW = dict(mtime=0, user="vqgen", group="vqgen", mode=0o444, encoder=False)

@@ -1,137 +1,49 @@
-"""The one accelerate training loop both trainers share (stage 1 VQ-VAE, stage 3 prior).
+"""The one training loop both trainers share: gradient accumulation, mixed precision, clipping, skipped
+non-finite steps, the progress bar, logging, checkpoints, exact mid-epoch ``--resume`` and preemption.
 
-A stage supplies a :class:`StageTask` (its model and optimizers, data stream per epoch, loss, validation,
-export); the loop runs it: gradient accumulation, mixed precision, clipping, skipping non-finite steps, the
-progress bar, tracker logging, exact mid-epoch ``--resume`` and preemption. Around it: :mod:`vqgen.launch` starts
-the processes, :class:`vqgen.run_dir.RunDir` owns the folder and its policy, :mod:`.checkpointing` the state
-files, :mod:`.schedule` the data order and learning-rate schedule.
-
-Exact resume: the data stream of an epoch is a pure function of (seed, epoch, rank, world_size) (see
-:func:`vqgen.train.schedule.epoch_indices`, :mod:`vqgen.shards.plan`), a checkpoint stores (epoch, micro-batches
-done) and the task's ``data_state()`` next to the model/optimizer/scheduler/RNG state, and a resumed run asks the
-task's ``resume_batches`` how many batches of the rebuilt stream to skip (the task alone knows its data layout:
-another world size may need a conversion or an inexact continuation, which it says in one warning line). On CPU
-in fp32 a killed-and-resumed run ends with bitwise the same weights as an uninterrupted one (tests check it).
-
+A stage plugs in a :class:`~vqgen.train.task.StageTask`; :func:`~vqgen.train.setup.prepare_training` builds the
+run (Accelerator, folder, trackers, optimizers). Exact resume: an epoch's batches are a pure function of (seed,
+epoch, rank, world size); a checkpoint stores (epoch, batches done) and the task's data layout, and the task says
+how many batches of the rebuilt stream to skip (docs/ARCHITECTURE.md, "Training").
 Adapted from: the diffusers accelerate example scripts (one Accelerator, banner, global_step on sync steps).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Protocol
 
 import torch
 from torch import nn
 
-from ..config import TrainConfig
-
-from ..flags import to_dict, to_yaml
 from ..errors import ConfigError, TrainingAborted
 from ..hub import push_export
-from ..launch import build_accelerator, check_extra_models, fill_deepspeed_config, resolve_mixed_precision
 from ..perf import release_freed_memory
-from ..run_dir import RunDir, field_defaults
 from .checkpointing import DATA_STATE, LoopState, load_checkpoint, save_checkpoint, saved_data_state
-from .schedule import make_scheduler
-from .tracking import STATE_KEY, plan_trackers, start_trackers
+from .setup import Training
+from .tracking import STATE_KEY
 
 STOP_REQUESTED = "stop requested (signal or stop file)"
 
 
-class StageTask(Protocol):
-    """What a stage plugs into :class:`TrainLoop`."""
-
-    name: str  # "vqvae" | "prior"
-    model: nn.Module  # trained and exported; the first optimizer's parameters
-
-    # Optional: ``extra_models`` (list of other trained modules, e.g. a GAN discriminator) and ``bind(loop,
-    # prepared_extra_models)``. The loop prepares the extra modules with the model (DDP-wrapped, in every
-    # checkpoint), hands the prepared ones to ``bind`` and includes them in gradient accumulation. A task with
-    # extra models cannot run under DeepSpeed (one engine per prepare) or fp16 (one grad scaler updated after each
-    # optimizer): refused with a ConfigError. Optional ``after_step(loop)``: called after every optimizer step
-    # (e.g. an EMA of the weights), before the step's checkpoint.
-
-    def configure_optimizers(self, train: TrainConfig, device_type: str) -> list[torch.optim.Optimizer]:
-        """The task's optimizers, built by its models (``model.configure_optimizer``, as nanoGPT). The loop gives
-        each the run's learning-rate schedule, prepares it with accelerate, steps them all after each backward and
-        saves them all in every checkpoint: a task with a second trained module (a GAN discriminator) returns its
-        optimizer here too."""
-
-    def batches_per_epoch(self, world_size: int) -> int:
-        """Micro-batches each rank runs per epoch (equal on every rank)."""
-
-    def epoch_batches(self, epoch: int, skip_batches: int, rank: int, world_size: int) -> Iterable:
-        """The epoch's batches for this rank, the first ``skip_batches`` left out; deterministic."""
-
-    def data_state(self) -> dict:
-        """JSON-able description of this run's data layout (world size, batch size, workers, reader streams, and any
-        resume history), saved in every checkpoint's vqgen_state.json (``LoopState.extra["data"]``)."""
-
-    def resume_batches(self, saved: dict | None, epoch: int, batches_done: int,
-                       world_size: int) -> tuple[int, str | None]:
-        """``skip_batches`` for the current layout, plus one warning line when the resume is not exact (None when it
-        is). ``saved``: the checkpoint's ``data_state`` (for checkpoints of older vqgen versions, the world size and
-        batch size their loop recorded: :func:`~vqgen.train.checkpointing.saved_data_state`)."""
-
-    def compute_loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss to backpropagate and detached scalar tensors to log (converted to floats only on logging
-        steps, so GPUs are not synced every step). ``model`` is the wrapped (DDP/DeepSpeed) model."""
-
-    def evaluate(self, loop: "TrainLoop", epoch: int) -> dict[str, float]:
-        """Validation metrics and image grids (every rank calls it; write files on the main process only)."""
-
-    def export(self, loop: "TrainLoop") -> None:
-        """Write ``loop.run.export`` from ``loop.unwrapped_model`` (main process only)."""
-
-
 class TrainLoop:
-    def __init__(self, stage_config, task: StageTask, record: dict):
-        """``stage_config``: the stage's config (its ``train`` part drives the loop; all of it is written to the run
-        folder's config.yaml); ``record``: what the config built (model config, dataset...), run_config.json."""
-        cfg = self.cfg = stage_config.train
-        self.task, self.run = task, RunDir(cfg.output_dir)
-        self.stop_file = cfg.stop_file or str(self.run.stop_file)
-        record = json.loads(json.dumps(record))  # tuples -> lists: compared as saved
-        self.resume_dir = self.run.check_policy(record, cfg.resume, cfg.overwrite,
-                                                model_defaults=field_defaults(getattr(task.model, "config", None)))
-        # Trackers are decided before anything is written (no wandb login / no network -> offline; tracking.py)
-        self.trackers = plan_trackers(cfg, self.run.root, self.resume_dir)
-        resolve_mixed_precision(cfg, task.name)  # unless chosen: bf16 where the device does it natively (perf.py)
-        acc = self.accelerator = build_accelerator(cfg, self.trackers.log_with)
-        extra = list(getattr(task, "extra_models", ()))
-        check_extra_models(acc, extra)
-        if cfg.overwrite and not cfg.resume and acc.is_main_process:
-            self.run.clear()  # only now: every check that can refuse the run has passed
-        self.world_size, self.rank = acc.num_processes, acc.process_index
-        self.state = LoopState(world_size=self.world_size, batch_size=cfg.batch_size)
-        steps_per_epoch = math.ceil(task.batches_per_epoch(self.world_size) / cfg.gradient_accumulation_steps)
-        self.total_steps = min(steps_per_epoch * cfg.n_epochs, cfg.max_steps or math.inf)
-        optimizers = task.configure_optimizers(cfg, acc.device.type)
-        # Not prepared: accelerate would step a prepared scheduler num_processes times per call. Not registered for
-        # checkpointing either: their state goes into vqgen_state.json as JSON (see checkpointing.py).
-        self.schedulers = [make_scheduler(o, cfg.lr_schedule, cfg.warmup_steps, self.total_steps) for o in optimizers]
-        self.input_dtype = fill_deepspeed_config(acc, cfg)
-        self.model, *prepared = acc.prepare(task.model, *extra, *optimizers)
-        self.extra_models, self.optimizers = prepared[:len(extra)], prepared[len(extra):]
-        if hasattr(task, "bind"):
-            task.bind(self, self.extra_models)
-        if acc.is_main_process:
-            self.run.root.mkdir(parents=True, exist_ok=True)
-        # Trackers start before run_config.json/config.yaml mark the folder as a run: a tracker that cannot start
-        # leaves nothing that would make the rerun refuse the folder ("already holds a run").
-        flat = _flat_config({**record, "config": to_dict(stage_config)})
-        start_trackers(acc, self.trackers, cfg.wandb_project, flat, self.run.root)
-        if acc.is_main_process:
-            self.run.write_record(record)
-            self.run.write_config(to_yaml(stage_config))
+    def __init__(self, training: Training):
+        """``training``: what :func:`vqgen.train.setup.prepare_training` built for this run."""
+        self.cfg, self.task, self.run = training.cfg, training.task, training.run
+        self.resume_dir, self.trackers = training.resume_dir, training.trackers
+        self.accelerator, self.model = training.accelerator, training.model
+        self.extra_models, self.optimizers, self.schedulers = (training.extra_models, training.optimizers,
+                                                               training.schedulers)
+        self.total_steps, self.input_dtype, self.stop_file = (training.total_steps, training.input_dtype,
+                                                              training.stop_file)
+        self.world_size, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.state = LoopState(world_size=self.world_size, batch_size=self.cfg.batch_size)
+        self.task.bind(self, self.extra_models)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> LoopState:
@@ -271,8 +183,7 @@ class TrainLoop:
         for scheduler in self.schedulers:
             scheduler.step()
         self.state.global_step += 1
-        if hasattr(self.task, "after_step"):  # e.g. the prior's EMA of its weights
-            self.task.after_step(self)
+        self.task.after_step(self)  # e.g. the prior's EMA of its weights
         bar.update(1)
         step = self.state.global_step
         if step % 10 == 0 or step == 1:
@@ -387,13 +298,3 @@ def _cast_floats(batch, dtype: torch.dtype | None):
 def _batch_len(batch) -> int:
     first = batch[0] if isinstance(batch, (tuple, list)) else batch
     return int(first.shape[0]) if hasattr(first, "shape") else 0
-
-
-def _flat_config(cfg: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            out.update(_flat_config(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool, type(None))) else str(v)
-    return out

@@ -17,21 +17,23 @@ import torch
 
 from ..shards import (Manifest, PlanSpec, ResumePoint, TokenLoader, TokenSplit, TokenStream, check_split,
                       make_token_loader, resume_history)
-from ..config import PriorStageConfig
-from ..flags import validate
+from ..config import PriorStageConfig, validate
 from ..errors import CheckpointError, ConfigError
-from ..eval.metrics import bits_per_token, token_nll
+from ..metrics import bits_per_token
 from ..export import ExportMeta, check_compatible
 from ..hub import is_hub_ref, resolve_model_path
-from ..models.prior import Prior, token_cross_entropy
+from ..models.prior import Prior, build_prior, token_cross_entropy, token_nll
 from ..models.tokenizer import load_tokenizer
-from ..sampling import class_labels, decode_to_images, generate, save_image_grid
+from ..images import save_image_grid
+from ..models.sampling import class_labels, decode_to_images, generate
 from .checkpointing import map_style_resume
 from .ema import WeightsEMA
 from .loop import TrainLoop
+from .setup import prepare_training
+from .task import StageTask
 
 
-class PriorTask:
+class PriorTask(StageTask):
     """Stage-3 plug-in for :class:`TrainLoop`."""
 
     name = "prior"
@@ -113,8 +115,8 @@ class PriorTask:
 
     def compute_loss(self, model, batch):
         tokens, labels = batch
-        logits = model(tokens, self._labels(labels))  # call forward: DDP syncs gradients through it
-        loss = token_cross_entropy(logits, tokens)
+        out = model(tokens, self._labels(labels))  # call forward: DDP syncs gradients through it
+        loss = token_cross_entropy(out.logits, out.targets)
         return loss, {"bpt": loss.detach() / math.log(2)}  # bits/token; a tensor until the loop logs it
 
     @torch.no_grad()
@@ -193,9 +195,9 @@ def run(cfg: PriorStageConfig) -> TrainLoop:
     config = cfg.model.build(vocab_size=manifest.codebook_size, latent_h=manifest.latent_h,
                              latent_w=manifest.latent_w, num_classes=max(0, manifest.num_classes))
     set_seed(cfg.train.seed)
-    model = Prior(config)
-    record = {"stage": "prior", "model": dataclasses.asdict(config), "tokenizer_sha256": tokenizer_sha}
-    loop = TrainLoop(cfg, PriorTask(cfg, model, manifest, tokenizer_sha, tok_path), record)
+    model = build_prior(config)
+    record = {"stage": "prior", "model": config.to_dict(), "tokenizer_sha256": tokenizer_sha}
+    loop = TrainLoop(prepare_training(cfg, PriorTask(cfg, model, manifest, tokenizer_sha, tok_path), record))
     loop.fit()
     return loop
 

@@ -89,7 +89,7 @@ def _wandb_offline_reason() -> str | None:
     """Why wandb cannot log online right now (None: it can). No network unless a key is configured."""
     import wandb
 
-    from ..data.offline import PROBE_TIMEOUT_S, probe_host
+    from ..offline import PROBE_TIMEOUT_S, probe_host
 
     if not wandb.login(prompt=False, verify=False):
         return "wandb has no API key (no WANDB_API_KEY, no `wandb login`)"

@@ -14,21 +14,21 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from ..config import VQVAEStageConfig
-
-from ..flags import validate
+from ..config import VQVAEStageConfig, validate
 from ..data import GENERIC_CHANNELS, GENERIC_IMAGE_SIZE, build_dataset
 from ..data.augment import Augment
 from ..data.stream_input import is_streamed, open_stream
 from ..data.streaming import StreamedImages
 from ..export import ExportMeta
-from ..eval.metrics import ReconstructionMeter
+from ..metrics import ReconstructionMeter
 from ..launch import prepare_first, resolve_mixed_precision, start_processes
 from ..models.vqvae import VQVAE
 from ..perf import default_channels_last
-from ..sampling import save_image_grid
+from ..images import save_image_grid
 from .gan import VQGANTerms
 from .loop import TrainLoop
+from .setup import prepare_training
+from .task import StageTask
 from .stage1_data import MapInput, StreamInput, first_images
 
 
@@ -40,7 +40,7 @@ def interleave_rows(inputs: torch.Tensor, recons: torch.Tensor, per_row: int) ->
     return torch.cat(out)
 
 
-class VQVAETask:
+class VQVAETask(StageTask):
     """Stage-1 plug-in for :class:`TrainLoop`; the data side is a :class:`MapInput` or a :class:`StreamInput`."""
 
     name = "vqvae"
@@ -93,7 +93,7 @@ class VQVAETask:
         if not loop.is_main:
             return {}
         model = loop.unwrapped_model.eval()
-        meter = ReconstructionMeter(model.config.num_embeddings)
+        meter = ReconstructionMeter(model.config.codebook_size)
         grid_x = grid_r = None
         for x, _ in first_images(self.val_ds, self.cfg.val_images, self.cfg.train.batch_size):
             x = x.to(loop.accelerator.device)
@@ -163,7 +163,7 @@ def run(cfg: VQVAEStageConfig) -> TrainLoop:
     model = VQVAE(config)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    record = {"stage": "vqvae", "model": dataclasses.asdict(config), "dataset": dataclasses.asdict(info)}
-    loop = TrainLoop(cfg, VQVAETask(cfg, model, train_input, val_ds, info), record)
+    record = {"stage": "vqvae", "model": config.to_dict(), "dataset": dataclasses.asdict(info)}
+    loop = TrainLoop(prepare_training(cfg, VQVAETask(cfg, model, train_input, val_ds, info), record))
     loop.fit()
     return loop

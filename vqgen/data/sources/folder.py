@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ...errors import DatasetUnavailableError
 from ..folder_index import LazyImageFiles, index_folder
-from ..offline import unavailable
+from ...offline import unavailable
 from ..splits import ALL_SPLIT_NAMES, split_candidates
 from ..transforms import IMAGE_EXTENSIONS, ImageTransform
 

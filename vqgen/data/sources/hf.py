@@ -11,7 +11,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from ...errors import ConfigError, DatasetUnavailableError
-from ..offline import check_download, download_timeout, unavailable
+from ...offline import check_download, download_timeout, unavailable
 from ..splits import split_candidates
 from ..transforms import IMAGE_EXTENSIONS, ImageTransform
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..offline import how_registry, load_or_download
+from ...offline import how_registry, load_or_download
 from ..transforms import MappedDataset, int_label, no_label
 
 def build_medmnist(name, spec, split, data_dir, tf, download):

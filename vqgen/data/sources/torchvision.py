@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import archives
 from ..archives import IDX_CLASSES, prepare_idx
-from ..offline import how_registry, load_or_download
+from ...offline import how_registry, load_or_download
 from ..transforms import MappedDataset, int_label
 
 def _how_idx(cls_name: str, data_dir: str) -> str:

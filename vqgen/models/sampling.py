@@ -1,31 +1,23 @@
-"""Token generation from a :class:`~vqgen.prior.Prior` and decoding to images.
+"""Drawing tokens from a prior of any kind, and decoding them to images.
 
-``generate`` -> ``decode_n_tokens`` -> (``Prior.prefill`` | ``Prior.decode_one_token``) -> ``sample_logits``.
-The KV-cache path and the full-recompute reference path (``use_cache=False``) draw their random numbers in the
-same order (one ``torch.multinomial`` call per step), so with the same ``torch.Generator`` they give the same
-tokens. Classifier-free guidance runs the conditional and the null-class rows as one batch (cond ‖ null) and
-combines them as ``uncond + scale * (cond - uncond)``; ``cfg_schedule="linear"`` ramps the scale from 1 at the
-first token to ``cfg_scale`` at the last (VAR's ramp over its scales, per token here): the first tokens, which fix
-the layout, are drawn unguided and stay diverse, the later ones, which fill in detail, get the full guidance.
-
-Adapted from: gpt-fast / LlamaGen ``generate.py`` (prefill, decode_n_tokens, CFG as one batch); the linear CFG ramp
-from VAR ``models/var.py`` (``t = cfg * ratio``).
+:func:`generate` handles labels, batching, eval/inference mode and autocast, then calls the prior kind's
+``sample_tokens``; the helpers below (logits filters, classifier-free guidance as one batch of cond ‖ null rows
+combined as ``uncond + scale * (cond - uncond)``, guidance schedules) are shared by every kind. ``linear`` ramps the
+scale from 1 at the first token to ``cfg_scale`` at the last (VAR's ramp): the layout stays diverse, the detail gets
+the full guidance.
+Adapted from: gpt-fast / LlamaGen ``generate.py``; the linear CFG ramp from VAR ``models/var.py``.
 """
 
 from __future__ import annotations
 
-import io
-import math
-import os
-from pathlib import Path
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
-from .fsutil import atomic_write_bytes
-from .models.prior import Prior
+from ..config import check_sampling_args
+from ..errors import ConfigError
+from .prior import Prior
 
 
 # ---- logits filters -------------------------------------------------------------------------------------
@@ -48,23 +40,6 @@ def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     remove[..., 0] = False                                            # always keep the most likely token
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-
-
-CFG_SCHEDULES = ("constant", "linear")
-
-
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None, cfg_scale: float,
-                        cfg_schedule: str = "constant") -> None:
-    if not (temperature >= 0 and math.isfinite(temperature)):
-        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"top_k must be >= 1 (or unset), got {top_k}")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
-        raise ConfigError(f"top_p must be in (0, 1] (or unset), got {top_p}")
-    if not math.isfinite(cfg_scale):
-        raise ConfigError(f"cfg_scale must be finite, got {cfg_scale}")
-    if cfg_schedule not in CFG_SCHEDULES:
-        raise ConfigError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, got {cfg_schedule!r}")
 
 
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -92,31 +67,6 @@ def apply_cfg(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
 
 
 # ---- generation ---------------------------------------------------------------------------------------
-def decode_n_tokens(prior: Prior, labels: torch.Tensor, n: int, use_cfg: bool, cfg_scale: float,
-                    use_cache: bool, sample_kw: dict, cfg_schedule: str = "constant") -> torch.Tensor:
-    """Generate ``n`` tokens for one batch; ``labels`` already holds (cond ‖ null) when ``use_cfg``.
-
-    Returns ``(B, n)`` long where ``B = len(labels) // 2`` with CFG, else ``len(labels)``.
-    """
-    rows = labels.shape[0]
-    b = rows // 2 if use_cfg else rows
-    out = torch.empty(b, n, dtype=torch.long, device=labels.device)
-    empty = out[:, :0].repeat(2, 1) if use_cfg else out[:, :0]
-    logits = prior.prefill(empty, labels) if use_cache else prior.logits_for_prefix(empty, labels)
-    for i in range(n):
-        guided = apply_cfg(logits, guidance_at(cfg_scale, cfg_schedule, i, n)) if use_cfg else logits
-        tok = sample_logits(guided, **sample_kw)                                                  # (B,)
-        out[:, i] = tok
-        if i == n - 1:
-            break
-        if use_cache:
-            logits = prior.decode_one_token(tok.repeat(2) if use_cfg else tok, i + 1)
-        else:                                                  # reference: recompute the whole prefix
-            prefix = out[:, : i + 1]
-            logits = prior.logits_for_prefix(prefix.repeat(2, 1) if use_cfg else prefix, labels)
-    return out
-
-
 def _labels_tensor(prior: Prior, labels, num_samples: int) -> torch.Tensor:
     """None / int / sequence / tensor -> ``(N,)`` long on CPU with -1 mapped to the null class."""
     if labels is None:
@@ -132,9 +82,9 @@ def _labels_tensor(prior: Prior, labels, num_samples: int) -> torch.Tensor:
 
 def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch.Tensor | None = None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             cfg_scale: float = 1.0, generator: torch.Generator | None = None, use_cache: bool = True,
+             cfg_scale: float = 1.0, generator: torch.Generator | None = None,
              batch_size: int | None = None, autocast_dtype: torch.dtype | None = None,
-             cfg_schedule: str = "constant") -> torch.Tensor:
+             cfg_schedule: str = "constant", **options) -> torch.Tensor:
     """Sample ``num_samples`` token grids -> LongTensor ``(N, latent_h, latent_w)`` on the CPU.
 
     labels: None (unconditional / null class), one class id for all, or N ids (-1 = null class).
@@ -143,8 +93,8 @@ def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch
     cfg_schedule: "constant" (``cfg_scale`` for every token) or "linear" (1 at the first token -> ``cfg_scale`` at
         the last).
     generator: a ``torch.Generator`` on the prior's device, for reproducible samples.
-    use_cache: False recomputes the full prefix every step (slow reference path, same tokens).
-    autocast_dtype: e.g. ``torch.bfloat16`` to run under ``torch.autocast`` (KV cache in that dtype).
+    autocast_dtype: e.g. ``torch.bfloat16`` to run under ``torch.autocast`` (caches in that dtype).
+    options: the prior kind's own (``use_cache=False``: the AR prior's reference path, the same tokens).
     """
     check_sampling_args(temperature, top_k, top_p, cfg_scale, cfg_schedule)
     if num_samples < 1:
@@ -155,6 +105,8 @@ def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch
     use_cfg = cfg_scale != 1.0 and cfg.num_classes > 0
     bs = min(batch_size or num_samples, num_samples)
     sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    if autocast_dtype is not None:
+        options.setdefault("cache_dtype", autocast_dtype)
     was_training = prior.training
     prior.eval()
     chunks = []
@@ -165,15 +117,10 @@ def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch
                 lab = labels_all[s: s + bs].to(device)
                 if use_cfg:
                     lab = torch.cat([lab, torch.full_like(lab, cfg.null_class)])   # (cond ‖ null)
-                if use_cache:
-                    prior.setup_caches(lab.shape[0], cfg.seq_len, autocast_dtype or next(prior.parameters()).dtype,
-                                       device)
-                toks = decode_n_tokens(prior, lab, cfg.seq_len, use_cfg, cfg_scale, use_cache, sample_kw,
-                                       cfg_schedule)
+                toks = prior.sample_tokens(lab, use_cfg, cfg_scale, cfg_schedule, sample_kw, **options)
                 chunks.append(toks.cpu())
     finally:
-        if use_cache:
-            prior.clear_caches()  # a training-time evaluation must not leave KV buffers on the device
+        prior.release_caches()  # a training-time evaluation must not leave buffers on the device
         prior.train(was_training)
     return torch.cat(chunks).reshape(num_samples, cfg.latent_h, cfg.latent_w)
 
@@ -188,30 +135,6 @@ def decode_to_images(tokenizer, tokens: torch.Tensor, batch_size: int = 64) -> t
             imgs = tokenizer.decode_indices(tokens[s: s + batch_size].to(device).long())
             out.append(imgs.float().clamp(-1, 1).cpu())
     return torch.cat(out)
-
-
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
-                    min_cell: int | None = None) -> Path:
-    """Save ``images (N, C, H, W)`` in [-1, 1] as one grid image, atomically (temp file + rename).
-
-    ``min_cell``: for viewing grids of small images (16x16 digits), upscale each image by an integer factor
-    (nearest neighbour, pixels stay sharp) until it is at least this many pixels high.
-    """
-    from PIL import Image
-    from torchvision.utils import save_image
-
-    path = Path(path)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise ConfigError(f"cannot tell the image format of {path} (use .png)")
-    nrow = nrow or max(1, math.ceil(math.sqrt(images.shape[0])))
-    if min_cell and images.shape[-2] < min_cell:
-        factor = math.ceil(min_cell / images.shape[-2])
-        images = torch.nn.functional.interpolate(images.detach().float().cpu(), scale_factor=factor, mode="nearest")
-    buf = io.BytesIO()
-    save_image(((images.detach().float().cpu() + 1) / 2).clamp(0, 1), buf, nrow=nrow, format=fmt)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
 
 
 def class_labels(prior: Prior, n: int, class_label: int | None) -> torch.Tensor | None:

@@ -12,7 +12,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..models.prior import token_cross_entropy
 
 PSNR_CAP_DB = 100.0  # ReconstructionMeter averages min(PSNR, 100 dB): identical images would give inf
 
@@ -193,19 +192,3 @@ def classifier_stats(logits: torch.Tensor, num_classes: int, threshold: float = 
         if bool(keep.any()):
             out["label_accuracy"] = float((pred[keep] == labels[keep].to(pred.device)).double().mean())
     return out
-
-
-@torch.no_grad()
-def token_nll(prior, loader, device, max_batches: int | None = None) -> tuple[float, int]:
-    """Summed cross-entropy (nats) of ``prior`` over the ``(tokens, labels)`` batches of ``loader`` and the token
-    count; labels are used when the prior is class-conditional. Run it under the caller's autocast, if any."""
-    conditional = prior.config.num_classes > 0
-    total, count = 0.0, 0
-    for i, (tokens, labels) in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        tokens = tokens.to(device)
-        logits = prior(tokens, labels.to(device) if conditional else None)
-        total += float(token_cross_entropy(logits, tokens, reduction="sum"))
-        count += tokens.numel()
-    return total, count

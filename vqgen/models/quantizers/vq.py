@@ -1,40 +1,13 @@
-"""Vector quantiser with an EMA codebook (VQ-VAE-2 / Sonnet ``VectorQuantizerEMA``), made robust for training.
+"""Vector quantiser with an EMA codebook, made robust for training (the ``vq`` kind of ``--quantizer``).
 
-Adapted from: Sonnet v2 ``VectorQuantizerEMA`` and MONAI ``EMAQuantizer`` (EMA update with Laplace smoothing),
-OpenAI Jukebox ``vqvae/bottleneck.py`` (codebook initialised from encoder outputs, dead codes restarted at encoder
-outputs; Jukebox judges death on the EMA usage, vqgen on a window of steps), EnCodec ``quantization/core_vq.py``
-(k-means initialisation on the first batch).
-
-What this adds over MONAI's quantizer:
-
-* **fp32 always.** Distances, the EMA statistics and the codebook are fp32 even under ``torch.autocast`` (autocast
-  is disabled inside and inputs are ``.float()``-ed) and even after ``model.half()``/``.bfloat16()`` (the codebook
-  buffers refuse to be cast, see :meth:`VectorQuantizerEMA._apply`).
-* **Data initialisation.** On the first training forward the codebook is set from that batch's encoder outputs:
-  ``K`` distinct random vectors refined by ``init_kmeans_iters`` Lloyd iterations (k-means-lite). A randomly
-  initialised codebook far from the encoder's output range is the classic cause of codebook collapse (one or a few
-  codes win everything); starting on the data avoids it. Under torch.distributed rank 0 computes it and
-  broadcasts, so every rank starts identical.
-* **Identical codebooks on every rank.** Per-batch counts and sums are all-reduced before the EMA update; the
-  restart candidates are drawn on rank 0 and ride in the same all_reduce (other ranks add zeros): one collective
-  per training step.
-* **No host syncs in the training step** (after the one-off initialisation): the restart decision is a device-side
-  mask, so the step stays torch.compile / CUDA-graph friendly and never stalls the GPU queue.
-* **Dead-code restart.** Every ``restart_every`` training steps, codes that won fewer than
-  ``dead_code_threshold`` assignments per step over that window are moved to random encoder outputs of the current batch,
-  and their EMA statistics are reset to a fresh, light cluster (size = threshold) so they adapt quickly. The
-  outputs are drawn with probability proportional to their quantisation error (k-means++ style), so restarted
-  codes land where the codebook is worst rather than in the densest (already covered) region.
-* **Usage/perplexity.** ``usage`` counts assignments since :meth:`reset_usage` (training mode only, global over
-  ranks); perplexity is ``exp(entropy)`` of the batch's average code distribution.
-
-Eval mode is purely functional: no buffer changes, no collectives.
-Under torch.distributed every rank must run the same number of *training* forwards (they all-reduce).
+fp32 always (even under autocast or ``model.half()``), codebook initialised from the first batch (k-means-lite),
+statistics all-reduced so every rank keeps the same codebook, dead codes restarted at error-weighted encoder
+outputs, no host sync in the training step. Why each of these: docs/ARCHITECTURE.md ("Quantizers").
+Adapted from: Sonnet v2 / MONAI ``EMAQuantizer`` (EMA with Laplace smoothing), OpenAI Jukebox (restarts at encoder
+outputs), EnCodec ``core_vq.py`` (k-means initialisation), LlamaGen (l2-normalised codes).
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -42,33 +15,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-
-class QuantizerOutput(NamedTuple):
-    quantized: torch.Tensor   # (B, D, H, W) straight-through: forward = codes, backward = identity to z
-    loss: torch.Tensor        # scalar fp32: commitment_cost * mse(z, sg(q))
-    indices: torch.Tensor     # (B, H, W) long
-    perplexity: torch.Tensor  # scalar fp32, this (local) batch
-    counts: torch.Tensor      # (K,) long, this (local) batch's assignments per code
+from .base import Quantizer, QuantizerOutput, broadcast_, dist_world, is_rank0
 
 
-def _dist_world() -> int:
-    """World size when torch.distributed is initialised, else 1."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
-
-
-def _is_rank0() -> bool:
-    return _dist_world() == 1 or dist.get_rank() == 0
-
-
-def _broadcast_(t: torch.Tensor) -> torch.Tensor:
-    if _dist_world() > 1:
-        dist.broadcast(t, src=0)
-    return t
-
-
-class VectorQuantizerEMA(nn.Module):
+class VectorQuantizerEMA(Quantizer):
     """EMA vector quantiser. Input ``z`` (B, D, H, W) → :class:`QuantizerOutput`.
 
     Buffers (all fp32 unless noted; persistent ones are part of exports):
@@ -92,10 +42,8 @@ class VectorQuantizerEMA(nn.Module):
         self.dead_code_threshold = float(dead_code_threshold)
         self.restart_every = int(restart_every)
         self.init_kmeans_iters = int(init_kmeans_iters)
-        # LlamaGen's l2-normalised codebook: encoder outputs and codes live on the unit sphere, so the nearest code
-        # is the one of highest cosine similarity and the codebook's scale cannot drift from the encoder's (LlamaGen
-        # VQ-16: 8-dim codes, 97% usage). Off in the module and model config (exports from before load as trained);
-        # on by default in the training flags (--codebook_l2, --embedding_dim 8: docs/RESULTS.md section 4).
+        # l2-normalised codebook: codes and encoder outputs on the unit sphere, so the nearest code is the most
+        # cosine-similar one and the codebook's scale cannot drift from the encoder's.
         self.l2_norm = bool(l2_norm)
         K, D = self.num_embeddings, self.embedding_dim
         # Placeholder codebook until the first training batch initialises it (also what an untrained model uses).
@@ -111,6 +59,20 @@ class VectorQuantizerEMA(nn.Module):
         self.register_buffer("restarts", torch.zeros(1, dtype=torch.long), persistent=False)  # total, for logging
         # Host-side mirror of `initialized` so the hot path never syncs with the device (re-read after loading).
         self._host_initialized: bool | None = None
+
+    @classmethod
+    def from_config(cls, cfg) -> "VectorQuantizerEMA":
+        """From a :class:`~vqgen.config.VQVAEConfig` (``--quantizer vq``)."""
+        return cls(cfg.num_embeddings, cfg.embedding_dim, cfg.commitment_cost, cfg.ema_decay, cfg.ema_epsilon,
+                   cfg.dead_code_threshold, cfg.restart_every, cfg.init_kmeans_iters, cfg.codebook_l2)
+
+    @property
+    def codebook_size(self) -> int:
+        return self.num_embeddings
+
+    @property
+    def code_dim(self) -> int:
+        return self.embedding_dim
 
     def extra_repr(self) -> str:
         return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, "
@@ -151,20 +113,6 @@ class VectorQuantizerEMA(nn.Module):
     def embed(self, indices: torch.Tensor) -> torch.Tensor:
         """(B, H, W) long → (B, D, H, W) fp32 codes (a channels-last view: no copy)."""
         return rearrange(F.embedding(indices, self.embedding), "b h w d -> b d h w")
-
-    # ---- usage ------------------------------------------------------------------------------------------------
-    def usage_fraction(self) -> float:
-        """Fraction of codes used at least once (training forwards) since the last :meth:`reset_usage`."""
-        return float((self.usage > 0).float().mean())
-
-    def reset_usage(self) -> None:
-        self.usage.zero_()
-
-    @staticmethod
-    def perplexity_from_counts(counts: torch.Tensor) -> torch.Tensor:
-        """exp(entropy) of the average code distribution; equals K for a uniform assignment over K codes."""
-        p = counts.float() / counts.sum().clamp_min(1).float()
-        return torch.exp(torch.special.entr(p).sum())
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
@@ -216,7 +164,7 @@ class VectorQuantizerEMA(nn.Module):
         K = self.num_embeddings
         emb = torch.empty_like(self.embedding)
         size = torch.empty_like(self.cluster_size)
-        if _is_rank0():
+        if is_rank0():
             flat = flat.float()
             emb.copy_(self._sample_rows(flat, K))
             for _ in range(self.init_kmeans_iters):
@@ -227,8 +175,8 @@ class VectorQuantizerEMA(nn.Module):
                 emb[keep] = self._norm(sums[keep] / n[keep, None])
             idx = self._nearest_to(flat, emb)
             size.copy_(torch.bincount(idx, minlength=K).float().clamp_min(1.0))
-        _broadcast_(emb)
-        _broadcast_(size)
+        broadcast_(emb)
+        broadcast_(size)
         self.embedding.copy_(self._norm(emb))
         self.cluster_size.copy_(size)
         self.embed_sum.copy_(emb * size[:, None])
@@ -274,9 +222,9 @@ class VectorQuantizerEMA(nn.Module):
         stats = torch.zeros(K, 2 * D + 1 if restarts else D + 1, device=flat.device, dtype=torch.float32)
         stats[:, :D].index_add_(0, idx, flat)
         stats[:, D] = counts.float()
-        if restarts and _is_rank0():
+        if restarts and is_rank0():
             stats[:, D + 1:] = self._restart_candidates(flat, idx, K)
-        if _dist_world() > 1:
+        if dist_world() > 1:
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
         batch_sum, batch_counts = stats[:, :D], stats[:, D]
 

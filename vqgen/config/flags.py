@@ -1,11 +1,11 @@
 """How a config dataclass becomes command-line flags and YAML: the mechanism behind :mod:`vqgen.config`.
 
-A flag is a dataclass field made with :func:`flag` (help, choices, aliases...); a field made with :func:`part` holds
-a group of flags (another dataclass). :func:`build_parser` generates argparse from a config class (each default
-shown once in ``--help``; two fields of one script with the same flag name are refused), :func:`load_config`
-merges defaults < ``--config FILE.yaml`` < the flags given (a config class with a ``saved_config(values)``
-classmethod, the trainers', may put a recorded file right after the defaults: ``--resume``), :func:`to_yaml` /
-:func:`from_dict` write and read the nested YAML, :func:`validate` runs every class's ``check()``.
+A flag is a field made with :func:`flag`; a field made with :func:`part` holds a group of flags (another dataclass);
+a plain field (no ``flag``) is not a flag (a value the data decides, e.g. a model's vocabulary). A flag made with
+``kind=`` belongs to one kind of its class's ``KIND_FIELD`` (``--fsq_levels`` to ``--quantizer fsq``): it is
+refused when given for another kind and left out of the YAML written for one. :func:`build_parser`,
+:func:`load_config` (defaults < a trainer's saved config < ``--config FILE.yaml`` < flags), :func:`to_yaml` /
+:func:`from_dict` and :func:`validate` (every class's ``check()``) are the whole interface.
 """
 
 from __future__ import annotations
@@ -21,21 +21,24 @@ from typing import Any, Sequence
 
 import yaml
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def flag(default: Any = None, help: str = "", *, choices: Sequence | None = None, aliases: Sequence[str] = (),
          type: Any = None, metavar: str | None = None, value_aliases: dict | None = None, required: bool = False,
-         persist: bool = True):
+         persist: bool = True, kind: str | Sequence[str] | None = None):
     """A command-line flag: a dataclass field with what argparse and YAML need.
 
     ``aliases``: older spellings (``"--output"``), accepted and listed next to the name in ``--help``.
     ``value_aliases``: older values mapped to current ones (``{"fp32": "no"}``). ``required``: must be set by a
     flag or the YAML file (checked after both are read). ``persist=False``: a per-invocation setting (``--resume``,
     ``--max_steps``...) that is not written to the run folder's config.yaml, so ``--resume`` never re-applies it.
+    ``kind``: the kind(s) of the class's ``KIND_FIELD`` this setting belongs to.
     """
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind or ())
     meta = {"help": help, "choices": tuple(choices) if choices else None, "aliases": tuple(aliases), "type": type,
-            "metavar": metavar, "value_aliases": value_aliases or {}, "required": required, "persist": persist}
+            "metavar": metavar, "value_aliases": value_aliases or {}, "required": required, "persist": persist,
+            "kinds": kinds}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -63,6 +66,7 @@ class _Flag:
     value: Any                 # the instance's value (the stage default when built from cls())
     kind: Any                  # resolved annotation: int, float | None, list[int], ...
     meta: dict
+    selector: tuple[str, ...] | None = None   # path of the KIND_FIELD this flag depends on (meta["kinds"])
 
     @property
     def key(self) -> str:
@@ -73,26 +77,43 @@ def _is_part(f: dataclasses.Field) -> bool:
     return bool(f.metadata.get("part"))
 
 
+def _is_flag(f: dataclasses.Field) -> bool:
+    return "help" in f.metadata
+
+
 def _flags(cls: type, instance: Any = None, prefix: tuple[str, ...] = (), pmeta: dict | None = None) -> list[_Flag]:
     """Every flag of a config class, depth first, with this class's (stage-specific) defaults."""
     instance = cls() if instance is None else instance
     hints = typing.get_type_hints(cls)
     pmeta = pmeta or {}
     out: list[_Flag] = []
+    selector = getattr(cls, "KIND_FIELD", None)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         if _is_part(f):
             out += _flags(hints[f.name], getattr(instance, f.name), prefix + (f.name,), f.metadata)
             continue
-        if pmeta.get("only") is not None and f.name not in pmeta["only"]:
+        if not _is_flag(f) or (pmeta.get("only") is not None and f.name not in pmeta["only"]):
             continue
         name = pmeta.get("rename", {}).get(f.name, f.name)
         aliases = tuple(f.metadata["aliases"]) + tuple(pmeta.get("aliases", {}).get(f.name, ()))
         help_text = pmeta.get("help", {}).get(f.name, f.metadata["help"])
+        dep = prefix + (selector,) if f.metadata.get("kinds") and selector else None
         out.append(_Flag(prefix + (f.name,), f"--{name}", aliases, help_text, getattr(instance, f.name),
-                         hints[f.name], dict(f.metadata)))
+                         hints[f.name], dict(f.metadata), dep))
     return out
+
+
+def _get(cfg: Any, path: Sequence[str]) -> Any:
+    for name in path:
+        cfg = getattr(cfg, name)
+    return cfg
+
+
+def _applies(fl: _Flag, cfg: Any) -> bool:
+    """False for a kind-specific flag whose kind is not the one ``cfg`` selects."""
+    return fl.selector is None or _get(cfg, fl.selector) in fl.meta["kinds"]
 
 
 def _base(kind: Any) -> tuple[Any, bool, bool]:
@@ -121,10 +142,15 @@ def build_parser(cls: type) -> argparse.ArgumentParser:
                              "gives each script its section); flags given on the command line override it")
     groups: dict[tuple[str, ...], Any] = {}
     titles = {f.name: f.metadata.get("title") or f.name for f in dataclasses.fields(cls) if _is_part(f)}
+    options = {fl.path: fl.option for fl in _flags(cls)}
     for fl in _flags(cls):
         where = fl.path[:1] if len(fl.path) > 1 else ()
+        title = titles.get(where[0]) if where else getattr(cls, "GROUP", None)
+        if fl.selector is not None:  # one group per kind: "VQ-VAE model: --quantizer fsq"
+            where = where + ("/".join(fl.meta["kinds"]),)
+            title = f"{title}: {options.get(fl.selector, fl.selector[-1])} {where[-1]}"
         if where not in groups:
-            groups[where] = parser.add_argument_group(titles.get(where[0]) if where else getattr(cls, "GROUP", None))
+            groups[where] = parser.add_argument_group(title)
         elem, optional, is_list = _base(fl.kind)
         kw: dict[str, Any] = {"dest": fl.key}
         if elem is bool:
@@ -250,7 +276,7 @@ def to_dict(cfg: Any, persisted_only: bool = False) -> dict:
     """The flag values of a config, nested like the dataclasses (what ``config.yaml`` and ``--config`` hold)."""
     out: dict[str, Any] = {}
     for fl in _flags(type(cfg), cfg):
-        if persisted_only and not fl.meta["persist"]:
+        if (persisted_only and not fl.meta["persist"]) or not _applies(fl, cfg):
             continue
         value = fl.value
         out[fl.key] = list(value) if isinstance(value, tuple) else value
@@ -292,7 +318,24 @@ def load_config(cls: type, argv: Sequence[str] | None = None) -> Any:
     saved = cls.saved_config(layer) if hasattr(cls, "saved_config") else None
     base = (_merge(getattr(cls, "SAVED_DEFAULTS", {}), read_yaml(saved, cls))
             if saved is not None and Path(saved).is_file() else {})
-    return from_dict(cls, _merge(base, layer), where=f"{file}: " if file else "")
+    cfg = from_dict(cls, _merge(base, layer), where=f"{file}: " if file else "")
+    _check_kinds(cls, cfg, layer)
+    return cfg
+
+
+def _check_kinds(cls: type, cfg: Any, given: dict) -> None:
+    """A kind-specific setting given (flag or file) for another kind is a mistake, not something to ignore."""
+    flags = _flags(cls, cfg)
+    options = {fl.path: fl.option for fl in flags}
+    for fl in flags:
+        node = given
+        for name in fl.path:
+            node = node.get(name) if isinstance(node, dict) else None
+        if node is None or _applies(fl, cfg):
+            continue
+        sel = options.get(fl.selector, "--" + fl.selector[-1])
+        raise ConfigError(f"{fl.option} is a setting of {sel} {' / '.join(fl.meta['kinds'])}, but {sel} is "
+                          f"{_get(cfg, fl.selector)}")
 
 
 def validate(cfg: Any) -> Any:

@@ -1,21 +1,6 @@
-"""Typed stage configs: every flag of every script is a dataclass field declared here, with its help and default.
-
-How it works (the mechanism is :mod:`vqgen.flags`)
-  * A flag is a field made with ``flag`` (help, choices, aliases...). A field made with ``part`` holds a shared
-    group (:class:`DataConfig`, :class:`TrainConfig`, :class:`SamplingConfig`, the model flags). A stage config
-    (:class:`VQVAEStageConfig` ... :class:`PipelineConfig`) composes parts and its own flags; its ``run(config)``
-    function (in the stage module) takes nothing else.
-  * ``flags.build_parser`` walks the fields: one argparse option per flag, one option group per part, each default
-    shown once in ``--help``. Two fields of one script with the same flag name are refused when the parser is
-    built, so a flag can only be declared once per script.
-  * ``flags.load_config``: dataclass defaults < ``--config FILE.yaml`` (nested like the dataclasses; a file may hold
-    one section per script, keyed by its name, e.g. ``train_prior.py:``) < flags given on the command line. With
-    ``--resume`` the run folder's ``config.yaml`` (written by every trainer) comes right after the defaults.
-  * A stage's defaults differ through ``part(TrainConfig, lr_schedule="cosine", ...)``: the one place saying so.
-
-Adding a flag: add a field with ``flag(default, "help")`` to the part or stage config that owns the concept, read
-it as ``config.<part>.<name>`` in the stage; it then exists in every script whose config holds that part, in YAML
-under the part's name, and in ``config.yaml`` of every run.
+"""The stage configs: one per script, composing the shared parts (:mod:`.parts`) and the model configs
+(:mod:`.tokenizer`, :mod:`.prior`). Every flag of every script is declared once, in this package; a stage's
+``run(config)`` takes nothing else. How a flag is added: docs/ARCHITECTURE.md ("The config system").
 """
 
 from __future__ import annotations
@@ -23,24 +8,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .data.augment import AugmentConfig
-from .errors import ConfigError
+from ..errors import ConfigError
 from .flags import flag, part
-from .config_parts import (DataConfig, GANConfig, PriorFlags, SamplingConfig, ShardingConfig, TokenReaderConfig,
-                           TrainConfig, VQVAEFlags, _positive, _precision, _TOKENIZER_REFS, _HUB_REF)
-from .run_dir import RunDir
-from .shards.format import SPLIT_RE
+from .parts import (SPLIT_RE, AugmentConfig, DataConfig, GANConfig, SamplingConfig, ShardingConfig,
+                    TokenReaderConfig, TrainConfig, _HUB_REF, _TOKENIZER_REFS, _positive, _precision)
+from .prior import PriorConfig
+from .tokenizer import VQVAEConfig
+
+CONFIG_FILE = "config.yaml"   # a trainer's resolved config in its run folder (vqgen.run_dir.RunDir.CONFIG)
 
 
 # ------------------------------------------------------------------------------------------------ stage configs
-# Peak learning rates of stage 1 and of the prior: each stage's own default and VQVAE_T.py's --lr / --lr_t (one
-# value, two places that show it). From the equal-time ablation on Fashion-MNIST (docs/RESULTS.md section 4); large
-# models pass their own (configs/imagenet256.yaml: 2e-4 and 4e-4).
+# Stage defaults that differ from TrainConfig's, shared with VQVAE_T.py (chosen by equal-time runs: docs/RESULTS.md).
 VQVAE_LR = 1e-3
 PRIOR_LR = 1e-3
-# Stage 1's batch size: at an equal time budget, batch 32 takes ~5x the optimizer steps of 128 and gives the better
-# tokenizer and samples (30 minutes on Fashion-MNIST: PSNR 26.7 vs 24.9 dB, tokenizer floor 1.25 vs 3.64,
-# class-conditional gFID 1.46 vs 3.15; docs/RESULTS.md section 4). The prior keeps TrainConfig's 128.
 VQVAE_BATCH = 32
 GRID_SAMPLING = ("num_samples", "temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule")
 
@@ -52,7 +33,7 @@ class _Trainer:
     def saved_config(cls, values: dict):
         train = values.get("train") if isinstance(values.get("train"), dict) else {}
         if train.get("resume") and train.get("output_dir"):
-            return RunDir(train["output_dir"]).config_file
+            return f"{train['output_dir']}/{CONFIG_FILE}"
         return None
 
 
@@ -66,9 +47,7 @@ class VQVAEStageConfig(_Trainer):
     SAVED_DEFAULTS: ClassVar[dict] = {"model": {"codebook_l2": False}}
     data: DataConfig = part(DataConfig, title="data")
     augment: AugmentConfig = part(AugmentConfig, title="augmentation (training only)")
-    model: VQVAEFlags = part(VQVAEFlags, title="VQ-VAE model")
-    # Stage 1's own defaults: peak lr 1e-3 with cosine decay over the run (equal-time ablation, docs/RESULTS.md
-    # section 4: PSNR +1.3 dB, tokenizer floor 11.9 -> 8.5 against 2e-4 constant), batch VQVAE_BATCH.
+    model: VQVAEConfig = part(VQVAEConfig, title="VQ-VAE model")
     train: TrainConfig = part(TrainConfig, title="training", lr=VQVAE_LR, lr_schedule="cosine",
                               batch_size=VQVAE_BATCH)
     gan: GANConfig = part(GANConfig, title="VQGAN losses (opt-in)")
@@ -134,7 +113,7 @@ class PriorStageConfig(_Trainer):
     prior_ema_decay: float = flag(0.0, "keep an EMA of the prior's weights with this decay (e.g. 0.999): validation, "
                                   "grids and the export use it; 0: off (opt-in)")
     reader: TokenReaderConfig = part(TokenReaderConfig, title="token reader")
-    model: PriorFlags = part(PriorFlags, title="prior (transformer)")
+    model: PriorConfig = part(PriorConfig, title="prior (transformer)")
     # The prior's own defaults: warm-up + cosine decay and AdamW weight decay, as GPT training does.
     train: TrainConfig = part(TrainConfig, title="training", lr=PRIOR_LR, lr_schedule="cosine", warmup_steps=100,
                               weight_decay=0.05,
@@ -157,7 +136,7 @@ class SampleConfig:
     GROUP: ClassVar[str] = "exports and output"
     checkpoint: str | None = flag(None, f"tokenizer: a stage-1 export folder, {_TOKENIZER_REFS}", required=True)
     checkpoint_t: str | None = flag(None, f"prior: a stage-3 export folder or {_HUB_REF}", required=True)
-    output_dir: str = flag(RunDir.SAMPLES, "where grid.png, images/ and tokens.npy go")
+    output_dir: str = flag("samples", "where grid.png, images/ and tokens.npy go")
     batch_size: int = flag(64, "samples generated at once", aliases=("--sample_batch_size",))
     device: str | None = flag(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
     mixed_precision: str = _precision("no", "autocast dtype of generation and decoding (GPU; the old spelling "
@@ -243,8 +222,8 @@ class PipelineConfig:
                                     "<output_dir>/prior/export)")
     # The original tool's default dataset (mnist) holds here only; every other script defaults to digits.
     data: DataConfig = part(DataConfig, title="data", dataset="mnist")
-    vqvae: VQVAEFlags = part(VQVAEFlags, title="VQ-VAE model (stage 1)")
-    prior: PriorFlags = part(PriorFlags, title="prior (stage 3)")
+    vqvae: VQVAEConfig = part(VQVAEConfig, title="VQ-VAE model (stage 1)")
+    prior: PriorConfig = part(PriorConfig, title="prior (stage 3)")
     # batch_size None: each trainer keeps its own default (VQVAE_BATCH for stage 1, 128 for the prior) unless given.
     training: TrainConfig = part(TrainConfig, title="training (--lr/--n_epochs: stage 1; the rest: stages 1 and 3)",
                                  only=PIPELINE_TRAINING, lr=VQVAE_LR, batch_size=None, help={

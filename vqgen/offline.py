@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import DatasetUnavailableError
+from .errors import DatasetUnavailableError
 
 OFFLINE_ENV_VARS = ("VQGEN_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 PROBE_TIMEOUT_S = 2.0

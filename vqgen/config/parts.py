@@ -1,24 +1,25 @@
-"""The shared parts of the stage configs (:mod:`vqgen.config`): data, training, sampling, model flags, shards, the
-token reader and the discriminator. Each is a dataclass whose fields are flags (:mod:`vqgen.flags`); a stage config
-composes them with ``part(...)``. Split from config.py only to keep each module short: read them as one."""
+"""The shared parts of the stage configs (:mod:`vqgen.config.stages`): data, augmentation, training, sampling,
+shards, the token reader and the discriminator. Each is a dataclass whose fields are flags (:mod:`.flags`); a
+stage config composes them with ``part(...)``. The choice lists live here, so the modules that use them import
+the config, never the other way round.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from .data import DATASETS
-from .errors import ConfigError
-from .flags import flag, int_list
-from .hub import check_push_target
-from .models.discriminator import NORMS
-from .models.losses import DISC_LOSSES, VGG16_FILE
-from .models.prior import PRIOR_MLPS, PRIOR_NORMS, PriorConfig
-from .models.vqvae import ARCHS, VQVAEConfig, level_params
-from .sampling import CFG_SCHEDULES, check_sampling_args
+from ..errors import ConfigError
+from .datasets import DATASETS
+from .flags import flag
 
 PRECISIONS = ("no", "fp16", "bf16")
+CFG_SCHEDULES = ("constant", "linear")
+SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")   # split names: also parts of shard file names
+DISC_NORMS, DISC_LOSSES = ("batch", "group"), ("hinge",)
+VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG-16 ImageNet weights (what lpips' net="vgg" loads)
 # What every --checkpoint / --checkpoint_t accepts besides a local export folder (vqgen.hub, vqgen.models.tokenizer).
 _HUB_REF = "hf:<user>/<repo>[/<subfolder>][@<revision>] (read from the local Hugging Face cache)"
 _TOKENIZER_REFS = f"a diffusers VQModel folder (pip install \"vqgen[diffusers]\"), or {_HUB_REF} of either"
@@ -35,10 +36,6 @@ def _positive(cfg: Any, *names: str, zero_ok: bool = False) -> None:
             continue
         if v < 0 or (v == 0 and not zero_ok):
             raise ConfigError(f"--{name} must be {'>= 0' if zero_ok else '> 0'}, got {v}")
-
-
-def _model_default(cls: type, name: str) -> Any:
-    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
 
 # ------------------------------------------------------------------------------------------------- shared parts
@@ -62,6 +59,15 @@ class DataConfig:
         _positive(self, "num_workers", zero_ok=True)
         if self.image_size is not None:
             _positive(self, "image_size")
+
+
+@dataclass
+class AugmentConfig:
+    """Stage-1 training augmentation (train_vqvae.py's ``augment`` part): seeded per sample, never on validation."""
+
+    random_crop: bool = flag(False, "upsample by 1.125 and take a random crop (LlamaGen); training batches only")
+    hflip: bool = flag(False, "mirror half of the training images (seeded per sample); not extraction's --hflip, which "
+                       "stores the tokens of mirrored images for the prior")
 
 
 @dataclass
@@ -113,7 +119,20 @@ class TrainConfig:
         if self.lr <= 0:
             raise ConfigError(f"learning rate must be > 0, got {self.lr}")
         _positive(self, "warmup_steps", "checkpointing_steps", "max_steps", "max_minutes", zero_ok=True)
-        check_push_target(self.push_to_hub)  # a missing token is found now, not after training
+
+
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None, cfg_scale: float,
+                        cfg_schedule: str = "constant") -> None:
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k must be >= 1 (or unset), got {top_k}")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise ConfigError(f"top_p must be in (0, 1] (or unset), got {top_p}")
+    if not math.isfinite(cfg_scale):
+        raise ConfigError(f"cfg_scale must be finite, got {cfg_scale}")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise ConfigError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, got {cfg_schedule!r}")
 
 
 @dataclass
@@ -137,93 +156,9 @@ class SamplingConfig:
         check_sampling_args(self.temperature, self.top_k, self.top_p, self.cfg_scale, self.cfg_schedule)
 
     def draw_kwargs(self) -> dict:
-        """How to draw tokens, as :func:`vqgen.sampling.generate` takes it (every caller passes the same set)."""
+        """How to draw tokens, as :func:`vqgen.models.sampling.generate` takes it (every caller passes the same set)."""
         return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, cfg_scale=self.cfg_scale,
                     cfg_schedule=self.cfg_schedule)
-
-
-_VQ = VQVAEConfig()
-
-
-@dataclass
-class VQVAEFlags:
-    """The VQ-VAE flags (the original tool's names and defaults, plus the quantiser's knobs). :meth:`build` adds
-    what the data decides (channels, image size) and gives the model's :class:`VQVAEConfig`."""
-
-    num_res_layers: int = flag(_VQ.num_res_layers, "residual units per level in encoder and decoder")
-    downsample_parameters: list[int] = flag(
-        [2, 4, 1, 1], "encoder strided conv per level as 'stride kernel dilation padding': 4 numbers (all levels) "
-        "or 4 per level, e.g. \"2 4 1 1\"", type=int_list, metavar="S K D P")
-    upsample_parameters: list[int] = flag(
-        [2, 4, 1, 1, 0], "decoder transposed conv per level as 'stride kernel dilation padding output_padding': 5 "
-        "numbers (all levels) or 5 per level, e.g. \"2 4 1 1 0\"", type=int_list, metavar="S K D P OP")
-    num_channels: list[int] = flag(list(_VQ.num_channels), "channels per level; the number of values is the number "
-                                   "of levels")
-    num_res_channels: list[int] = flag(list(_VQ.num_res_channels), "channels inside the residual units, one per level")
-    num_embeddings: int = flag(_VQ.num_embeddings, "codebook size K")
-    embedding_dim: int = flag(8, "code vector dimension (8 with the l2 codebook, LlamaGen's choice; "
-                              "exports keep their own)")
-    commitment_cost: float = flag(_VQ.commitment_cost, "weight of the commitment loss ||z - sg(q)||^2")
-    ema_decay: float = flag(_VQ.decay, "EMA decay of the codebook statistics")
-    ema_epsilon: float = flag(_VQ.epsilon, "Laplace smoothing of the EMA cluster sizes")
-    dead_code_threshold: float = flag(_VQ.dead_code_threshold, "restart codes that won fewer than this many vectors "
-                                      "per step (all ranks) over the last --restart_every steps; 0 disables")
-    restart_every: int = flag(_VQ.restart_every, "the dead-code window: checked every this many training steps")
-    vq_arch: str = flag(_VQ.arch, "encoder/decoder blocks: conv (MONAI's ReLU residual units) or resnet (taming/"
-                        "LlamaGen GroupNorm + swish ResNet blocks); opt-in, no equal-time ablation yet", choices=ARCHS)
-    vq_attention: bool = flag(False, "with --vq_arch resnet: self-attention at the lowest resolution")
-    norm_groups: int = flag(_VQ.norm_groups, "GroupNorm groups of --vq_arch resnet")
-    codebook_l2: bool = flag(True, "l2-normalised codebook and encoder outputs (LlamaGen's low-dimensional "
-                             "codebook, with --embedding_dim 8; docs/RESULTS.md section 4)")
-
-    def build(self, in_channels: int, image_size: int) -> VQVAEConfig:
-        """These flags + the dataset's channels/size -> a validated :class:`VQVAEConfig`."""
-        levels = len(self.num_channels)
-        if levels == 0:
-            raise ConfigError("--num_channels needs at least one value (one per level)")
-        if len(self.num_res_channels) != levels:
-            raise ConfigError(f"--num_res_channels has {len(self.num_res_channels)} values but --num_channels has "
-                              f"{levels} (one per level)")
-        cfg = VQVAEConfig(
-            in_channels=in_channels, image_size=image_size, num_channels=tuple(self.num_channels),
-            num_res_channels=tuple(self.num_res_channels), num_res_layers=self.num_res_layers,
-            downsample_parameters=level_params(self.downsample_parameters, 4, levels, "--downsample_parameters"),
-            upsample_parameters=level_params(self.upsample_parameters, 5, levels, "--upsample_parameters"),
-            num_embeddings=self.num_embeddings, embedding_dim=self.embedding_dim,
-            commitment_cost=self.commitment_cost, decay=self.ema_decay, epsilon=self.ema_epsilon,
-            dead_code_threshold=self.dead_code_threshold, restart_every=self.restart_every, arch=self.vq_arch,
-            attention=self.vq_attention, norm_groups=self.norm_groups, codebook_l2=self.codebook_l2)
-        cfg.validate()
-        return cfg
-
-
-@dataclass
-class PriorFlags:
-    """The prior flags (the original tool's names and defaults, plus dropout knobs). :meth:`build` adds what the
-    shards decide (vocabulary, grid, classes) and gives the model's :class:`PriorConfig`."""
-
-    attn_layers_dim: int = flag(_model_default(PriorConfig, "dim"), "transformer width (embedding dimension)")
-    attn_layers_depth: int = flag(_model_default(PriorConfig, "depth"), "number of transformer blocks")
-    attn_layers_heads: int = flag(_model_default(PriorConfig, "heads"), "attention heads (must divide the width)")
-    attn_dropout: float = flag(_model_default(PriorConfig, "dropout"), "dropout on attention probabilities and "
-                               "residual branches during training")
-    class_dropout: float = flag(_model_default(PriorConfig, "class_dropout"), "probability of replacing a label by "
-                                "the null class in training (enables --cfg_scale)")
-    prior_norm: str = flag(_model_default(PriorConfig, "norm"), "normalisation layers of the prior (rms: LLaMA's "
-                           "RMSNorm); opt-in", choices=PRIOR_NORMS)
-    prior_mlp: str = flag(_model_default(PriorConfig, "mlp"), "MLP of the prior's blocks (swiglu: LLaMA's, same "
-                          "parameter count); opt-in", choices=PRIOR_MLPS)
-    rope: bool = flag(False, "2D rotary position embedding (row/column) on the prior's queries and keys, on top of "
-                      "the learned positions (head dimension divisible by 4); opt-in")
-
-    def build(self, vocab_size: int, latent_h: int, latent_w: int, num_classes: int) -> PriorConfig:
-        cfg = PriorConfig(vocab_size=int(vocab_size), latent_h=int(latent_h), latent_w=int(latent_w),
-                          dim=self.attn_layers_dim, depth=self.attn_layers_depth, heads=self.attn_layers_heads,
-                          dropout=self.attn_dropout, num_classes=max(int(num_classes), 0),
-                          class_dropout=self.class_dropout, norm=self.prior_norm, mlp=self.prior_mlp,
-                          rope=self.rope)
-        cfg.validate()
-        return cfg
 
 
 @dataclass
@@ -274,7 +209,7 @@ class GANConfig:
     disc_loss: str = flag("hinge", "discriminator / adversarial loss", choices=DISC_LOSSES)
     disc_channels: int = flag(64, "channels of the discriminator's first conv (doubling per layer, at most x8)")
     disc_layers: int = flag(2, "PatchGAN conv layers (2: 6x6 patch logits on 32x32 images; taming uses 3 at 256px)")
-    disc_norm: str = flag("batch", "discriminator normalisation (group: no running statistics)", choices=NORMS)
+    disc_norm: str = flag("batch", "discriminator normalisation (group: no running statistics)", choices=DISC_NORMS)
     disc_lr: float | None = flag(None, "discriminator learning rate (default: --lr); AdamW betas (0.5, 0.9)")
     no_adaptive_weight: bool = flag(False, "use disc_weight as is instead of scaling it by ||grad rec|| / ||grad "
                                     "gan|| at the decoder's last layer")

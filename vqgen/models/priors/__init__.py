@@ -1,0 +1,2 @@
+"""Prior kinds, one module each (``ar``, ...); the registry and their settings are :data:`vqgen.config.PRIORS` /
+:class:`vqgen.config.PriorConfig`, the family's base and loaders :mod:`vqgen.models.prior`."""
