@@ -142,12 +142,14 @@ class BackgroundWriter:
 
     def _check_range(self, codes: torch.Tensor) -> None:
         """Codes outside [0, K) (or the dtype's range) would be stored wrapped around: refuse the batch."""
-        top = min(self.codebook_size or np.iinfo(self.writer.dtype).max + 1, np.iinfo(self.writer.dtype).max + 1)
+        top = int(np.iinfo(self.writer.dtype).max) + 1
+        if self.codebook_size:
+            top = min(top, self.codebook_size)
         lo, hi = int(codes.min()), int(codes.max())
         if lo < 0 or hi >= top:
             raise ShardError(f"the tokenizer returned codes in [{lo}, {hi}], outside [0, {top}) (codebook size "
-                               f"{self.codebook_size}, shard dtype {self.writer.dtype.name}): a tokenizer whose "
-                               f"num_embeddings does not match its quantizer?")
+                             f"{self.codebook_size}, shard dtype {self.writer.dtype.name}): a tokenizer whose "
+                             f"num_embeddings does not match its quantizer?")
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
