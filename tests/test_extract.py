@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from vqgen import shards
 from vqgen.cli import run_cli
-from vqgen.errors import ShardError
+from vqgen.data.views import MultiView
+from vqgen.errors import ConfigError, ShardError
 from vqgen.export import check_compatible
 from vqgen.config import ExtractConfig
 from vqgen.extract import extract_split, run, tokenizer_header
@@ -63,9 +64,10 @@ def run_extract(model, ds, out, rank=0, world_size=1, **kw):
                          world_size=world_size, device="cpu", **kw)
 
 
-def merge(model, out, world_size, n, hflip=False):
+def merge(model, out, world_size, n, hflip=False, views=1):
     header = tokenizer_header(model, "f" * 64, {}, None, 10, "fake")
-    return shards.merge_manifest(out, "train", world_size, header, transforms={}, hflip=hflip, expected_total=n)
+    return shards.merge_manifest(out, "train", world_size, header, transforms={}, hflip=hflip, expected_total=n,
+                                 views=views)
 
 
 def stored(out: Path, split="train") -> dict[int, dict]:
@@ -277,6 +279,78 @@ def test_class_sorted_folder_gives_shards_that_mix_classes(tmp_path, exports):
     assert cli(*base, "--output", tmp_path / "s1", "--order_seed", 1) == 0  # another seed: another order
     other = shards.Manifest.read(tmp_path / "s1").splits["train"]
     assert other.order_seed == 1 and [s.sha256 for s in other.shards] != [s.sha256 for s in entry.shards]
+
+
+# ---------------------------------------------------------------------------------------------- multi-view
+def test_views_tencrop_are_torchvision_ten_crops(tmp_path):
+    """Each sample holds the tokens of the 10 crops (TenCrop order) of its image upsampled like stage 1's crop."""
+    import torchvision.transforms.functional as TF
+    model, ds = FakeTokenizer(), ImageSet(13)
+    mv = MultiView(10, "tencrop", 16)
+    run_extract(model, ds, tmp_path, views=mv)
+    man = merge(model, tmp_path, 1, 13, views=10)
+    assert man.splits["train"].views == 10 and man.required_version() == 2
+    up = F.interpolate(ds.x, size=(mv.big, mv.big), mode="bicubic", align_corners=False).clamp(-1, 1)
+    got = stored(tmp_path)
+    assert sorted(got) == list(range(13))
+    for k, s in got.items():
+        t = npy(s["tokens.npy"])
+        want = model.encode_to_indices(torch.stack(TF.ten_crop(up[k], 16)))
+        assert t.dtype == np.uint16 and t.shape == (10, 4, 4) and np.array_equal(t, want.numpy())
+        assert "tokens_flip.npy" not in s
+
+
+def test_views_random_seeded_and_reproducible(tmp_path):
+    model, ds = FakeTokenizer(k=256), ImageSet(12)
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        run_extract(model, ds, tmp_path / name, views=MultiView(4, "random", 16, seed=seed))
+    sha = {n: [sha256_file(p) for p in sorted((tmp_path / n).glob("*.tar"))] for n in "abc"}
+    assert sha["a"] == sha["b"] and sha["a"] != sha["c"]
+    mv = MultiView(4, "random", 16, seed=5)
+    top, left, flip = mv.params(range(12))
+    assert np.array_equal(top, mv.params(range(12))[0]) and 0 < flip.mean() < 1
+    assert top.max() <= mv.big - 16 and left.min() >= 0
+    views = mv(ds.x, list(range(12))).view(12, 4, 1, 16, 16)
+    k = 3                                                      # view v of image k is its crop at (top, left)
+    up = F.interpolate(ds.x[k:k + 1], size=(mv.big, mv.big), mode="bicubic", align_corners=False).clamp(-1, 1)[0]
+    for v in range(4):
+        crop = up[:, top[k, v]:top[k, v] + 16, left[k, v]:left[k, v] + 16]
+        assert torch.equal(views[k, v], crop.flip(-1) if flip[k, v] else crop)
+    with pytest.raises(ConfigError, match="mirrored"):
+        run_extract(model, ds, tmp_path / "d", views=mv, hflip=True)
+
+
+def test_codes_outside_the_codebook_are_refused(tmp_path):
+    class Wrong(FakeTokenizer):
+        def encode_to_indices(self, x):
+            return super().encode_to_indices(x) + self.config.codebook_size
+
+    with pytest.raises(ShardError, match="outside"):
+        run_extract(Wrong(), ImageSet(8), tmp_path)
+
+
+def test_cli_views_on_digits(tmp_path, exports, capsys):
+    _, exp_a, _, _ = exports
+    out = tmp_path / "shards"
+    base = ["--checkpoint", exp_a, "--dataset", "digits", "--data_dir", tmp_path / "data", "--output", out,
+            "--split", "test", "--batch_size", 64, "--shard_size", 100, "--no_progress"]
+    assert cli(*base, "--views", 10, "--hflip") == 2 and "already include mirrored" in capsys.readouterr().err
+    assert cli(*base, "--views", 4) == 2 and "--view_mode random" in capsys.readouterr().err
+    assert not out.exists()                                    # refused before anything is written
+    assert cli(*base, "--views", 10) == 0
+    man = shards.Manifest.read(out)
+    entry = man.splits["test"]
+    assert entry.views == 10 and not entry.hflip and entry.total == 297
+    assert entry.transforms["views"]["mode"] == "tencrop" and entry.transforms["views"]["count"] == 10
+    assert len(entry.transforms) > 1                           # the dataset's own transform is kept beside it
+    got = stored(out, "test")
+    rows = {tuple(v.reshape(-1)) for s in got.values() for v in npy(s["tokens.npy"])}
+    assert all(npy(s["tokens.npy"]).shape == (10, 4, 4) for s in got.values())
+    batches = list(shards.make_token_loader(out, "test", batch_size=50, seed=0))
+    toks = torch.cat([t for t, _ in batches])
+    assert toks.shape == (297, 16) and all(tuple(r.tolist()) in rows for r in toks)
+    assert cli(*base, "--overwrite", "--views", 3, "--view_mode", "random") == 0
+    assert shards.Manifest.read(out).splits["test"].transforms["views"]["seed"] == 0
 
 
 @pytest.mark.distributed

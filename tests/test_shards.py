@@ -60,6 +60,35 @@ def test_token_dtype():
     assert shards.token_dtype(65537) == np.int32
 
 
+def test_vocabulary_of_2_18_codes_round_trips(tmp_path):
+    """LFQ's 2^18 codes: int32 shards (the manifest says so), read back as long tokens, codes above 65535 intact."""
+    K, n = 1 << 18, 40
+    dtype = shards.token_dtype(K)
+    assert dtype == np.int32
+    rng = np.random.default_rng(0)
+    want = {k: rng.integers(0, K, size=(4, 4)) for k in range(n)}
+    want[0][:] = K - 1                                  # the largest code
+    settings = {"tokenizer_sha256": SHA, "dataset": "synthetic", "split": "train", "num_samples": n}
+    for rank in range(2):
+        w = shards.RankShardWriter(tmp_path, "train", rank, settings, 8, (4, 4), dtype)
+        w.resume()
+        for key in shards.rank_indices(n, rank, 2):
+            w.write(key, want[key], key % 10)
+        w.close()
+    header = shards.Manifest(tokenizer={"sha256": SHA, "config": {}, "path": None}, codebook_size=K, latent_h=4,
+                             latent_w=4, dtype=dtype.name, num_classes=10, dataset="synthetic")
+    shards.merge_manifest(tmp_path, "train", 2, header, transforms={}, hflip=False, expected_total=n)
+    raw = json.loads((tmp_path / shards.MANIFEST_NAME).read_text())
+    assert raw["dtype"] == "int32" and raw["codebook_size"] == K and raw["format_version"] == 1
+    got = collect(tmp_path, batch_size=7, shuffle=False)
+    toks = torch.cat([t for t, _ in got])
+    assert toks.dtype == torch.long and toks.shape == (n, 16) and int(toks.max()) == K - 1
+    stored = {tuple(v.reshape(-1).tolist()) for v in want.values()}
+    assert {tuple(r.tolist()) for r in toks} == stored
+    shuffled = torch.cat([t for t, _ in collect(tmp_path, batch_size=7, seed=1)])
+    assert {tuple(r.tolist()) for r in shuffled} == stored
+
+
 def test_roundtrip_and_manifest(tmp_path):
     man = make_shards(tmp_path, n=50, world_size=2, shard_size=7)
     assert shards.Manifest.read(tmp_path) == man

@@ -485,3 +485,92 @@ def test_two_processes_read_disjoint_shares_that_cover_the_split(tmp_path):
     total = sum(s.bytes for s in shards.TokenSplit.read(tmp_path / "shards", "train").shards)
     assert all(r["bytes"] < 0.75 * total for r in ranks)  # each rank reads about half, not everything
 
+
+
+# ------------------------------------------------------------------------------------------- multi-view splits
+def view_tokens(key: int, views: int) -> np.ndarray:
+    """(views, H, W): token 0 is the key, token 1 names the view (60000 + v)."""
+    t = np.stack([tokens_for(key)] * views)
+    t[:, 0, 1] = 60000 + np.arange(views)
+    return t
+
+
+def make_views_split(out: Path, counts: list[int], views: int) -> None:
+    key = 0
+    for rank, c in enumerate(counts):
+        settings = {"tokenizer_sha256": SHA, "dataset": "synthetic", "split": "train", "num_samples": sum(counts)}
+        w = shards.RankShardWriter(out, "train", rank, settings, max(1, c), (H, W), np.dtype(np.uint16), views=views)
+        w.resume()
+        for k in range(key, key + c):
+            w.write(k, view_tokens(k, views), k % 10)
+        key += c
+        w.close()
+    header = shards.Manifest(tokenizer={"sha256": SHA, "config": {}, "path": None}, codebook_size=65536, latent_h=H,
+                             latent_w=W, dtype="uint16", num_classes=10, dataset="synthetic")
+    shards.merge_manifest(out, "train", len(counts), header, transforms={"views": {"count": views}}, hflip=False,
+                          expected_total=key, views=views)
+
+
+def view_of(batches) -> dict[int, int]:
+    """key -> view given, asserting every row is one stored view of its sample (and each key once)."""
+    out = {}
+    for toks, labels in batches:
+        assert toks.shape[1] == H * W
+        for row, label in zip(toks.numpy(), labels.tolist()):
+            key, v = int(row[0]), int(row[1]) - 60000
+            assert key not in out and label == key % 10
+            assert np.array_equal(row, view_tokens(key, v + 1)[v].reshape(-1))
+            out[key] = v
+    return out
+
+
+def test_multi_view_manifest_and_layout(tmp_path):
+    make_views_split(tmp_path, [7, 5], views=4)
+    raw = json.loads((tmp_path / shards.MANIFEST_NAME).read_text())
+    assert raw["format_version"] == 2 and raw["splits"]["train"]["views"] == 4   # a v1 reader refuses it clearly
+    info = shards.TokenSplit.read(tmp_path, "train")
+    assert info.views == 4
+    with tarfile.open(tmp_path / "train-r000-000000.tar") as tf:
+        arr = np.load(io.BytesIO(tf.extractfile("000000003.tokens.npy").read()))
+    assert arr.shape == (4, H, W) and np.array_equal(arr, view_tokens(3, 4))
+    make_split(tmp_path / "single", [6])                                           # single-view: unchanged format
+    raw = json.loads((tmp_path / "single" / shards.MANIFEST_NAME).read_text())
+    assert raw["format_version"] == 1 and "views" not in raw["splits"]["train"]
+    assert shards.TokenSplit.read(tmp_path / "single", "train").views == 1
+    raw["format_version"] = 3
+    (tmp_path / "single" / shards.MANIFEST_NAME).write_text(json.dumps(raw))
+    with pytest.raises(ShardError, match="newer than this vqgen"):
+        shards.Manifest.read(tmp_path / "single")
+
+
+def test_multi_view_reader_one_view_per_sample_per_epoch(tmp_path):
+    make_views_split(tmp_path, [30, 25, 41], views=5)
+    kw = dict(batch_size=6, seed=2)
+    e0 = view_of(load(tmp_path, epoch=0, **kw)[1])
+    assert sorted(e0) == list(range(96))                                           # an epoch is one sample per image
+    assert view_of(load(tmp_path, epoch=0, **kw)[1]) == e0                          # deterministic for (seed, epoch)
+    assert sorted(np.bincount(list(e0.values()), minlength=5))[0] >= 8              # every view drawn
+    e1 = view_of(load(tmp_path, epoch=1, **kw)[1])
+    assert sum(e0[k] != e1[k] for k in e0) > 60                                    # another epoch, other views
+    assert view_of(load(tmp_path, epoch=0, seed=3, batch_size=6)[1]) != e0
+    split = {}
+    for r in range(3):                                                              # the same view on any world size
+        split.update(view_of(load(tmp_path, epoch=0, rank=r, world_size=3, **kw)[1]))
+    assert all(e0[k] == v for k, v in split.items()) and len(split) == 96
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_multi_view_resume_mid_epoch_and_workers(tmp_path, workers):
+    make_views_split(tmp_path, [30, 25, 41], views=3)
+    kw = dict(batch_size=5, seed=1, epoch=2, rank=1, world_size=2)
+    _, full = load(tmp_path, **kw)
+    assert same(full, load(tmp_path, num_workers=workers, **kw)[1])
+    assert same(full[4:], load(tmp_path, skip_batches=4, num_workers=workers, **kw)[1])
+
+
+def test_multi_view_rank_reads_about_a_wth(tmp_path):
+    make_views_split(tmp_path, [40] * 16, views=10)
+    total = sum(s.bytes for s in shards.TokenSplit.read(tmp_path, "train").shards)
+    loader, batches = load(tmp_path, batch_size=8, world_size=8, rank=3, verify="size")
+    assert sum(t.shape[0] for t, _ in batches) == 80
+    assert total / 8 * 0.8 < loader.bytes_read < total / 8 * 1.15

@@ -7,8 +7,9 @@ exactly like an uninterrupted one). Streams (WebDataset urls, ``hf:<name> --stre
 DataLoader worker and decoded in the workers (:class:`vqgen.data.streaming.StreamedImages`). Each rank writes its
 own shards through :class:`vqgen.shards.RankShardWriter`; the main process merges the per-rank parts into
 ``manifest.json`` once every rank is done. Unreadable source images are recorded as skipped, not encoded.
-``--hflip`` stores the tokens of the mirrored image in the same sample as ``tokens_flip.npy`` (one sample per source
-image, so "every sample exactly once" keeps its meaning).
+``--hflip`` stores the tokens of the mirrored image in the same sample as ``tokens_flip.npy``, ``--views N`` the
+tokens of N augmented views as ``tokens.npy`` [N, h, w] (:mod:`vqgen.data.views`): one sample per source image either
+way, so "every sample exactly once" keeps its meaning.
 Adapted from: LlamaGen ``extract_codes_c2i.py`` and open-muse ``pre_encode.py`` (plus resume and a manifest).
 """
 
@@ -21,12 +22,14 @@ import threading
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import shards
 from .config import ExtractConfig, validate
-from .errors import ConfigError
+from .data.views import MultiView
+from .errors import ConfigError, ShardError
 from .hub import is_hub_ref
 from .launch import prepare_first, start_processes
 
@@ -92,18 +95,24 @@ def stream_batches(stream, writer: shards.RankShardWriter, rank: int, num_worker
 
 
 @torch.no_grad()
-def encode(model, x: torch.Tensor, device: torch.device, mixed_precision: str = "no", hflip: bool = False):
-    """Token maps ``[B, h, w]`` (and of the mirrored images, or None) as CPU int64."""
+def encode(model, x: torch.Tensor, device: torch.device, mixed_precision: str = "no", hflip: bool = False,
+           views: MultiView | None = None, keys=None):
+    """Token maps ``[B, h, w]`` (``[B, N, h, w]`` with ``views``; and of the mirrored images, or None) as CPU
+    int64."""
+    B = x.shape[0]
     x = x.to(device, non_blocking=True)
     if hflip:
         x = torch.cat([x, x.flip(-1)])  # one encoder call for both: (2B, C, H, W)
+    elif views is not None:
+        x = views(x, keys)              # (B * N, C, H, W), image-major
     dtype = AUTOCAST_DTYPES[mixed_precision]
     with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         codes = model.encode_to_indices(x)
     codes = codes.to("cpu", torch.int64)
     if hflip:
-        b = codes.shape[0] // 2
-        return codes[:b], codes[b:]
+        return codes[:B], codes[B:]
+    if views is not None:
+        return codes.view(B, views.count, *codes.shape[1:]), None
     return codes, None
 
 
@@ -111,8 +120,9 @@ class BackgroundWriter:
     """Serialises batches into shards on a thread, so tar writing (~50 us/sample of Python) overlaps the next
     encoder call (which releases the GIL). A bounded queue keeps memory constant; errors surface in the caller."""
 
-    def __init__(self, writer: shards.RankShardWriter, max_batches: int = 4, threaded: bool = True):
-        self.writer, self.error = writer, None
+    def __init__(self, writer: shards.RankShardWriter, max_batches: int = 4, threaded: bool = True,
+                 codebook_size: int | None = None):
+        self.writer, self.error, self.codebook_size = writer, None, codebook_size
         self.queue: queue.Queue = queue.Queue(maxsize=max_batches)
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True) if threaded else None
         if self.thread is not None:
@@ -123,10 +133,22 @@ class BackgroundWriter:
             for key in keys:
                 self.writer.skip(key)
             return
-        codes = codes.numpy().astype(self.writer.dtype)  # (B, h, w)
+        self._check_range(codes)
+        codes = codes.numpy().astype(self.writer.dtype)  # (B, [views,] h, w)
         flips = flips.numpy().astype(self.writer.dtype) if flips is not None else None
         for j, key in enumerate(keys):
             self.writer.write(key, codes[j], labels[j], flips[j] if flips is not None else None)
+
+    def _check_range(self, codes: torch.Tensor) -> None:
+        """Codes outside [0, K) (or the dtype's range) would be stored wrapped around: refuse the batch."""
+        top = int(np.iinfo(self.writer.dtype).max) + 1
+        if self.codebook_size:
+            top = min(top, self.codebook_size)
+        lo, hi = int(codes.min()), int(codes.max())
+        if lo < 0 or hi >= top:
+            raise ShardError(f"the tokenizer returned codes in [{lo}, {hi}], outside [0, {top}) (codebook size "
+                             f"{self.codebook_size}, shard dtype {self.writer.dtype.name}): a tokenizer whose "
+                             f"num_embeddings does not match its quantizer?")
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
@@ -170,28 +192,32 @@ def extract_split(model, dataset, out_dir, *, split: str, tokenizer_sha256: str,
                   transforms: dict | None = None, rank: int = 0, world_size: int = 1, batch_size: int = 256,
                   num_workers: int = 0, shard_size: int = 1000, hflip: bool = False, mixed_precision: str = "no",
                   device: torch.device | str | None = None, progress: bool = True,
-                  writer_thread: bool = True, order_seed: int | None = 0) -> dict:
+                  writer_thread: bool = True, order_seed: int | None = 0, views: MultiView | None = None) -> dict:
     """Encode this rank's part of ``dataset`` into ``out_dir`` (resuming a killed run); returns the part record.
 
     ``model``: eval-mode tokenizer with ``encode_to_indices`` and ``config.codebook_size/latent_size``.
     ``dataset``: map-style (encoded in the permutation seeded by ``order_seed``; None: source order) or a
     :class:`~vqgen.data.streaming.StreamedImages` planned for this rank.
     ``writer_thread``: serialise shards on a background thread (overlaps the encoder; see BackgroundWriter).
+    ``views``: encode these augmented views of every image into one sample (not with ``hflip``).
     Call on every rank, then :func:`vqgen.shards.merge_manifest` on the main process after a barrier.
     """
     from .data.streaming import StreamedImages
 
+    if views is not None and hflip:
+        raise ConfigError("hflip and views together: the views already include mirrored crops")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     streamed = isinstance(dataset, StreamedImages)
     n = source_size(dataset)
     k = int(model.config.codebook_size)
     order = {"stream_readers": dataset.k} if streamed else {"order_seed": order_seed}
+    multi = {"views": views.describe()} if views is not None else {}  # absent when single-view: old parts resume
     settings = _json({"tokenizer_sha256": tokenizer_sha256, "dataset": dataset_name, "split": split,
                       "num_samples": n, "world_size": world_size, "shard_size": shard_size, "hflip": bool(hflip),
                       "dtype": shards.token_dtype(k).name, "mixed_precision": mixed_precision,
-                      "transforms": transforms or {}, **order})
+                      "transforms": transforms or {}, **order, **multi})
     writer = shards.RankShardWriter(out_dir, split, rank, settings, shard_size, tuple(model.config.latent_size),
-                                    shards.token_dtype(k))
+                                    shards.token_dtype(k), views=views.count if views is not None else 1)
     done = writer.resume()
     if writer.complete:
         return writer.close()
@@ -203,13 +229,13 @@ def extract_split(model, dataset, out_dir, *, split: str, tokenizer_sha256: str,
         done += len(writer.skipped)  # the position in the rank's index sequence
         batches = iter_batches(dataset, rank, world_size, done, shard_size, batch_size, num_workers, order_seed)
     bar = tqdm(total=own, initial=done, unit="img", desc=f"extract {split}", disable=not progress, dynamic_ncols=True)
-    sink = BackgroundWriter(writer, threaded=writer_thread)
+    sink = BackgroundWriter(writer, threaded=writer_thread, codebook_size=k)
     try:
         for keys, x, labels in batches:
             bar.update(len(keys))
             keys, x, labels = _drop_unreadable(sink, keys, x, labels)
             if keys:
-                codes, flips = encode(model, x, device, mixed_precision, hflip)
+                codes, flips = encode(model, x, device, mixed_precision, hflip, views, keys)
                 sink.put(keys, codes, labels, flips)
         sink.finish()
         part = writer.close()
@@ -291,10 +317,13 @@ def run(cfg: ExtractConfig) -> shards.Manifest | None:
     state.wait_for_everyone()
 
     manifest = None
+    views = MultiView(sharding.views, sharding.view_mode, tok.image_size, sharding.order_seed) \
+        if sharding.views > 1 else None
     for split in cfg.split:
         dataset, info = open_input(cfg, split, tok, state)
         streamed = isinstance(dataset, StreamedImages)
         order_seed = None if streamed else sharding.order_seed
+        transforms = _json({**info.transforms, **({"views": views.describe()} if views is not None else {})})
         if state.is_main_process:
             print(f"extracting {data.dataset}/{split} with tokenizer {export.sha256[:12]} on {state.num_processes} "
                   f"process(es) -> {out}", flush=True)
@@ -302,13 +331,14 @@ def run(cfg: ExtractConfig) -> shards.Manifest | None:
                       transforms=info.transforms, rank=state.process_index, world_size=state.num_processes,
                       batch_size=cfg.batch_size, num_workers=data.num_workers, shard_size=sharding.shard_size,
                       hflip=sharding.hflip, mixed_precision=cfg.mixed_precision, device=state.device,
-                      progress=state.is_local_main_process and not cfg.no_progress, order_seed=order_seed)
+                      progress=state.is_local_main_process and not cfg.no_progress, order_seed=order_seed,
+                      views=views)
         state.wait_for_everyone()
         if state.is_main_process:
             header = tokenizer_header(model, export.sha256, export.config, tok_path, info.num_classes, data.dataset)
-            manifest = shards.merge_manifest(out, split, state.num_processes, header,
-                                             transforms=_json(info.transforms), hflip=sharding.hflip,
-                                             expected_total=source_size(dataset), order_seed=order_seed)
+            manifest = shards.merge_manifest(out, split, state.num_processes, header, transforms=transforms,
+                                             hflip=sharding.hflip, expected_total=source_size(dataset),
+                                             order_seed=order_seed, views=sharding.views)
             entry = manifest.split(split)
             sizes = [s.bytes for s in entry.shards]
             print(f"{split}: {entry.total} samples in {len(sizes)} shards "

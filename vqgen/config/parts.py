@@ -16,6 +16,7 @@ from .datasets import DATASETS
 from .flags import flag
 
 PRECISIONS = ("no", "fp16", "bf16")
+VIEW_MODES, TENCROP_VIEWS = ("tencrop", "random"), 10   # extract_codes.py --view_mode / --views (vqgen.data.views)
 CFG_SCHEDULES = ("constant", "linear")
 SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")   # split names: also parts of shard file names
 DISC_NORMS, DISC_LOSSES = ("batch", "group"), ("hinge",)
@@ -168,12 +169,24 @@ class ShardingConfig:
     shard_size: int = flag(1000, "samples per shard, the unit of resume (1000: ~1.5 MB of 16x16 uint16 tokens; "
                            "ImageNet gives ~1300 shards, enough for shard-level splitting over ranks x workers)")
     hflip: bool = flag(False, "also store the tokens of the horizontally mirrored image as tokens_flip.npy")
+    views: int = flag(1, "augmented views per image, their tokens stored in one sample (tokens.npy [views, h, w]); "
+                      "the prior reads one view per image per epoch. The encoder sees --batch_size x views images. "
+                      "Views include mirrored crops: not with --hflip")
+    view_mode: str = flag("tencrop", "how --views are made from the image upsampled by 1.125: tencrop = 4 corners + "
+                          "center, each also mirrored (LlamaGen's --ten-crop; needs --views 10); random = random "
+                          "crops, each mirrored with p = 1/2, seeded by (--order_seed, image, view)",
+                          choices=VIEW_MODES)
     order_seed: int = flag(0, "map-style inputs are encoded in a permutation of the source order seeded by this: the "
                            "shards of a class-sorted folder mix classes (keys stay source indices)")
 
     def check(self) -> None:
-        _positive(self, "shard_size")
+        _positive(self, "shard_size", "views")
         _positive(self, "order_seed", zero_ok=True)
+        if self.views > 1 and self.hflip:
+            raise ConfigError("--hflip with --views: the views already include mirrored crops; pass one of them")
+        if self.views > 1 and self.view_mode == "tencrop" and self.views != TENCROP_VIEWS:
+            raise ConfigError(f"--view_mode tencrop makes {TENCROP_VIEWS} views: pass --views {TENCROP_VIEWS}, or "
+                              f"--view_mode random for {self.views} random crops")
 
 
 @dataclass

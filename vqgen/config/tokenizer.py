@@ -8,6 +8,7 @@ A flag's name is the field's name and the export's key; exports written with ear
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
@@ -47,6 +48,10 @@ def level_params(values: Sequence, per: int, levels: int, name: str) -> tuple[tu
 QUANTIZERS: dict[str, QuantizerKind] = {
     "vq": QuantizerKind("vqgen.models.quantizers.vq:VectorQuantizerEMA", "EMA codebook, dead-code restarts",
                         codebook_size=lambda c: c.num_embeddings, code_dim=lambda c: c.embedding_dim),
+    "fsq": QuantizerKind("vqgen.models.quantizers.fsq:FSQ", "finite scalar quantization, no codebook",
+                         codebook_size=lambda c: math.prod(c.fsq_levels), code_dim=lambda c: len(c.fsq_levels)),
+    "lfq": QuantizerKind("vqgen.models.quantizers.lfq:LFQ", "lookup-free binary codes, entropy penalty",
+                         codebook_size=lambda c: 2 ** c.lfq_bits, code_dim=lambda c: c.lfq_bits),
 }
 
 
@@ -82,7 +87,7 @@ class VQVAEConfig(ModelConfig):
                           "are listed below", choices=choices(QUANTIZERS))
     num_embeddings: int = flag(256, "codebook size K", kind="vq")
     embedding_dim: int = flag(8, "code vector dimension (8 with the l2 codebook, LlamaGen's choice)", kind="vq")
-    commitment_cost: float = flag(0.25, "weight of the commitment loss ||z - sg(q)||^2", kind="vq")
+    commitment_cost: float = flag(0.25, "weight of the commitment loss ||z - sg(q)||^2", kind=("vq", "lfq"))
     ema_decay: float = flag(0.99, "EMA decay of the codebook statistics", kind="vq")
     ema_epsilon: float = flag(1e-5, "Laplace smoothing of the EMA cluster sizes", kind="vq")
     dead_code_threshold: float = flag(1.0, "restart codes that won fewer than this many vectors per step (all "
@@ -91,6 +96,13 @@ class VQVAEConfig(ModelConfig):
     codebook_l2: bool = flag(True, "l2-normalised codebook and encoder outputs (LlamaGen's low-dimensional "
                              "codebook, with --embedding_dim 8)", kind="vq")
     init_kmeans_iters: int = 10   # Lloyd iterations refining the codebook's data initialisation
+    fsq_levels: list[int] = flag([8, 5, 5, 5], "levels per code channel (codes = their product; the channels = their "
+                                 "count); each >= 3, e.g. 8 5 5 5 = 1000 codes, 8 8 8 5 5 5 = 64000", kind="fsq")
+    lfq_bits: int = flag(10, "bits per code (codes = 2^bits, channels = bits), up to 20", kind="lfq")
+    lfq_entropy_weight: float = flag(0.1, "weight of the entropy penalty (per-sample entropy minus "
+                                     "--lfq_diversity_gamma x codebook entropy)", kind="lfq")
+    lfq_diversity_gamma: float = flag(1.0, "weight of the codebook-entropy term inside the penalty (higher: more "
+                                      "codes used)", kind="lfq")
 
     # ---- derived sizes -------------------------------------------------------------------------------------
     @property
@@ -190,6 +202,11 @@ class VQVAEConfig(ModelConfig):
                                       f"than stride or dilation (PyTorch ConvTranspose2d rule)")
         if self.quantizer == "vq":
             self._check_vq()
+        elif self.quantizer == "fsq" and (not self.fsq_levels or min(self.fsq_levels) < 3):
+            raise ConfigError(f"--fsq_levels needs values >= 3 (2 levels cannot be centred on 0: use --quantizer lfq "
+                              f"for binary codes), got {list(self.fsq_levels)}")
+        elif self.quantizer == "lfq" and not 1 <= self.lfq_bits <= 20:
+            raise ConfigError(f"--lfq_bits must be in [1, 20], got {self.lfq_bits}")
 
     def _check_vq(self) -> None:
         if self.num_embeddings <= 0 or self.embedding_dim <= 0:

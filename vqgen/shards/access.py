@@ -2,7 +2,8 @@
 
 Why offsets work. vqgen's writer emits plain tars with fixed headers (``format.TAR_KW``: mtime 0, user "vqgen"); every
 sample has the same members (``cls``, ``tokens.npy``[, ``tokens_flip.npy``]) with the same number of 512-byte
-blocks each (a label's text is < 512 bytes, token arrays have one shape). So sample i starts at ``i * stride``.
+blocks each (a label's text is < 512 bytes, token arrays have one shape: (h, w), or (views, h, w) in a multi-view
+split). So sample i starts at ``i * stride``.
 The layout is read from the first sample's headers (a few 512-byte reads per shard opened) and must agree with
 the manifest's byte count: ``count * stride`` plus the end-of-archive blocks (1024 bytes, padded to tar's
 10240-byte record). Every chunk is checked again where it is read (tar magic, member names, one key per sample,
@@ -72,7 +73,7 @@ class Layout:
 
 @dataclass
 class Decoded:
-    """Samples ``[start, start + n)`` of a shard: token arrays (n, h*w) and labels (n,) int64."""
+    """Samples ``[start, start + n)`` of a shard: token arrays (n, views*h*w) and labels (n,) int64."""
 
     tokens: np.ndarray
     flip: np.ndarray | None
@@ -86,9 +87,10 @@ class ShardFiles:
     """One process's access to a split's shards: open files, layouts, decoding, bytes read (``bytes_read``)."""
 
     def __init__(self, shards: list[ShardFile], latent_hw: tuple[int, int], dtype: np.dtype, npy_header: bytes,
-                 need_flip: bool):
+                 need_flip: bool, views: int = 1):
         self.shards, self.need_flip = shards, need_flip
-        self.hw, self.dtype, self.npy_header = int(latent_hw[0] * latent_hw[1]), np.dtype(dtype), npy_header
+        self.hw = int(latent_hw[0] * latent_hw[1]) * int(views)  # tokens per member: (views x) h x w
+        self.dtype, self.npy_header = np.dtype(dtype), npy_header
         self.bytes_read = 0
         self.verified: set[int] = set()
         self._fds: dict[int, int] = {}

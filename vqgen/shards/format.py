@@ -2,8 +2,9 @@
 
 Layout of a shard folder (see docs/ARCHITECTURE.md)::
 
-    <out>/<split>-r{rank:03d}-{n:06d}.tar   samples {"__key__": "%09d" source index, "tokens.npy": [h, w],
-                                             "cls": int label or -1, "tokens_flip.npy": [h, w] with --hflip}
+    <out>/<split>-r{rank:03d}-{n:06d}.tar   samples {"__key__": "%09d" source index, "tokens.npy": [h, w]
+                                             ([views, h, w] with --views), "cls": int label or -1,
+                                             "tokens_flip.npy": [h, w] with --hflip}
     <out>/.parts/<split>-r{rank:03d}.json    per-rank progress record: one entry per *complete* shard
     <out>/manifest.json                       written last (the commit point), merged from the parts
 
@@ -29,7 +30,7 @@ from ..fsutil import atomic_write_json
 
 
 FORMAT = "vqgen-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this vqgen reads; a manifest says 2 only when a split has several views
 MANIFEST_NAME = "manifest.json"
 PARTS_DIR = ".parts"
 SPLITS = ("train", "test")  # the usual ones; any name matching vqgen.config.SPLIT_RE can be extracted
@@ -43,8 +44,14 @@ EXTRACT_HINT = ("python extract_codes.py --checkpoint <runs/<name>/export> --dat
 
 # ----------------------------------------------------------------------------------------------------- naming
 def token_dtype(codebook_size: int) -> np.dtype:
-    """uint16 while every code fits (<= 65536 entries), else int32."""
+    """uint16 while every code fits (<= 65536 entries), else int32 (LFQ's 2^18 codes and beyond)."""
     return np.dtype(np.uint16) if codebook_size <= 65536 else np.dtype(np.int32)
+
+
+def sample_shape(latent_hw: Sequence[int], views: int = 1) -> tuple[int, ...]:
+    """Shape of a sample's ``tokens.npy``: (h, w), or (views, h, w) for a multi-view split."""
+    h, w = (int(v) for v in latent_hw)
+    return (h, w) if views == 1 else (int(views), h, w)
 
 
 def shard_name(split: str, rank: int, n: int) -> str:
@@ -131,7 +138,9 @@ class SplitInfo:
     """One extracted split: its sample total, its shards, the image transform and whether mirrored tokens exist.
 
     ``order_seed``: a map-style source was encoded in the permutation of its indices seeded by this (None: in
-    source order, as streams are). ``skipped_unreadable``: keys of source images that could not be decoded."""
+    source order, as streams are). ``skipped_unreadable``: keys of source images that could not be decoded.
+    ``views``: token maps per sample (one per augmented view of the image; how they were made is in
+    ``transforms["views"]``); 1 = the plain layout."""
 
     total: int
     shards: list[ShardInfo]
@@ -139,6 +148,7 @@ class SplitInfo:
     hflip: bool = False
     order_seed: int | None = None
     skipped_unreadable: list[int] = field(default_factory=list)
+    views: int = 1
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -154,6 +164,8 @@ class SplitInfo:
             out["order_seed"] = self.order_seed
         if self.skipped_unreadable:
             out["skipped_unreadable"] = self.skipped_unreadable
+        if self.views != 1:
+            out["views"] = self.views
         return out
 
 
@@ -162,8 +174,8 @@ class Manifest:
     """``manifest.json``: what ties a shard folder to its tokenizer, written last by extraction (the commit point).
 
     :meth:`read` is its one reader, :meth:`write` its one writer; the JSON layout is that of format_version 1
-    (docs/ARCHITECTURE.md), unknown keys are kept as they were. Whether a tokenizer or a prior fits these shards
-    is decided by :func:`vqgen.export.check_compatible`.
+    (docs/ARCHITECTURE.md) plus, in version 2, a split's ``views``; unknown keys are kept as they were. Whether a
+    tokenizer or a prior fits these shards is decided by :func:`vqgen.export.check_compatible`.
     """
 
     tokenizer: dict                 # {"sha256", "config", "path"} of the tokenizer export
@@ -175,7 +187,7 @@ class Manifest:
     dataset: str
     splits: dict[str, SplitInfo] = field(default_factory=dict)
     format: str = FORMAT
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1         # as read; written as :meth:`required_version`
     extra: dict = field(default_factory=dict)
     path: Path | None = field(default=None, compare=False)  # the folder it was read from (not stored)
 
@@ -210,8 +222,12 @@ class Manifest:
         """Write ``manifest.json`` atomically (temp + fsync + rename)."""
         atomic_write_json(Path(shard_dir) / MANIFEST_NAME, self.to_dict())
 
+    def required_version(self) -> int:
+        """2 when a split has several views (a version-1 reader would misread its samples), else 1."""
+        return 2 if any(s.views != 1 for s in self.splits.values()) else 1
+
     def to_dict(self) -> dict:
-        return {**self.extra, "format": self.format, "format_version": self.format_version,
+        return {**self.extra, "format": self.format, "format_version": self.required_version(),
                 "tokenizer": self.tokenizer, "codebook_size": self.codebook_size, "latent_h": self.latent_h,
                 "latent_w": self.latent_w, "dtype": self.dtype, "num_classes": self.num_classes,
                 "dataset": self.dataset, "splits": {k: v.to_dict() for k, v in self.splits.items()}}

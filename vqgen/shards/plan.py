@@ -28,6 +28,9 @@ from its spec (``ResumePoint``) and the epoch continues with the *remaining* sam
 ranks by the same rule (:func:`resume_history` says so in one warning line). Epoch boundaries are exact for any
 world size: an epoch's plan depends only on (seed, epoch, spec).
 
+Per-sample draws: the mirror coin (``hflip``) and the view a multi-view sample gives are hashes of (seed, epoch,
+position) (:meth:`RankPlan.flips`, :meth:`RankPlan.views`): new each epoch, the same for any W, workers or resume.
+
 ``resampled=True``: each rank draws shards with replacement, seeded by (seed, epoch, rank), until it has
 ``epoch_samples`` samples (default ``N // W``): WebDataset's ``ResampledShards`` + ``with_epoch`` semantics, for
 very large or growing shard sets.
@@ -44,7 +47,7 @@ from typing import Sequence
 
 import numpy as np
 
-_ORDER, _DRAW, _JITTER, _FLIP = 1, 2, 3, 4  # purposes of the seeded generators
+_ORDER, _DRAW, _JITTER, _FLIP, _VIEW = 1, 2, 3, 4, 5  # purposes of the seeded generators
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ class RankPlan:
         per_stream = np.bincount(np.arange(self.num_batches) % S, weights=sizes, minlength=S).astype(np.int64)
         self.bounds = np.concatenate([[0], np.cumsum(per_stream)])  # stream s: positions[bounds[s]:bounds[s+1]]
         self._orders: dict[int, np.ndarray] = {}
-        self._flip_key: np.uint64 | None = None
+        self._keys: dict[int, np.uint64] = {}
 
     def stream_positions(self, s: int) -> np.ndarray:
         return self.positions[self.bounds[s]: self.bounds[s + 1]]
@@ -171,14 +174,22 @@ class RankPlan:
         slot = np.searchsorted(self.cum, positions, side="right") - 1
         return slot, positions - self.cum[slot]
 
-    def flips(self, positions: np.ndarray) -> np.ndarray:
-        """Mirror coin per sample: a hash of (seed, epoch, position), so it does not depend on W or workers."""
-        if self._flip_key is None:
-            self._flip_key = np.uint64(int(_rng(self.spec.seed, self.epoch, self._flip_salt, _FLIP).integers(1 << 63)))
-        key = self._flip_key
+    def _hash(self, positions: np.ndarray, purpose: int) -> np.ndarray:
+        """A uint64 hash of (seed, epoch, position) per sample: independent of W and workers. For a given (seed,
+        epoch) a position is one sample of the split, so this is a per-(seed, epoch, sample) draw."""
+        if purpose not in self._keys:
+            rng = _rng(self.spec.seed, self.epoch, self._flip_salt, purpose)
+            self._keys[purpose] = np.uint64(int(rng.integers(1 << 63)))
         with np.errstate(over="ignore"):
-            h = _mix64(positions.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + key)
-        return (h >> np.uint64(63)).astype(bool)
+            return _mix64(positions.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + self._keys[purpose])
+
+    def flips(self, positions: np.ndarray) -> np.ndarray:
+        """Mirror coin per sample (see :meth:`_hash`)."""
+        return (self._hash(positions, _FLIP) >> np.uint64(63)).astype(bool)
+
+    def views(self, positions: np.ndarray, n: int) -> np.ndarray:
+        """Which of a sample's ``n`` views it gives this epoch (int64 in [0, n); see :meth:`_hash`)."""
+        return ((self._hash(positions, _VIEW) >> np.uint64(32)) % np.uint64(n)).astype(np.int64)
 
 
 def _shard_order(counts: np.ndarray, spec: PlanSpec, epoch: int) -> tuple[np.ndarray, np.ndarray]:

@@ -32,7 +32,7 @@ import torch
 
 from ..errors import ShardError
 from .access import Decoded, Hasher, ShardFile, ShardFiles
-from .format import Manifest, npy_header
+from .format import Manifest, npy_header, sample_shape
 from .plan import PlanSpec, RankPlan, ResumePoint, plan_epoch
 
 VERIFY_MODES = ("full", "size", "none")
@@ -50,14 +50,18 @@ class TokenSplit:
     hflip: bool
     latent_hw: tuple[int, int]
     dtype: np.dtype
+    views: int = 1  # token maps per sample (multi-view extraction); the reader gives one of them per epoch
 
     @classmethod
     def from_manifest(cls, manifest: Manifest, split: str) -> "TokenSplit":
         """ShardError (saying how to extract it) when the split is absent."""
         d, entry = Path(manifest.path), manifest.split(split)
         files = tuple(ShardFile(d / s.name, int(s.count), s.bytes, s.sha256) for s in entry.shards)
+        if int(entry.views) < 1 or (entry.views > 1 and entry.hflip):
+            raise ShardError(f"split {split!r} in {d}: views={entry.views} with hflip={entry.hflip} is not a layout "
+                             f"vqgen writes (corrupt manifest?)")
         return cls(d, split, files, int(entry.total), bool(entry.hflip),
-                   (int(manifest.latent_h), int(manifest.latent_w)), np.dtype(manifest.dtype))
+                   (int(manifest.latent_h), int(manifest.latent_w)), np.dtype(manifest.dtype), int(entry.views))
 
     @classmethod
     def read(cls, shard_dir: str | os.PathLike, split: str) -> "TokenSplit":
@@ -150,7 +154,9 @@ class _Cursor:
 
 class TokenStream(torch.utils.data.IterableDataset):
     """Batches ``(index, tokens LongTensor [B, h*w], labels LongTensor [B], bytes read since the last batch)`` of
-    one rank and DataLoader worker. Use :func:`make_token_loader`, which re-orders and sums the bytes."""
+    one rank and DataLoader worker. Use :func:`make_token_loader`, which re-orders and sums the bytes.
+    A multi-view split gives one view per sample, drawn per (seed, epoch, sample) (:meth:`RankPlan.views`); the
+    rank reads all views of its samples (still ~1/W of the bytes) and an epoch is one sample per image."""
 
     def __init__(self, info: TokenSplit, spec: PlanSpec, *, epoch: int = 0, rank: int = 0, skip_batches: int = 0,
                  hflip: bool | None = None, verify: str = "full", history: Sequence[ResumePoint] = ()):
@@ -183,8 +189,10 @@ class TokenStream(torch.utils.data.IterableDataset):
         for b in mine:
             s, local = plan.batch(b)
             needed.setdefault(s, np.zeros(len(plan.stream_positions(s)), dtype=bool))[local] = True
-        files = ShardFiles(list(self.info.shards), self.info.latent_hw, self.info.dtype,
-                           npy_header(self.info.latent_hw, self.info.dtype), self.use_flip)
+        split = self.info
+        files = ShardFiles(list(split.shards), split.latent_hw, split.dtype,
+                           npy_header(sample_shape(split.latent_hw, split.views), split.dtype), self.use_flip,
+                           split.views)
         cursors = {s: _Cursor(plan, s, m, files, self.chunk, self.verify == "full") for s, m in needed.items()}
         reported = 0
         try:
@@ -194,6 +202,10 @@ class TokenStream(torch.utils.data.IterableDataset):
                 tokens = d.tokens
                 if self.use_flip:
                     tokens = np.where(plan.flips(plan.stream_positions(s)[local])[:, None], d.flip, d.tokens)
+                elif split.views > 1:  # (n, views * h*w) -> the drawn view of each sample, (n, h*w)
+                    n = len(local)
+                    pick = plan.views(plan.stream_positions(s)[local], split.views)
+                    tokens = np.ascontiguousarray(tokens.reshape(n, split.views, -1)[np.arange(n), pick])
                 yield b, torch.from_numpy(tokens), torch.from_numpy(d.labels), files.bytes_read - reported
                 reported = files.bytes_read
         finally:

@@ -24,7 +24,7 @@ import webdataset as wds
 from ..errors import ShardError
 from ..fsutil import atomic_write_json, fsync_dir, sha256_file
 from .format import (KEY_FORMAT, MANIFEST_NAME, PARTS_DIR, SHARD_RE, TAR_KW, Manifest, ShardInfo, SplitInfo,
-                     npy_header, part_path, read_json, shard_name)
+                     npy_header, part_path, read_json, sample_shape, shard_name)
 
 
 def check_output(out_dir: str | os.PathLike, tokenizer_sha256: str, dataset: str) -> None:
@@ -68,18 +68,20 @@ class RankShardWriter:
     """One rank's resumable shard writer for one split (a ``webdataset.ShardWriter`` under temp names).
 
     ``settings`` is everything that determines the shard contents (tokenizer sha256, dataset, split, number of
-    source samples, world size, shard size, batch size, hflip, dtype...). A rerun with different settings is refused.
-    Use: ``done = w.resume()`` (samples already stored, always a multiple of shard_size unless the rank finished),
-    then ``w.write(key, tokens, label[, tokens_flip])`` for the remaining samples in order, then ``w.close()``.
+    source samples, world size, shard size, batch size, hflip, views, dtype...). A rerun with different settings is
+    refused. Use: ``done = w.resume()`` (samples already stored, always a multiple of shard_size unless the rank
+    finished), then ``w.write(key, tokens, label[, tokens_flip])`` for the remaining samples in order, then
+    ``w.close()``. ``tokens`` is (h, w), or (views, h, w) with ``views > 1`` (one fixed size per sample either way).
     """
 
     def __init__(self, out_dir: str | os.PathLike, split: str, rank: int, settings: dict, shard_size: int,
-                 latent_hw: tuple[int, int], dtype: np.dtype):
+                 latent_hw: tuple[int, int], dtype: np.dtype, views: int = 1):
         self.out, self.split, self.rank = Path(out_dir), split, rank
         self.settings, self.shard_size = dict(settings), int(shard_size)
         self.dtype = np.dtype(dtype)
         self.latent_hw = tuple(int(v) for v in latent_hw)
-        self.header = npy_header(self.latent_hw, self.dtype)
+        self.shape = sample_shape(self.latent_hw, views)
+        self.header = npy_header(self.shape, self.dtype)
         self.part_file = part_path(self.out, split, rank)
         self.shards: list[dict] = []
         self.complete = False
@@ -149,8 +151,8 @@ class RankShardWriter:
     def _npy(self, a: np.ndarray) -> bytes:
         # Same bytes as np.save, without its per-call header formatting (~10x faster for small arrays).
         a = np.ascontiguousarray(a, dtype=self.dtype)
-        if a.shape != self.latent_hw:
-            raise ValueError(f"tokens of shape {a.shape}, expected {self.latent_hw}")
+        if a.shape != self.shape:
+            raise ValueError(f"tokens of shape {a.shape}, expected {self.shape}")
         return self.header + a.tobytes()
 
     def _commit(self, tmp_name: str) -> None:
@@ -199,7 +201,8 @@ class RankShardWriter:
 
 
 def merge_manifest(out_dir: str | os.PathLike, split: str, world_size: int, header: Manifest, *, transforms: dict,
-                   hflip: bool, expected_total: int | None = None, order_seed: int | None = None) -> Manifest:
+                   hflip: bool, expected_total: int | None = None, order_seed: int | None = None,
+                   views: int = 1) -> Manifest:
     """Main process, after every rank closed its writer: merge the parts of ``split`` into manifest.json.
 
     ``header``: the format-level fields (a :class:`Manifest` without splits: tokenizer, codebook size, grid, dtype,
@@ -231,7 +234,7 @@ def merge_manifest(out_dir: str | os.PathLike, split: str, world_size: int, head
         raise ShardError(f"{out / MANIFEST_NAME} names another tokenizer; pass --overwrite to replace it")
     splits = {**(old.splits if old is not None else {}),
               split: SplitInfo(total=total, shards=shards, transforms=transforms, hflip=bool(hflip),
-                               order_seed=order_seed, skipped_unreadable=sorted(skipped))}
+                               order_seed=order_seed, skipped_unreadable=sorted(skipped), views=int(views))}
     manifest = dataclasses.replace(header, splits=splits, path=out)
     manifest.write(out)
     return manifest
