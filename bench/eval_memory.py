@@ -1,4 +1,4 @@
-"""Peak memory of evaluate.py with 2k and 20k generated images (issue 13 item 5: flat within ~10%).
+"""Peak memory of evaluate.py with 2k and 20k generated images (target: flat within ~10%).
 
     python bench/eval_memory.py [--small 2000 --large 20000 --image_size 64 --baseline_repo /path/to/older/vqgen]
 

@@ -96,7 +96,7 @@ class PriorTask(StageTask):
         """Same reader spec: skip the batches done (exact). Another one (world size, batch, streams...) mid-epoch:
         continue with the samples the interrupted run had not seen, each once, and say so."""
         self.world_size, reader = world_size, (saved or {}).get("reader")
-        if reader is None:  # a checkpoint of the reader before issue 12: another sample order
+        if reader is None:  # a checkpoint of the older whole-shard reader: another sample order
             skip, _ = map_style_resume(saved, epoch, batches_done, world_size, self.cfg.train.batch_size)
             return skip, (f"warning: this checkpoint was written by an older vqgen token reader: the epoch "
                           f"continues after the first {skip} batches of the new order, not exactly "
