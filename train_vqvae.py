@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Stage 1: train the VQ-VAE tokenizer. Flags: `python train_vqvae.py --help` (vqgen/config.py)."""
+"""Stage 1: train the VQ-VAE tokenizer. Flags: `python train_vqvae.py --help` (vqgen/config/)."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""The config system (vqgen/config.py): flags generated from the stage dataclasses, YAML files, precedence, aliases,
+"""The config system (vqgen/config/): flags generated from the stage dataclasses, YAML files, precedence, aliases,
 one declaration per flag, config.yaml in the run folder reused by --resume, and the example configs."""
 
 from __future__ import annotations

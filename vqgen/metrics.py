@@ -86,7 +86,7 @@ class ReconstructionMeter:
 # ------------------------------------------------------------------------------------------------------------
 # Sample-quality metrics in a feature space (FID / IS / precision-recall / classifier statistics).
 #
-# The feature network runs once per image (see vqgen.evaluate); its outputs are fed to torchmetrics'
+# The feature network runs once per image (:mod:`vqgen.eval.features`); its outputs are fed to torchmetrics'
 # FrechetInceptionDistance / InceptionScore through :class:`PrecomputedFeatures`, a pass-through "feature
 # extractor", so torchmetrics does the statistics (running mean/covariance, matrix square root, IS splits)
 # while one forward pass serves FID, IS and precision/recall alike.

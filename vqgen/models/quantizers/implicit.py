@@ -3,7 +3,7 @@
 A subclass implements ``_quantize(zf) -> (codes, straight-through codes, indices)``, ``embed`` and ``_aux_loss``;
 this class runs them in fp32 with autocast off (the rounding / sign and the loss stay fp32 in a bf16 model),
 counts codes without host syncs and keeps ``usage`` (K,) long: assignments of this rank's training forwards since
-:meth:`reset_usage` (no collective; long, so ``model.bfloat16()`` cannot round it). Nothing is persistent: the
+:meth:`Quantizer.reset_usage` (no collective; long, so ``model.bfloat16()`` cannot round it). Nothing is persistent: the
 state_dict is empty, the config rebuilds the module exactly.
 """
 
