@@ -139,6 +139,7 @@ def undo_fixes(undo: list[str]) -> None:
         perf.keep_freed_memory = lambda: False
     if "lut" in undo:  # torchvision's ToTensor + Normalize per item
         from torchvision import transforms as T
+
         from vqgen.data import transforms
 
         def reference(self, img):
@@ -272,7 +273,7 @@ def row_plain(spec: dict, clock: Clock) -> None:
             return F.mse_loss(out.recon, x) + out.vq_loss
     else:
         from vqgen.config import PriorConfig
-        from vqgen.models.prior import Prior, build_prior
+        from vqgen.models.prior import build_prior
 
         model = build_prior(PriorConfig(vocab_size=256, latent_h=8, latent_w=8, num_classes=10))  # train_prior defaults
         toks, labels = torch.randint(0, 256, (n * batch, 64)), torch.randint(0, 10, (n * batch,))

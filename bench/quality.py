@@ -97,10 +97,9 @@ class Evaluator:
     """One feature space, one test-split reference and one code path (vqgen.eval) for every row."""
 
     def __init__(self, args):
-        from vqgen.config import EvalConfig
+        from vqgen.config import EvalConfig, load_config
         from vqgen.eval import batches as B
         from vqgen.eval.features import build_feature_space
-        from vqgen.config import load_config
 
         self.args, self.B = args, B
         self.cfg = load_config(EvalConfig, ["--data_dir", args.data_dir, "--features", "classifier",

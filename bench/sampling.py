@@ -21,8 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vqgen.config import PriorConfig  # noqa: E402
-
-from vqgen.models.prior import Prior, build_prior  # noqa: E402
+from vqgen.models.prior import build_prior  # noqa: E402
 from vqgen.models.sampling import generate  # noqa: E402
 
 

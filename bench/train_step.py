@@ -86,7 +86,7 @@ def build(impl: str, case: str, variant: str, device):
         tokens = torch.randint(0, 256, (batch, size * size), device=device)
         if impl == "vqgen":
             from vqgen.config import PriorConfig
-            from vqgen.models.prior import Prior, build_prior
+            from vqgen.models.prior import build_prior
             model = build_prior(PriorConfig(vocab_size=256, latent_h=size, latent_w=size, attn_layers_dim=96, attn_layers_depth=12, attn_layers_heads=8)).to(device)
 
             def loss_fn():
@@ -166,7 +166,8 @@ def run_subprocess(spec: dict) -> dict:
 
 def profile(target: str, args) -> None:
     import torch
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
     impl, case, variant = target.split(":")
     device = torch.device(args.device)
     if device.type == "cuda":

@@ -12,7 +12,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-
 PSNR_CAP_DB = 100.0  # ReconstructionMeter averages min(PSNR, 100 dB): identical images would give inf
 
 

@@ -16,8 +16,15 @@ import os
 from pathlib import Path
 
 from . import extract, sample
-from .config import (PIPELINE_TRAINING, ExtractConfig, PipelineConfig, PriorStageConfig, SampleConfig,
-                     VQVAEStageConfig, validate)
+from .config import (
+    PIPELINE_TRAINING,
+    ExtractConfig,
+    PipelineConfig,
+    PriorStageConfig,
+    SampleConfig,
+    VQVAEStageConfig,
+    validate,
+)
 from .export import is_export
 from .run_dir import PipelineLayout, RunDir
 from .shards import has_split

@@ -30,7 +30,6 @@ from .splits import normalize_split
 from .transforms import ImageTransform
 
 
-
 @dataclass
 class DatasetInfo:
     name: str

@@ -22,7 +22,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from ..export import Export, ExportMeta, Exportable, is_export
+from ..export import Export, Exportable, ExportMeta, is_export
+
 
 @dataclass
 class ClassifierConfig(ModelConfig):

@@ -18,18 +18,18 @@ from pathlib import Path
 
 import torch
 
+from .. import metrics as M
 from .. import shards
 from ..config import EvalConfig, validate
 from ..errors import CheckpointError, ConfigError
 from ..export import check_compatible
 from ..fsutil import atomic_write_json
 from ..hub import is_hub_ref, resolve_model_path
+from ..images import save_image_grid
 from ..launch import prepare_first, resolve_device, start_processes
 from ..models.prior import load_prior, token_nll
 from ..models.tokenizer import load_tokenizer
 from ..run_dir import PipelineLayout, RunDir
-from ..images import save_image_grid
-from .. import metrics as M
 from . import stream_stats
 from .batches import eval_real, eval_samples, open_split, reference_scores, split_size
 from .features import FeatureSpace, build_feature_space, find_inception_weights

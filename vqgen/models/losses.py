@@ -22,7 +22,6 @@ from ..config.parts import DISC_LOSSES, VGG16_FILE  # noqa: F401 (DISC_LOSSES: t
 from ..errors import ConfigError
 
 
-
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 

@@ -26,7 +26,6 @@ import numpy as np
 from ..errors import ShardError
 from ..fsutil import atomic_write_json
 
-
 FORMAT = "vqgen-shards"
 FORMAT_VERSION = 2  # the newest this vqgen reads; a manifest says 2 only when a split has several views
 MANIFEST_NAME = "manifest.json"

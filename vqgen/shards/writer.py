@@ -20,8 +20,21 @@ import webdataset as wds
 
 from ..errors import ShardError
 from ..fsutil import atomic_write_json, fsync_dir, sha256_file
-from .format import (KEY_FORMAT, MANIFEST_NAME, PARTS_DIR, SHARD_RE, TAR_KW, Manifest, ShardInfo, SplitInfo,
-                     npy_header, part_path, read_json, sample_shape, shard_name)
+from .format import (
+    KEY_FORMAT,
+    MANIFEST_NAME,
+    PARTS_DIR,
+    SHARD_RE,
+    TAR_KW,
+    Manifest,
+    ShardInfo,
+    SplitInfo,
+    npy_header,
+    part_path,
+    read_json,
+    sample_shape,
+    shard_name,
+)
 
 
 def check_output(out_dir: str | os.PathLike, tokenizer_sha256: str, dataset: str) -> None:

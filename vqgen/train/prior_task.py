@@ -15,17 +15,26 @@ from pathlib import Path
 
 import torch
 
-from ..shards import (Manifest, PlanSpec, ResumePoint, TokenLoader, TokenSplit, TokenStream, check_split,
-                      make_token_loader, resume_history)
 from ..config import PriorStageConfig, validate
 from ..errors import CheckpointError, ConfigError
-from ..metrics import bits_per_token
 from ..export import ExportMeta, check_compatible
 from ..hub import is_hub_ref, resolve_model_path
-from ..models.prior import Prior, build_prior, token_cross_entropy, token_nll
-from ..models.tokenizer import load_tokenizer
 from ..images import save_image_grid
+from ..metrics import bits_per_token
+from ..models.prior import Prior, build_prior, token_cross_entropy, token_nll
 from ..models.sampling import class_labels, decode_to_images, generate
+from ..models.tokenizer import load_tokenizer
+from ..shards import (
+    Manifest,
+    PlanSpec,
+    ResumePoint,
+    TokenLoader,
+    TokenSplit,
+    TokenStream,
+    check_split,
+    make_token_loader,
+    resume_history,
+)
 from .checkpointing import map_style_resume
 from .ema import WeightsEMA
 from .loop import TrainLoop

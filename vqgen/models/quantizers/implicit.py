@@ -10,6 +10,7 @@ state_dict is empty, the config rebuilds the module exactly.
 from __future__ import annotations
 
 import torch
+
 from .base import Quantizer, QuantizerOutput
 
 MAX_CODEBOOK = 1 << 20  # every forward builds (K,) counts; larger implicit codebooks need a sparse count
