@@ -20,16 +20,16 @@ from ..data.augment import Augment
 from ..data.stream_input import is_streamed, open_stream
 from ..data.streaming import StreamedImages
 from ..export import ExportMeta
-from ..metrics import ReconstructionMeter
+from ..images import save_image_grid
 from ..launch import prepare_first, resolve_mixed_precision, start_processes
+from ..metrics import ReconstructionMeter
 from ..models.vqvae import VQVAE
 from ..perf import default_channels_last
-from ..images import save_image_grid
 from .gan import VQGANTerms
 from .loop import TrainLoop
 from .setup import prepare_training
-from .task import StageTask
 from .stage1_data import MapInput, StreamInput, first_images
+from .task import StageTask
 
 
 def interleave_rows(inputs: torch.Tensor, recons: torch.Tensor, per_row: int) -> torch.Tensor:
