@@ -11,13 +11,15 @@ A training run (:class:`RunDir`, one per trainer)::
                  STOP                            the default stop file (preemption)
                  logs/<wandb_project>/           TensorBoard event files (--report_to tensorboard|all)
                  wandb/                          wandb's run folders (offline ones: ``wandb sync``)
+                 .vqgen.lock                     held by the one job writing the folder (vqgen.lock); not a run
 
 The folder of ``VQVAE_T.py`` (:class:`PipelineLayout`) holds one run per trainer plus the shards and samples::
 
     <root>/vqvae/ <root>/shards/ <root>/prior/ <root>/samples/ <root>/eval.json <root>/eval/
 
 A checkpoint folder counts only when complete: it is written as ``.checkpoint-<step>.tmp`` and renamed once its
-``vqgen_state.json`` is in (see :mod:`vqgen.train.checkpointing`).
+``vqgen_state.json`` is in (see :mod:`vqgen.train.checkpointing`); a damaged one is set aside as
+``damaged-checkpoint-<step>``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import shutil
 from pathlib import Path
 
 from .errors import CheckpointError, ConfigError
-from .fsutil import atomic_write_json, atomic_write_text
+from .fsutil import atomic_write_json, atomic_write_text, fsync_dir
 
 
 class RunDir:
@@ -38,6 +40,7 @@ class RunDir:
 
     CHECKPOINTS, EXPORT, SAMPLES, LOGS = "checkpoints", "export", "samples", "logs"
     METRICS, CONFIG, RECORD, STATE, STOP = "metrics.jsonl", "config.yaml", "run_config.json", "vqgen_state.json", "STOP"
+    DAMAGED = "damaged-"  # prefix of a checkpoint folder set aside by --resume latest
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -89,6 +92,17 @@ class RunDir:
 
     def checkpoint_tmp(self, step: int) -> Path:
         return self.checkpoints / f".checkpoint-{step}.tmp"
+
+    def set_aside(self, checkpoint: Path) -> Path:
+        """Rename a damaged checkpoint to ``damaged-<name>[-k]``: kept for inspection, never resumed from, rotated or
+        cleaned. Returns its new path."""
+        for k in range(1000):
+            new = checkpoint.with_name(f"{self.DAMAGED}{checkpoint.name}" + (f"-{k}" if k else ""))
+            if not new.exists():
+                os.replace(checkpoint, new)
+                fsync_dir(new.parent)
+                return new
+        raise CheckpointError(f"{checkpoint.parent} holds too many damaged checkpoints; remove some")
 
     # ---- checkpoints
     def checkpoint_dirs(self) -> list[Path]:

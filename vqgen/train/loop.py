@@ -37,9 +37,11 @@ from ..flags import to_dict, to_yaml
 from ..errors import ConfigError, TrainingAborted
 from ..hub import push_export
 from ..launch import build_accelerator, check_extra_models, fill_deepspeed_config, resolve_mixed_precision
+from ..lock import hold_folder
 from ..perf import release_freed_memory
 from ..run_dir import RunDir, field_defaults
-from .checkpointing import DATA_STATE, LoopState, load_checkpoint, save_checkpoint, saved_data_state
+from .checkpointing import (DATA_STATE, LoopState, load_checkpoint, save_checkpoint, saved_data_state,
+                            verified_resume)
 from .schedule import make_scheduler
 from .tracking import STATE_KEY, plan_trackers, start_trackers
 
@@ -108,6 +110,8 @@ class TrainLoop:
         acc = self.accelerator = build_accelerator(cfg, self.trackers.log_with)
         extra = list(getattr(task, "extra_models", ()))
         check_extra_models(acc, extra)
+        self.folder_lock = hold_folder(self.run.root)  # one writer per run folder, from here to the end of fit()
+        self.resume_dir = verified_resume(self.run, cfg.resume, self.resume_dir)  # damaged newest: an older one
         if cfg.overwrite and not cfg.resume and acc.is_main_process:
             self.run.clear()  # only now: every check that can refuse the run has passed
         self.world_size, self.rank = acc.num_processes, acc.process_index
@@ -143,6 +147,8 @@ class TrainLoop:
                    disable=not self.accelerator.is_local_main_process,
                    mininterval=0.5 if sys.stderr.isatty() else 30)
         self._bad_in_a_row, stop = 0, None
+        if self.cfg.max_steps and self.state.global_step >= self.cfg.max_steps:
+            stop = "max_steps"  # resumed from the last checkpoint (killed while exporting): only the export is left
         # --max_minutes: a time budget from here (start-up excluded), ending like --max_steps (checkpoint, export)
         self._deadline = time.monotonic() + 60 * self.cfg.max_minutes if self.cfg.max_minutes else None
         self._time_up = False
@@ -150,7 +156,9 @@ class TrainLoop:
             while self.state.epoch < self.cfg.n_epochs and stop is None:
                 stop = self._run_epoch(sig, bar)
         bar.close()
-        return self._finish(stop)
+        state = self._finish(stop)
+        self.folder_lock.release()
+        return state
 
     def _start(self) -> None:
         """Clean what a killed run left, resume, check there is work, print the banner."""
