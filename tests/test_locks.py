@@ -274,15 +274,21 @@ def test_two_process_second_job_refused_on_every_rank_first_undisturbed(tmp_path
 
     if not ACCELERATE.exists():
         pytest.skip("accelerate CLI not installed")
+    psutil = pytest.importorskip("psutil")
+
+    def kill_job(proc: subprocess.Popen) -> None:
+        """SIGKILL the launcher and its ranks at once (torch's agent starts each rank in a session of its own)."""
+        for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+            p.send_signal(signal.SIGKILL)
+        proc.wait()
     run = tmp_path / "run"
     flags = [*VQ, "--data_dir", str(tmp_path / "data"), "--batch_size", "64", "--output_dir", str(run)]
     first = subprocess.Popen([*cpu2(), str(ROOT / "train_vqvae.py"), *flags, "--max_steps", "5000"], cwd=ROOT,
-                             env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
+                             env=launch_env(), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 200
         while not list((run / "checkpoints").glob("checkpoint-*")):  # both ranks are training
-            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0][-3000:]
+            assert first.poll() is None and time.monotonic() < deadline, "the first job did not start training"
             time.sleep(0.5)
         holder = json.loads((run / LOCK_NAME).read_text())
         second = subprocess.run([*cpu2(), str(ROOT / "train_vqvae.py"), *flags, "--max_steps", "5000", "--resume",
@@ -293,8 +299,7 @@ def test_two_process_second_job_refused_on_every_rank_first_undisturbed(tmp_path
         assert len(errors) == 2 and all(f"pid {holder['pid']}," in e for e in errors), log[-3000:]  # both ranks
         assert "exitcode  : 2" in log and "vqgen/" not in log, log[-3000:]  # no traceback from vqgen
         assert first.poll() is None  # the first job trains on, its rank 1 unaffected
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
+        kill_job(first)
         # the killed job freed the folder at once; its newest checkpoint damaged: the rerun falls back, once
         newest = RunDir(run).checkpoint_dirs()[-1]
         _truncate(newest / "model.safetensors", run)
@@ -307,5 +312,4 @@ def test_two_process_second_job_refused_on_every_rank_first_undisturbed(tmp_path
         assert log.count(f"warning: checkpoint {newest} is damaged") == 1 and "resumed from" in log, log[-3000:]
     finally:
         if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
+            kill_job(first)

@@ -101,14 +101,15 @@ def holder(path: Path) -> str:
     """Who holds the lock file ``path``, as its holder wrote it."""
     try:
         info = json.loads(path.read_text())
-        return f"host {info['host']}, pid {info['pid']}, since {info['since']}: {info['command']}"
+        return f"{info['command']} on host {info['host']}, pid {info['pid']}, since {info['since']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "holder not recorded yet"
 
 
 def _me() -> dict:
+    job = os.environ.get("SLURM_JOB_ID")
     return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300]}
+            "command": Path(sys.argv[0]).name + (f" (Slurm job {job})" if job else "")}
 
 
 def _file_id(path: Path) -> tuple[int, int] | None:
