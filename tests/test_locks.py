@@ -41,6 +41,7 @@ PRIOR = ["--attn_layers_dim", "32", "--attn_layers_depth", "2", "--attn_layers_h
          "100"]
 HOLD = "import sys, time; from vqgen.lock import lock_folder\n[lock_folder(f) for f in sys.argv[1:]]\n" \
        "print('held', flush=True); time.sleep(300)"
+TRY_LOCK = "import sys; from vqgen.lock import lock_folder; lock_folder(sys.argv[1])"
 
 
 def tree(d: Path, lock: bool = True) -> dict[str, tuple[int, int]]:
@@ -128,13 +129,12 @@ def test_lock_file_is_no_run_and_survives_overwrite(tmp_path):
     run.clear()
     shards.clear_output(run.root)
     assert (run.root / LOCK_NAME).stat().st_ino == inode
-    assert subprocess.run([sys.executable, "-c", "import sys; from vqgen.lock import lock_folder; "
-                           "lock_folder(sys.argv[1])", str(run.root)], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode != 0  # still held
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    other = subprocess.run([sys.executable, "-c", TRY_LOCK, str(run.root)], cwd=ROOT, env=env, capture_output=True,
+                           text=True)
+    assert other.returncode != 0 and "FolderInUseError" in other.stderr and f"pid {os.getpid()}," in other.stderr
     lock.release()
-    assert subprocess.run([sys.executable, "-c", "import sys; from vqgen.lock import lock_folder; "
-                           "lock_folder(sys.argv[1])", str(run.root)], cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}).returncode == 0
+    assert subprocess.run([sys.executable, "-c", TRY_LOCK, str(run.root)], cwd=ROOT, env=env).returncode == 0
 
 
 # ------------------------------------------------------------------------------------------ damaged checkpoints
