@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import FolderInUseError, VQGenError
+from .errors import ConfigError, FolderInUseError, VQGenError
 
 LOCK_NAME = ".vqgen.lock"
 _BUSY = (errno.EACCES, errno.EAGAIN)
@@ -33,10 +33,6 @@ class FolderLock:
 
     def __init__(self, path: Path | None = None, fd: int | None = None):
         self.path, self.fd = path, fd
-
-    @property
-    def held(self) -> bool:
-        return self.fd is not None
 
     def release(self) -> None:
         """Free the folder for the next writer (closing the only descriptor drops the POSIX lock)."""
@@ -56,17 +52,22 @@ def lock_folder(folder: str | os.PathLike, flag: str = "--output_dir") -> Folder
     after the other). Where the file system has no locks (Lustre ``-o noflock``, NFS ``nolock``) one warning line
     says so and the run goes on unlocked."""
     path = Path(folder) / LOCK_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create {flag} {folder}: {e.strerror or e}") from None
     while True:
         # Our own lock first: opening a second descriptor and closing it would drop the POSIX lock we hold.
         with_same_file = _held.get(_file_id(path))
         if with_same_file is not None:
             return with_same_file
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = None
         try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
             if e.errno in _BUSY:
                 raise FolderInUseError(f"{Path(folder)} is being written by another vqgen job ({holder(path)}); one "
                                        f"writer per folder: wait until it ends or stop it (a killed job frees the "

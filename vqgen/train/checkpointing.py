@@ -101,7 +101,7 @@ def checkpoint_files(folder: Path) -> dict:
 
 def checkpoint_problem(path: Path) -> str | None:
     """Why ``path`` cannot be resumed from (None: intact). Checkpoints of older vqgen versions list no files: their
-    state file, safetensors headers and RNG states are checked (a bad optimizer file is then found on loading)."""
+    state file, safetensors headers and top-level pickles are checked. Every rank's RNG state must load."""
     try:
         raw = json.loads((path / RunDir.STATE).read_text())
         world = int(raw["world_size"])
@@ -124,8 +124,8 @@ def checkpoint_problem(path: Path) -> str | None:
         for f in sorted(path.rglob("*.safetensors")):
             if (problem := _safetensors_problem(f)) is not None:
                 return f"{f.relative_to(path)} is unreadable ({problem})"
-        for f in sorted(p for p in path.iterdir() if p.suffix in (".bin", ".pkl", ".pt")):  # accelerate's pickles
-            if (problem := _pickle_problem(f)) is not None:
+        for f in sorted(p for p in path.iterdir() if p.suffix in (".bin", ".pt")):  # optimizers, scaler
+            if (problem := _load_pickle(f)[1]) is not None:
                 return problem
     for rank in range(world):
         if (problem := _rng_problem(path / RNG_FILE.format(rank))) is not None:
@@ -144,29 +144,25 @@ def _safetensors_problem(f: Path) -> str | None:
     return None
 
 
-def _pickle_problem(f: Path) -> str | None:
-    """Why accelerate could not load this pickle (it loads with weights_only: nothing runs), or None."""
+def _load_pickle(f: Path):
+    """(object, None), or (None, why accelerate could not load this pickle): it loads with weights_only, so a
+    pickle that would run code is refused and nothing runs."""
     from accelerate.utils import load
 
     try:
-        load(str(f))
+        return load(str(f)), None
     except Exception as e:  # noqa: BLE001 - torch's errors for a damaged, truncated or code-running pickle
-        return f"{f.name} cannot be loaded safely ({_load_error(e, 'it')})"
-    return None
+        return None, f"{f.name} cannot be loaded safely ({_load_error(e, 'it')})"
 
 
 def _rng_problem(f: Path) -> str | None:
     """Why accelerate would skip this RNG state file (it does so silently), or None."""
-    from accelerate.utils import load
-
     if not f.is_file():
         return f"{f.name} is missing"
-    if (problem := _pickle_problem(f)) is not None:
-        return problem
-    states = load(str(f))
-    if not isinstance(states, dict) or not all(k in states for k in RNG_KEYS):
-        return f"{f.name} holds no RNG state"
-    return None
+    states, problem = _load_pickle(f)
+    if problem is None and not (isinstance(states, dict) and all(k in states for k in RNG_KEYS)):
+        problem = f"{f.name} holds no RNG state"
+    return problem
 
 
 def verified_resume(run: RunDir, resume: str | None, chosen: Path | None) -> Path | None:
@@ -238,16 +234,17 @@ def _check_rng_restored(f: Path, expected: bool) -> None:
     """accelerate logs "Could not load random states" and goes on when it cannot restore them: an exact resume
     would then silently not be one. ``expected``: this rank saved a state (a resume on more ranks has none)."""
     import torch
-    from accelerate.utils import load
 
     if not expected:
         return
-    problem = _rng_problem(f)
+    states, problem = _load_pickle(f) if f.is_file() else (None, f"{f.name} is missing")
     if problem is None:
-        states = load(str(f))
-        if random.getstate() == states["random_state"] and torch.equal(torch.get_rng_state(),
-                                                                       states["torch_manual_seed"]):
-            return
+        try:
+            if random.getstate() == states["random_state"] and torch.equal(torch.get_rng_state(),
+                                                                           states["torch_manual_seed"]):
+                return
+        except (KeyError, TypeError, RuntimeError):
+            pass
         problem = f"{f.name} was not restored"
     raise CheckpointError(f"cannot resume from {f.parent}: {problem}, so the resumed run would not continue the "
                           f"interrupted one exactly")
