@@ -88,15 +88,15 @@ class Job:
             pass
 
     def kill(self) -> None:
-        """SIGKILL the launcher and its ranks at once, like a lost node (the ranks first: they do the writing);
-        then any process of this stage the list missed."""
+        """SIGKILL the launcher and its ranks at once, like a lost node; then any process of this stage the list
+        missed."""
         if not self.listed:
             self.refresh()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, signal.SIGKILL)  # the launcher first: it must not report its ranks' deaths
         for p in self.tree:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.send_signal(signal.SIGKILL)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         for p in psutil.process_iter(["cmdline"]):
             if str(self.out) in (p.info["cmdline"] or []):
@@ -159,7 +159,7 @@ def leftovers(out: Path) -> set[str]:
     return {str(p.relative_to(out)) for pat in pats for p in out.glob(pat)}
 
 
-def phase(new: set[str], progressed: bool) -> str:
+def phase(new: set[str], progressed: bool, work: str) -> str:
     """Where a kill landed, from what it left."""
     if any(n.startswith(".export.") for n in new):
         return "export"
@@ -169,7 +169,7 @@ def phase(new: set[str], progressed: bool) -> str:
         return "checkpoint write"
     if any(n.endswith(".tar.tmp") for n in new):
         return "shard write"
-    return "a step (between writes)" if progressed else "start-up / resume"
+    return work if progressed else "start-up / resume"
 
 
 # ------------------------------------------------------------------------------------------------ one stage
@@ -183,10 +183,11 @@ class Stage:
     trainer: bool
     startup: tuple[float, float]  # range of start-up kill delays (s)
     damage: Callable[[Path], str | None]  # damages the newest checkpoint / a shard; returns what it did
+    work: str  # what it does between writes
     duplicates: int = 0  # duplicate writers started while a run is going
 
 
-def run_stage(stage: Stage, kills: int, rng: random.Random, logs: Path) -> Tally:
+def run_stage(stage: Stage, kills: int, rng: random.Random, logs: Path) -> Tally:  # noqa: C901 - one story
     """``kills`` runs killed at random moments, each resumed by the next; then one run to the end."""
     tally = Tally(stage.name)
     exports = max(1, kills // 7) if stage.trainer else 0  # the last kills land in the export
@@ -236,7 +237,7 @@ def run_stage(stage: Stage, kills: int, rng: random.Random, logs: Path) -> Tally
             if not final:
                 tally.failures.append(f"run {i} finished before its kill: only {i} kills landed")
             break
-        kind = phase(leftovers(stage.out) - before, stage.progress(stage.out) > base)
+        kind = phase(leftovers(stage.out) - before, stage.progress(stage.out) > base, stage.work)
         tally.faults[f"kill during {kind}"] += 1
         pending += 1
         if not damaged and i >= kills // 2 and (what := stage.damage(stage.out)):
@@ -343,59 +344,51 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="seeds the kill moments, kinds and delays")
     ap.add_argument("--out", default="/tmp/vqgen-chaos", help="work folder (emptied first)")
     args = ap.parse_args()
-    out = Path(args.out)
+    out, k = Path(args.out), args.kills
     shutil.rmtree(out, ignore_errors=True)
     (out / "logs").mkdir(parents=True)
     rng, t_start = random.Random(args.seed), time.perf_counter()
-    k = args.kills
-    tok_steps, prior_steps = 4 * k + 40, 3 * k + 30
     ENV["ACCELERATE_USE_CPU"] = "true"  # accelerate_configs/cpu_2proc.yaml: 2 gloo processes on CPU
+    tok_steps, prior_steps = 4 * k + 40, 3 * k + 30  # room for K kills that each let a run go 1-3 steps on
 
-    def reference(argv: list[str], what: str) -> None:
-        proc = subprocess.run(argv, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    def command(script: str, flags: list[str], processes: int, stage_out: Path, trainer: bool):
+        return lambda resume: [*launcher(processes), str(ROOT / script), *flags, "--output_dir", str(stage_out),
+                               *(["--resume", "latest"] if resume and trainer else [])]
+
+    def chaos(name: str, folder: str, script: str, flags: list[str], processes: int, **stage) -> Tally:
+        """The uninterrupted run into ref/<folder>, then the chaos run into chaos/<folder>."""
+        t0 = time.perf_counter()
+        ref, stage_out = out / "ref" / folder, out / "chaos" / folder
+        trainer = stage["progress"] is newest_step
+        proc = subprocess.run(command(script, flags, processes, ref, trainer)(False), cwd=ROOT, env=ENV,
+                              capture_output=True, text=True, check=False)
         if proc.returncode != 0:
-            raise SystemExit(f"the uninterrupted {what} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+            raise SystemExit(f"the uninterrupted {name} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+        last = stage.pop("last", None) or shards_done(ref)
+        tally = run_stage(Stage(name if processes == 1 else f"{name} ({processes} processes)",
+                                command(script, flags, processes, stage_out, trainer), stage_out, last=last,
+                                trainer=trainer, **stage), k, rng, out / "logs")
+        if trainer:
+            compare_trainer(tally, stage_out, ref, 64)
+        else:
+            compare_shards(tally, stage_out, ref)
+        tally.seconds = time.perf_counter() - t0
+        return tally
 
-    def trainer(script: str, flags: list[str], run: Path, processes: int) -> Callable[[bool], list[str]]:
-        return lambda resume: [*launcher(processes), str(ROOT / script), *flags, "--output_dir", str(run),
-                               *(["--resume", "latest"] if resume else [])]
-
-    tallies = []
-    # stage 1: the tokenizer, one process
-    t0 = time.perf_counter()
-    tok_flags = [*TOKENIZER, "--data_dir", str(out / "data"), "--max_steps", str(tok_steps)]
-    reference([PY, str(ROOT / "train_vqvae.py"), *tok_flags, "--output_dir", str(out / "ref/tokenizer")], "tokenizer")
-    stage = Stage("tokenizer", trainer("train_vqvae.py", tok_flags, out / "chaos/tokenizer", 1),
-                  out / "chaos/tokenizer", newest_step, tok_steps, True, (0.3, 4.0), truncate_newest_checkpoint,
-                  duplicates=max(1, k // 10))
-    tally = run_stage(stage, k, rng, out / "logs")
-    compare_trainer(tally, stage.out, out / "ref/tokenizer", 64)
-    tally.seconds = time.perf_counter() - t0
-    tallies.append(tally)
-    # stage 2: extraction with the uninterrupted tokenizer, one process
-    t0 = time.perf_counter()
-    ext_flags = [*EXTRACT, "--checkpoint", str(out / "ref/tokenizer/export"), "--data_dir", str(out / "data")]
-    reference([PY, str(ROOT / "extract_codes.py"), *ext_flags, "--output_dir", str(out / "ref/shards")], "extraction")
-    n_shards = shards_done(out / "ref/shards")
-    stage = Stage("extraction", lambda resume: [PY, str(ROOT / "extract_codes.py"), *ext_flags, "--output_dir",
-                                                 str(out / "chaos/shards")],
-                  out / "chaos/shards", shards_done, n_shards, False, (0.3, 3.0), truncate_a_shard)
-    tally = run_stage(stage, k, rng, out / "logs")
-    compare_shards(tally, stage.out, out / "ref/shards")
-    tally.seconds = time.perf_counter() - t0
-    tallies.append(tally)
-    # stage 3: the prior on the uninterrupted shards, two processes
-    t0 = time.perf_counter()
-    prior_flags = [*PRIOR, "--shards", str(out / "ref/shards"), "--max_steps", str(prior_steps)]
-    reference([*launcher(2), str(ROOT / "train_prior.py"), *prior_flags, "--output_dir", str(out / "ref/prior")], "prior")
-    stage = Stage("prior (2 processes)", trainer("train_prior.py", prior_flags, out / "chaos/prior", 2),
-                  out / "chaos/prior", newest_step, prior_steps, True, (1.0, 10.0), truncate_newest_checkpoint,
-                  duplicates=1)
-    tally = run_stage(stage, k, rng, out / "logs")
-    compare_trainer(tally, stage.out, out / "ref/prior", 64)
-    tally.seconds = time.perf_counter() - t0
-    tallies.append(tally)
-
+    data = ["--data_dir", str(out / "data")]
+    tallies = [
+        chaos("tokenizer", "tokenizer", "train_vqvae.py", [*TOKENIZER, *data, "--max_steps", str(tok_steps)], 1,
+              progress=newest_step, last=tok_steps, startup=(0.3, 4.0), damage=truncate_newest_checkpoint,
+              work="a training step", duplicates=max(1, k // 10)),
+        # extraction with the uninterrupted tokenizer, the prior on the uninterrupted shards: a difference is theirs
+        chaos("extraction", "shards", "extract_codes.py",
+              [*EXTRACT, *data, "--checkpoint", str(out / "ref/tokenizer/export")], 1,
+              progress=shards_done, startup=(0.3, 3.0), damage=truncate_a_shard, work="encoding"),
+        chaos("prior", "prior", "train_prior.py",
+              [*PRIOR, "--shards", str(out / "ref/shards"), "--max_steps", str(prior_steps)], 2,
+              progress=newest_step, last=prior_steps, startup=(1.0, 10.0), damage=truncate_newest_checkpoint,
+              work="a training step", duplicates=1),
+    ]
     report(tallies, args, time.perf_counter() - t_start)
     ok = all(t.equal and not t.failures and t.survived == t.injected and not t.lost and not t.duplicated
              for t in tallies)
