@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo lint test test-fast test-distributed bench bench-quality eval clean
+.PHONY: setup demo lint test test-fast test-distributed bench bench-chaos bench-quality eval clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,11 @@ bench: $(STAMP)
 	$(PY) bench/train_step.py
 	$(PY) bench/default_speed.py
 	$(PY) bench/reader_scale.py
+
+# Correctness under faults: every stage SIGKILLed 20 times and resumed, a checkpoint and a shard damaged, duplicate
+# jobs refused; the results must equal an uninterrupted run's bitwise (docs/FAILURES.md: figures and runtime).
+bench-chaos: $(STAMP)
+	$(PY) bench/chaos.py
 
 # The side-by-side quality benchmark on real Fashion-MNIST (the original recipe on MONAI, its frozen variant,
 # vqgen uncond/cond), 30 minutes per row for stages 1-3 plus sampling/evaluation (run time: docs/NOTES.md).

@@ -105,6 +105,21 @@ def test_hf_refs_resolve_from_a_prefilled_cache(tmp_path, hub_cache):
         _grid_tokenizer("hf:nobody/absent", given=True)
 
 
+@pytest.mark.parametrize("ref", ["hf:a/b/../../../../etc", "hf:a/b/sub/..", "hf:a/b@../../x", "hf:a/b@refs/../x",
+                                 "hf:/abs/repo", "hf:a/b@/abs", "hf:a//b", "hf:a/b/", "hf:a/b@", "hf:a/./b"])
+def test_hf_refs_with_dot_dot_absolute_or_empty_parts_are_refused(ref, tmp_path, hub_cache, capsys):
+    with pytest.raises(CheckpointError, match="empty, '.', '..', absolute"):
+        parse_hub_ref(ref)
+    with pytest.raises(CheckpointError, match="empty, '.', '..', absolute"):
+        VQVAE.from_pretrained("hf:a/b", revision="../../x" if ref.endswith("/x") else "/abs")
+    assert run_cli(sample.run, SampleConfig, ["--checkpoint", ref, "--checkpoint_t", ref, "--output_dir",
+                                              str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a Hub reference" in err and "Traceback" not in err, err
+    assert not (tmp_path / "s").exists()
+    assert parse_hub_ref("hf:a/b/sub.dir/x@refs/pr/1") == parse_hub_ref("a/b/sub.dir/x@refs/pr/1")  # still fine
+
+
 @pytest.mark.parametrize("offline_env", [True, False], ids=["HF_HUB_OFFLINE", "endpoint-unreachable"])
 def test_hf_miss_is_one_clear_error_within_5s(tmp_path, hub_cache, monkeypatch, offline_env):
     if not offline_env:  # no offline flag, and nothing listens at the endpoint: the (<= 2 s) probe decides

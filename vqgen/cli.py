@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 from .config import load_config
 from .errors import VQGenError
 from .fsutil import is_disk_full
+from .lock import release_all
 
 
 def _strip_worker_traceback(msg: str) -> str:
@@ -21,6 +22,14 @@ def _strip_worker_traceback(msg: str) -> str:
         m = re.match(r"^[A-Za-z_][\w.]*(?:Error|Exception|Aborted): (.*)$", last)
         return m.group(1) if m else last
     return msg
+
+
+def _leave_process_group() -> None:
+    """After a user error raised on every rank: leave the process group, so each rank exits with status 2 (a rank
+    that exits inside it is aborted by gloo's threads and the launcher reports a crash)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_cli(run: Callable[[Any], object] | str, config_cls: type, argv: Sequence[str] | None = None) -> int:
@@ -40,6 +49,7 @@ def run_cli(run: Callable[[Any], object] | str, config_cls: type, argv: Sequence
         run(config)
     except VQGenError as e:
         print(f"{prog}: error: {_strip_worker_traceback(str(e))}", file=sys.stderr, flush=True)
+        _leave_process_group()
         return 2
     except Exception as e:  # noqa: BLE001 - only a full disk is handled here; anything else keeps its traceback
         if not is_disk_full(e):
@@ -53,4 +63,6 @@ def run_cli(run: Callable[[Any], object] | str, config_cls: type, argv: Sequence
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)
         return 130
+    finally:
+        release_all()  # a run that stopped early frees its folders too (the process may go on: tests, notebooks)
     return 0

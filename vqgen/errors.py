@@ -32,3 +32,7 @@ class TrainingAborted(VQGenError, RuntimeError):
 
 class DiskFullError(VQGenError, RuntimeError):
     """The disk (or quota) filled up while writing; what was written before is intact (atomic writes)."""
+
+
+class FolderInUseError(VQGenError, RuntimeError):
+    """Another job is writing the same output folder (one writer per folder: vqgen.lock)."""

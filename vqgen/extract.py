@@ -28,6 +28,7 @@ from .data.views import MultiView
 from .errors import ConfigError, ShardError
 from .hub import is_hub_ref
 from .launch import prepare_first, start_processes
+from .lock import hold_folder
 
 AUTOCAST_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -305,6 +306,7 @@ def run(cfg: ExtractConfig) -> shards.Manifest | None:
         raise ConfigError(f"--image_size {data.image_size} differs from the tokenizer's image size {tok.image_size}; "
                           f"leave it out to use the tokenizer's")
     out = Path(cfg.output_dir or Path("shards") / re.sub(r"[^A-Za-z0-9_.-]+", "_", data.dataset).strip("._"))
+    folder_lock = hold_folder(out)  # one writer per shard folder, until the manifest is written
     if cfg.overwrite:
         if state.is_main_process:
             shards.clear_output(out)
@@ -340,4 +342,5 @@ def run(cfg: ExtractConfig) -> shards.Manifest | None:
             print(f"{split}: {entry.total} samples in {len(sizes)} shards "
                   f"({sum(sizes) / 1e6:.2f} MB) -> {out / shards.MANIFEST_NAME}", flush=True)
         state.wait_for_everyone()
+    folder_lock.release()
     return manifest

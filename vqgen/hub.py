@@ -63,8 +63,11 @@ def parse_hub_ref(ref: str) -> HubRef:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     body = ref[len(HF_PREFIX):] if ref.startswith(HF_PREFIX) else ref
-    body, _, revision = body.partition("@")
-    parts = [p for p in body.strip("/").split("/") if p]
+    body, at, revision = body.partition("@")
+    _refuse_odd_parts(ref, "path", body)
+    if at:
+        _refuse_odd_parts(ref, "revision", revision)
+    parts = body.split("/")
     repo_id, subfolder = "/".join(parts[:2]), "/".join(parts[2:])
     try:
         validate_repo_id(repo_id)
@@ -72,6 +75,13 @@ def parse_hub_ref(ref: str) -> HubRef:
         raise CheckpointError(f"{ref!r} is not a Hub reference hf:<user>/<repo>[/<subfolder>][@<revision>] "
                               f"({str(e).splitlines()[0]})") from None
     return HubRef(repo_id, subfolder, revision or None)
+
+
+def _refuse_odd_parts(ref: str, what: str, text: str) -> None:
+    """The parts of a ref become paths inside the local Hub cache: no '..', '.', empty or absolute part."""
+    if text.startswith("/") or "\\" in text or any(p in ("", ".", "..") for p in text.split("/")):
+        raise CheckpointError(f"{ref!r} is not a Hub reference hf:<user>/<repo>[/<subfolder>][@<revision>]: its "
+                              f"{what} {text!r} has an empty, '.', '..', absolute or backslashed part")
 
 
 def _offline_flag() -> str | None:
@@ -170,6 +180,8 @@ class HubMixin(PyTorchModelHubMixin, library_name="vqgen", tags=["vqgen"], model
             ref = HF_PREFIX + ref  # the Hub convention: a string that is not a local path is a repo id
         if is_hub_ref(ref):
             hub = parse_hub_ref(ref)
+            if revision:
+                _refuse_odd_parts(ref, "revision", revision)
             hub = HubRef(hub.repo_id, hub.subfolder, revision or hub.revision)
             ref = resolve_hub_ref(hub, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
                                   force_download=force_download)

@@ -4,7 +4,8 @@
 ``metrics.jsonl``, ``config.yaml``, ``run_config.json``, ``STOP``, the trackers' folders); :class:`PipelineLayout` is
 the folder of ``VQVAE_T.py`` (``vqvae/``, ``shards/``, ``prior/``, ``samples/``, ``eval.json``). A checkpoint counts
 only when complete: it is written as ``.checkpoint-<step>.tmp`` and renamed once its ``vqgen_state.json`` is in
-(:mod:`vqgen.train.checkpointing`). The layout, entry by entry: docs/NOTES.md.
+(:mod:`vqgen.train.checkpointing`); a damaged one is set aside as ``damaged-checkpoint-<step>``. ``.vqgen.lock``
+(:mod:`vqgen.lock`) is held by the one job writing the folder. The layout, entry by entry: docs/NOTES.md.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from .config.stages import CONFIG_FILE
 from .errors import CheckpointError, ConfigError, VQGenError
-from .fsutil import atomic_write_json, atomic_write_text
+from .fsutil import atomic_write_json, atomic_write_text, fsync_dir
 
 
 class RunDir:
@@ -25,6 +26,7 @@ class RunDir:
 
     CHECKPOINTS, EXPORT, SAMPLES, LOGS = "checkpoints", "export", "samples", "logs"
     METRICS, CONFIG, RECORD, STATE, STOP = "metrics.jsonl", CONFIG_FILE, "run_config.json", "vqgen_state.json", "STOP"
+    DAMAGED = "damaged-"  # prefix of a checkpoint folder set aside by --resume latest
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -76,6 +78,17 @@ class RunDir:
 
     def checkpoint_tmp(self, step: int) -> Path:
         return self.checkpoints / f".checkpoint-{step}.tmp"
+
+    def set_aside(self, checkpoint: Path) -> Path:
+        """Rename a damaged checkpoint to ``damaged-<name>[-k]``: kept for inspection, never resumed from, rotated or
+        cleaned. Returns its new path."""
+        for k in range(1000):
+            new = checkpoint.with_name(f"{self.DAMAGED}{checkpoint.name}" + (f"-{k}" if k else ""))
+            if not new.exists():
+                os.replace(checkpoint, new)
+                fsync_dir(new.parent)
+                return new
+        raise CheckpointError(f"{checkpoint.parent} holds too many damaged checkpoints; remove some")
 
     # ---- checkpoints
     def checkpoint_dirs(self) -> list[Path]:

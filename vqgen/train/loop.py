@@ -43,6 +43,7 @@ class TrainLoop:
                                                               training.stop_file)
         self.world_size, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.state = LoopState(world_size=self.world_size, batch_size=self.cfg.batch_size)
+        self.folder_lock = training.folder_lock
         self.task.bind(self, self.extra_models)
 
     # ------------------------------------------------------------------ the loop
@@ -55,6 +56,8 @@ class TrainLoop:
                    disable=not self.accelerator.is_local_main_process,
                    mininterval=0.5 if sys.stderr.isatty() else 30)
         self._bad_in_a_row, stop = 0, None
+        if self.cfg.max_steps and self.state.global_step >= self.cfg.max_steps:
+            stop = "max_steps"  # resumed from the last checkpoint (killed while exporting): only the export is left
         # --max_minutes: a time budget from here (start-up excluded), ending like --max_steps (checkpoint, export)
         self._deadline = time.monotonic() + 60 * self.cfg.max_minutes if self.cfg.max_minutes else None
         self._time_up = False
@@ -62,7 +65,9 @@ class TrainLoop:
             while self.state.epoch < self.cfg.n_epochs and stop is None:
                 stop = self._run_epoch(sig, bar)
         bar.close()
-        return self._finish(stop)
+        state = self._finish(stop)
+        self.folder_lock.release()
+        return state
 
     def _start(self) -> None:
         """Clean what a killed run left, resume, check there is work, print the banner."""

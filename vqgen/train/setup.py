@@ -19,7 +19,9 @@ from torch import nn
 from ..config import TrainConfig, to_dict, to_yaml
 from ..hub import check_push_target
 from ..launch import build_accelerator, check_extra_models, fill_deepspeed_config, resolve_mixed_precision
+from ..lock import FolderLock, hold_folder
 from ..run_dir import RunDir
+from .checkpointing import verified_resume
 from .schedule import make_scheduler
 from .task import StageTask
 from .tracking import TrackerPlan, plan_trackers, start_trackers
@@ -42,6 +44,7 @@ class Training:
     total_steps: int
     input_dtype: torch.dtype | None  # DeepSpeed bf16/fp16 casts the model: floating inputs follow
     stop_file: str
+    folder_lock: FolderLock          # released by the loop when it ends
 
 
 def prepare_training(stage_config, task: StageTask, record: dict) -> Training:
@@ -56,6 +59,8 @@ def prepare_training(stage_config, task: StageTask, record: dict) -> Training:
     resolve_mixed_precision(cfg, task.name)  # unless chosen: bf16 where the device does it natively (perf.py)
     acc = build_accelerator(cfg, trackers.log_with)
     check_extra_models(acc, task.extra_models)
+    folder_lock = hold_folder(run.root)  # one writer per run folder, held until the loop ends
+    resume_dir = verified_resume(run, cfg.resume, resume_dir)  # a damaged newest checkpoint: the newest intact one
     if cfg.overwrite and not cfg.resume and acc.is_main_process:
         run.clear()  # only now: every check that can refuse the run has passed
     steps_per_epoch = math.ceil(task.batches_per_epoch(acc.num_processes) / cfg.gradient_accumulation_steps)
@@ -75,7 +80,7 @@ def prepare_training(stage_config, task: StageTask, record: dict) -> Training:
         run.write_record(record)
         run.write_config(to_yaml(stage_config))
     return Training(cfg, task, run, resume_dir, trackers, acc, model, prepared[:len(extra)], prepared[len(extra):],
-                    schedulers, total_steps, input_dtype, cfg.stop_file or str(run.stop_file))
+                    schedulers, total_steps, input_dtype, cfg.stop_file or str(run.stop_file), folder_lock)
 
 
 def _flat_config(cfg: dict, prefix: str = "") -> dict:
