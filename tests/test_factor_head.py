@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -225,3 +227,15 @@ def test_prior_trains_on_2_18_codes_samples_in_range_and_resumes_exactly(big_sha
     _train(big_shards, tmp_path / "cut", "--n_epochs_t", "6", "--resume", "latest")
     a, b = (load_file(str(tmp_path / run / "export/model.safetensors")) for run in ("full", "cut"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_benchmark_tiny_mode_reports_both_heads(tmp_path):
+    """bench/factor_head.py --tiny (the integrator runs the full sizes): one row per (vocabulary, head)."""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "bench/factor_head.py"), "--tiny", "--vocabs", "4096", "--json",
+                        str(tmp_path / "rows.json")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(x["vocab"], x["token_factors"]) for x in rows] == [(4096, 1), (4096, 2)]
+    assert rows[1]["embed_head_params"] < rows[0]["embed_head_params"] and all(x["step_ms"] > 0 for x in rows)
+    assert "| 4,096 | 2 factors (6+6 bits) |" in r.stdout
