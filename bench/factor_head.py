@@ -4,8 +4,9 @@
 Per (vocabulary, head): the parameter count (all, and the token embedding + head), the median time of one training
 step (forward + loss + backward + AdamW step, batch ``--batch`` of random tokens) after ``--warmup`` steps, and the
 median time to sample ``--sample_batch`` grids with the KV cache. Same seed, same Transformer for every row.
-Run: ``python bench/factor_head.py`` (the default prior, 96/12/8, on a 16x16 grid); ``--tiny`` checks the code
-paths in seconds; ``--device cuda`` times a GPU (with synchronisation).
+Run: ``python bench/factor_head.py`` (the Fashion-MNIST benchmark's prior, 128/6/8 on 8x8 tokens, batch 32: the
+plain head's fp32 logits are batch x 64 x vocab x 4 bytes, 2 GiB at 2^18, a few times that with their gradient);
+``--tiny`` checks the code paths in seconds; ``--device cuda`` times a GPU (synchronised) and adds its peak memory.
 """
 
 from __future__ import annotations
@@ -32,11 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocabs", type=int, nargs="+", default=[1 << 14, 1 << 18], help="vocabulary sizes")
     p.add_argument("--factors", type=int, nargs="+", default=[1, 2], help="--token_factors values (1 = plain)")
     p.add_argument("--factor_layers", type=int, default=1, help="--factor_layers of the factorised heads")
-    p.add_argument("--dim", type=int, default=96, help="--attn_layers_dim")
-    p.add_argument("--depth", type=int, default=12, help="--attn_layers_depth")
+    p.add_argument("--dim", type=int, default=128, help="--attn_layers_dim")
+    p.add_argument("--depth", type=int, default=6, help="--attn_layers_depth")
     p.add_argument("--heads", type=int, default=8, help="--attn_layers_heads")
-    p.add_argument("--grid", type=int, default=16, help="square token grid (16: 256 px images, 16x downsampling)")
-    p.add_argument("--batch", type=int, default=64, help="training batch")
+    p.add_argument("--grid", type=int, default=8, help="square token grid (8: 32 px images, 4x downsampling)")
+    p.add_argument("--batch", type=int, default=32, help="training batch")
     p.add_argument("--steps", type=int, default=5, help="timed training steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
     p.add_argument("--sample_batch", type=int, default=16, help="grids sampled at once")
@@ -87,11 +88,15 @@ def measure(args, vocab: int, factors: int, device: torch.device) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(args.warmup):
         step()
     step_s = _median_seconds(step, args.steps, device)
     row = {"vocab": vocab, "token_factors": factors, "bits": list(cfg.factor_bits), "params": params,
            "embed_head_params": io, "step_ms": 1000 * step_s, "train_tok_per_s": args.batch * cfg.seq_len / step_s}
+    if device.type == "cuda":
+        row["train_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
     if args.sample_repeats:
         classes = [c % 10 for c in range(args.sample_batch)]
 
@@ -112,7 +117,7 @@ def main(argv=None) -> list[dict]:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x {torch.get_num_threads()} threads"
     print(f"# prior {args.dim}/{args.depth}/{args.heads}, grid {args.grid}x{args.grid}, batch {args.batch}, "
           f"--factor_layers {args.factor_layers}; {name}")
-    print("| vocab | head | params | embed+head | step (ms) | train tok/s | sample (s) |")
+    print("| vocab | head | params | embed+head | train step (ms) | train tok/s | sample (s) |")
     print("|---|---|---|---|---|---|---|")
     rows = []
     for vocab in args.vocabs:
@@ -121,8 +126,9 @@ def main(argv=None) -> list[dict]:
             rows.append({**r, "device": name})
             head = "plain" if k == 1 else f"{k} factors ({'+'.join(map(str, r['bits']))} bits)"
             sample = f"{r['sample_s']:.2f}" if "sample_s" in r else "-"
+            peak = f" ({r['train_peak_gib']:.1f} GiB)" if "train_peak_gib" in r else ""
             print(f"| {vocab:,} | {head} | {r['params']:,} | {r['embed_head_params']:,} | "
-                  f"{r['step_ms']:.1f} | {r['train_tok_per_s']:,.0f} | {sample} |", flush=True)
+                  f"{r['step_ms']:.1f}{peak} | {r['train_tok_per_s']:,.0f} | {sample} |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return rows

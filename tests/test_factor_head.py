@@ -239,3 +239,15 @@ def test_benchmark_tiny_mode_reports_both_heads(tmp_path):
     assert [(x["vocab"], x["token_factors"]) for x in rows] == [(4096, 1), (4096, 2)]
     assert rows[1]["embed_head_params"] < rows[0]["embed_head_params"] and all(x["step_ms"] > 0 for x in rows)
     assert "| 4,096 | 2 factors (6+6 bits) |" in r.stdout
+
+
+@pytest.mark.parametrize("flags,message", [(["--token_factors", "9"], "--token_factors must be in [1, 8]"),
+                                           (["--token_factors", "6"], "more than the 5 bits of a 32-code token"),
+                                           (["--factor_layers", "0"], "--factor_layers >= 1")])
+def test_bad_factor_flags_are_one_line_errors(flags, message, stage2, tmp_path, capsys):
+    from vqgen.cli import run_cli
+    out = tmp_path / "run"
+    argv = ["--shards", str(stage2 / "shards"), *FLAGS[:-2], *flags, "--output_dir", str(out)]
+    assert run_cli(prior_task.run, PriorStageConfig, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and ": error: " in err[0] and message in err[0] and not out.exists()
