@@ -3,7 +3,8 @@
     python bench/ablation_table.py runs/bq10/base runs/bq10/sched runs/bq10/plr ...
 
 Each folder's results.json holds a vqgen row run with its own ``--vqvae_flags`` / ``--prior_flags`` (recorded in
-its config); the table shows those flags, the steps each stage got in the budget, the tokenizer metrics and the
+its config) and named by its ``--row_name`` (else the folder's name); the table shows those flags, the steps each
+stage got in the budget, the tokenizer metrics (codebook size, usage and perplexity on the test split) and the
 unconditional / class-conditional sample metrics, so levers compare at equal wall-clock time.
 """
 
@@ -25,10 +26,13 @@ def row(folder: Path) -> str:
     if cfg.get("prior_flags"):
         flags += f" / prior: {cfg['prior_flags']}"
     u, c = s["null"], s["cond"]
-    return (f"| {folder.name} | `{flags}` | {tm['stage1']['steps']} / {tm['stage3']['steps']} | {tk['psnr']:.2f} | "
-            f"{tk['ssim']:.3f} | {100 * tk['codebook_usage']:.0f}% | {tk['floor_fid']:.2f} | {u['fid']:.2f} | "
-            f"{u['precision']:.2f} / {u['recall']:.2f} | {c['fid']:.2f} | {c['precision']:.2f} / {c['recall']:.2f} | "
-            f"{100 * c['confident']:.0f}% |")
+    name = cfg.get("row_name") or folder.name
+    codes = tk.get("codebook_size", "")                     # results of earlier runs: no size, no perplexity
+    ppl = f"{tk['perplexity']:.0f}" if "perplexity" in tk else ""
+    return (f"| {name} | `{flags}` | {tm['stage1']['steps']} / {tm['stage3']['steps']} | {tk['psnr']:.2f} | "
+            f"{tk['ssim']:.3f} | {codes} | {100 * tk['codebook_usage']:.1f}% | {ppl} | {tk['floor_fid']:.2f} | "
+            f"{u['fid']:.2f} | {u['precision']:.2f} / {u['recall']:.2f} | {c['fid']:.2f} | "
+            f"{c['precision']:.2f} / {c['recall']:.2f} | {100 * c['confident']:.0f}% |")
 
 
 def main(argv=None) -> str:
@@ -38,8 +42,9 @@ def main(argv=None) -> str:
     missing = [str(f) for f in args.folders if not (f / "results.json").is_file()]
     if missing:
         p.error(f"no results.json in {', '.join(missing)}")
-    lines = ["| row | flags (stage 1 / prior) | steps (stage 1 / 3) | PSNR | SSIM | usage | tokenizer floor | "
-             "uncond gFID | uncond P / R | cond gFID | cond P / R | cond confident |", "|" + "---|" * 12]
+    lines = ["| row | flags (stage 1 / prior) | steps (stage 1 / 3) | PSNR | SSIM | codes | usage | perplexity | "
+             "tokenizer floor | uncond gFID | uncond P / R | cond gFID | cond P / R | cond confident |",
+             "|" + "---|" * 14]
     lines += [row(f) for f in args.folders]
     text = "\n".join(lines)
     print(text)

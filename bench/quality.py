@@ -32,8 +32,8 @@ DATASET = "fashionmnist"
 # sizes are left to the defaults (code dimension 8 with the l2 codebook, stage-1 batch 32, prior batch 128 since the
 # ablations; the peer's and vqgen's "before": code dimension 32, batch 128, i.e. --vqvae_flags "--no_codebook_l2
 # --embedding_dim 32 --lr 2e-4 --lr_schedule constant --batch_size 128" --prior_flags "--lr 2e-4").
-SIZES_VQ = ["--num_channels", "64", "64", "--num_res_channels", "64", "64", "--num_res_layers", "1",
-            "--num_embeddings", "256"]
+SIZES_VQ = ["--num_channels", "64", "64", "--num_res_channels", "64", "64", "--num_res_layers", "1"]
+VQ_CODES = ["--num_embeddings", "256"]  # the EMA codebook's size; FSQ / LFQ rows size theirs (--fsq_levels, --lfq_bits)
 SIZES_PRIOR = ["--attn_layers_dim", "128", "--attn_layers_depth", "6", "--attn_layers_heads", "8"]
 
 
@@ -50,6 +50,8 @@ class Stage(NamedTuple):
 
 # What a row was trained with: --resample keeps these from the row's results.json.
 TRAINING_ARGS = ("budget_minutes", "stage1_share", "calibration_steps", "vqvae_flags", "prior_flags", "seed")
+# An ablation, e.g. the quantizer one: one --out and --row_name per row, then bench/ablation_table.py over the folders:
+#   --vqvae_flags "--quantizer fsq --fsq_levels 8 5 5 5" --row_name fsq1000 --out runs/bq30/fsq1000
 STAGE1 = Stage("train_vqvae.py", "--n_epochs", "VQVAEStageConfig")
 PRIOR = Stage("train_prior.py", "--n_epochs_t", "PriorStageConfig")
 COND_GRID = ([{"cfg_scale": c, "temperature": t} for c in (1.5, 2.0, 3.0) for t in (0.8, 1.0)]
@@ -80,6 +82,8 @@ def parse_args(argv=None):
     a("--calibration_steps", type=int, default=20, help="steps of each vqgen calibration run")
     a("--vqvae_flags", default="", help="extra train_vqvae.py flags of the vqgen row (one string)")
     a("--prior_flags", default="", help="extra train_prior.py flags of the vqgen row (one string)")
+    a("--row_name", default="", help="name of the vqgen row in the tables (bench/ablation_table.py; default: the "
+                                     "--out folder's name); --resample keeps the trained row's")
     a("--seed", type=int, default=0, help="seed of every row")
     a("--redo", action="store_true", help="recompute rows that already have results")
     a("--resample", action="store_true", help="keep the vqgen row's trained models in --out and redo only its "
@@ -154,7 +158,8 @@ class Evaluator:
         metrics, _, _, _ = self.B.eval_real(tok, self.space, self.test_ds, self.cfg, self.device, 0, 1)
         _, _, _, recon = self.B.eval_real(tok, self.space, self.floor_ds, self.cfg, self.device, 0, 1)
         return {"psnr": metrics["psnr"], "ssim": metrics["ssim"], "codebook_usage": metrics["codebook_usage"],
-                "perplexity": metrics["perplexity"], "floor_fid": stream_stats.frechet(self.test, recon),
+                "perplexity": metrics["perplexity"], "codebook_size": metrics["codebook_size"],
+                "codes_used": metrics["codes_used"], "floor_fid": stream_stats.frechet(self.test, recon),
                 **{f"floor_{k}": v for k, v in stream_stats.quality(self.test, recon, self.cfg.pr_k).items()
                    if k in ("precision", "recall")}}
 
@@ -230,6 +235,14 @@ def pick_setting(ev: Evaluator, prior, tok, grid: list[dict], conditional: bool,
     return {k: v for k, v in best.items() if not k.startswith("val_")}, trials
 
 
+def stage1_sizes(args) -> list[str]:
+    """The issue's stage-1 sizes for the row's quantizer (read from ``--vqvae_flags`` by the script's own loader):
+    ``--num_embeddings`` is a setting of ``--quantizer vq`` only."""
+    from vqgen.config import load_config
+    quantizer = load_config(STAGE1.config(), args.vqvae_flags.split()).model.quantizer
+    return SIZES_VQ + (VQ_CODES if quantizer == "vq" else [])
+
+
 def train_vqgen_row(args, out: Path) -> dict:
     """Stages 1-3 of the vqgen row in ``out/vqgen`` within the budget -> the row's timings."""
     run = out / "vqgen"
@@ -237,7 +250,7 @@ def train_vqgen_row(args, out: Path) -> dict:
     log = run / "stages.log"
     b1 = 60 * args.budget_minutes * args.stage1_share
     common = ["--no_wandb", "--seed", str(args.seed)]
-    s1 = budgeted_stage(STAGE1, ["--dataset", DATASET, "--data_dir", args.data_dir, *common, *SIZES_VQ,
+    s1 = budgeted_stage(STAGE1, ["--dataset", DATASET, "--data_dir", args.data_dir, *common, *stage1_sizes(args),
                                  *args.vqvae_flags.split()], run / "vqvae", b1, args, log)
     t2 = run_script("extract_codes.py", ["--dataset", DATASET, "--data_dir", args.data_dir, "--checkpoint",
                                          str(run / "vqvae/export"), "--split", "train", "test", "--output",
@@ -344,9 +357,12 @@ def table(results: dict) -> str:
         r = results["real"]
         lines.append(f"| real train images | | | | | | | {r['fid']:.2f} | {r['precision']:.2f} | {r['recall']:.2f} "
                      f"| | | | |")
+    name = results.get("config", {}).get("row_name")
     for (row, mode), label in LABELS.items():
         if row not in results or mode not in results[row]["samples"]:
             continue
+        if row == "vqgen" and name:
+            label = label.replace("vqgen", f"vqgen ({name})", 1)
         r, s, tk = results[row], results[row]["samples"][mode], results[row]["tokenizer"]
         tm = r["timings"]
         setting = ", ".join(f"{k} {v}" for k, v in s["setting"].items() if v is not None)
@@ -381,6 +397,7 @@ def main(argv=None) -> dict:
             sys.exit(2)
         # the saved models were trained with the saved settings: those describe the row (and the ablation table)
         vars(args).update({k: results["config"][k] for k in TRAINING_ARGS})
+        args.row_name = args.row_name or results["config"].get("row_name", "")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ev = Evaluator(args)

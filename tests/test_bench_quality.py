@@ -35,11 +35,11 @@ def test_step_seconds_from_the_last_two_logged_steps(tmp_path):
     assert quality.step_seconds(f, 128) == pytest.approx(4 * (16 - 5) / 10)   # the batch the row really used matters
 
 
-def _results(folder: Path, vqvae_flags: str, prior_flags: str, psnr: float) -> Path:
-    tok = {"psnr": psnr, "ssim": 0.8, "codebook_usage": 0.97, "floor_fid": 5.0}
+def _results(folder: Path, vqvae_flags: str, prior_flags: str, psnr: float, **more) -> Path:
+    tok = {"psnr": psnr, "ssim": 0.8, "codebook_usage": 0.97, "floor_fid": 5.0, **more.pop("tok", {})}
     samples = {m: {"fid": 10.0 + i, "precision": 0.8, "recall": 0.5, "confident": 0.9} for i, m in
                enumerate(("null", "cond"))}
-    res = {"config": {"vqvae_flags": vqvae_flags, "prior_flags": prior_flags},
+    res = {"config": {"vqvae_flags": vqvae_flags, "prior_flags": prior_flags, **more},
            "vqgen": {"tokenizer": tok, "samples": samples,
                      "timings": {"stage1": {"steps": 300}, "stage3": {"steps": 400}}}}
     folder.mkdir()
@@ -57,6 +57,19 @@ def test_ablation_table_one_row_per_folder(tmp_path):
     assert "| 10.00 | 0.80 / 0.50 | 11.00 |" in lines[3]
 
 
+def test_quantizer_rows_are_named_and_show_codes_usage_perplexity(tmp_path):
+    """The quantizer ablation: a row per --out folder, named by --row_name, with its codebook's size, usage and
+    perplexity (results of earlier runs, without them, still fit the table)."""
+    old = _results(tmp_path / "old", "", "", 26.7)
+    fsq = _results(tmp_path / "f", "--quantizer fsq --fsq_levels 8 8 8 8", "", 27.5, row_name="fsq4096",
+                   tok={"codebook_size": 4096, "codebook_usage": 0.9951, "perplexity": 3803.4})
+    lines = ablation_table.main([str(old), str(fsq)]).splitlines()
+    assert len({line.count("|") for line in lines}) == 1
+    assert lines[2].startswith("| old | `(defaults)` |") and "| 0.800 |  | 97.0% |  | 5.00 |" in lines[2]
+    assert lines[3].startswith("| fsq4096 | `--quantizer fsq --fsq_levels 8 8 8 8` |")
+    assert "| 0.800 | 4096 | 99.5% | 3803 | 5.00 |" in lines[3]
+
+
 def test_ablation_table_refuses_a_folder_without_results(tmp_path):
     a = _results(tmp_path / "base", "", "", 21.5)
     r = subprocess.run([sys.executable, str(ROOT / "bench/ablation_table.py"), str(a), str(tmp_path / "nope")],
@@ -70,3 +83,15 @@ def test_resample_refuses_a_folder_without_a_trained_row(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench/quality.py"), "--out", str(out), "--rows", "vqgen",
                         "--resample"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: --resample needs a trained vqgen row") and not out.exists()
+
+
+@pytest.mark.parametrize("flags,codes", [("", 256), ("--batch_size 32", 256),
+                                         ("--quantizer fsq --fsq_levels 8 5 5 5", 1000),
+                                         ("--quantizer lfq --lfq_bits 12", 4096)])
+def test_stage1_sizes_give_the_codebook_size_to_vq_rows_only(flags, codes):
+    """--num_embeddings is a --quantizer vq setting: an FSQ / LFQ row would be refused by train_vqvae.py with it."""
+    from vqgen.config import VQVAEStageConfig, load_config
+    sizes = quality.stage1_sizes(quality.parse_args(["--vqvae_flags", flags]))
+    assert ("--num_embeddings" in sizes) == ("fsq" not in flags and "lfq" not in flags)
+    cfg = load_config(VQVAEStageConfig, ["--dataset", "digits", *sizes, *flags.split()])  # what the row runs
+    assert cfg.model.codebook_size == codes and cfg.model.num_channels == [64, 64]

@@ -32,7 +32,8 @@ class PriorConfig(ModelConfig):
     NAME: ClassVar[str] = "prior"
     RENAMED: ClassVar[dict] = {"dim": "attn_layers_dim", "depth": "attn_layers_depth", "heads": "attn_layers_heads",
                                "dropout": "attn_dropout", "norm": "prior_norm", "mlp": "prior_mlp"}
-    ABSENT_MEANT: ClassVar[dict] = {"prior_kind": "ar", "prior_norm": "layer", "prior_mlp": "gelu", "rope": False}
+    ABSENT_MEANT: ClassVar[dict] = {"prior_kind": "ar", "prior_norm": "layer", "prior_mlp": "gelu", "rope": False,
+                                    "token_factors": 1, "factor_layers": 1}
 
     vocab_size: int = 0                 # the tokenizer's codebook size
     latent_h: int = 0
@@ -51,6 +52,12 @@ class PriorConfig(ModelConfig):
                           choices=PRIOR_MLPS)
     rope: bool = flag(False, "2D rotary position embedding (row/column) on the prior's queries and keys, on top of "
                       "the learned positions (head dimension divisible by 4); opt-in")
+    token_factors: int = flag(1, "split each token id into this many sub-tokens (its bits, most significant first): "
+                              "the input sums K small tables and the output predicts the K sub-tokens in turn within "
+                              "a token (Open-MAGVIT2's factorised head) instead of two vocabulary x width tables, "
+                              "meant for large vocabularies (2^14 codes and up); 1: off", metavar="K")
+    factor_layers: int = flag(1, "with --token_factors > 1: Transformer blocks over (hidden state, embeddings of the "
+                              "sub-tokens drawn so far) that predict a token's sub-tokens")
     mlp_ratio: float = 4.0
 
     @property
@@ -65,6 +72,14 @@ class PriorConfig(ModelConfig):
     @property
     def head_dim(self) -> int:
         return self.attn_layers_dim // self.attn_layers_heads
+
+    @property
+    def factor_bits(self) -> tuple[int, ...]:
+        """Bits of each sub-token, most significant first (the token's ceil(log2 vocab) bits, split as evenly as
+        possible, the larger parts first); ``(bits,)`` when ``token_factors`` is 1."""
+        total = max(1, (self.vocab_size - 1).bit_length())
+        q, r = divmod(total, self.token_factors)
+        return (q + 1,) * r + (q,) * (self.token_factors - r)
 
     def build(self, vocab_size: int, latent_h: int, latent_w: int, num_classes: int) -> "PriorConfig":
         """These flags + what the shards say -> a validated config of the model to build."""
@@ -89,6 +104,9 @@ class PriorConfig(ModelConfig):
         need(self.mlp_ratio > 0, f"mlp_ratio must be > 0, got {self.mlp_ratio}")
         need(self.prior_norm in PRIOR_NORMS and self.prior_mlp in PRIOR_MLPS,
              f"--prior_norm must be one of {PRIOR_NORMS} and --prior_mlp one of {PRIOR_MLPS}")
+        need(1 <= self.token_factors <= 8 and self.factor_layers >= 1,
+             f"--token_factors must be in [1, 8] and --factor_layers >= 1, got {self.token_factors}, "
+             f"{self.factor_layers}")
         need(not self.rope or self.head_dim % 4 == 0,
              f"--rope needs a head dimension (--attn_layers_dim / --attn_layers_heads = {self.head_dim}) divisible "
              f"by 4")
@@ -97,6 +115,9 @@ class PriorConfig(ModelConfig):
         self.check()
         if not (isinstance(self.vocab_size, int) and self.vocab_size >= 2):
             raise ConfigError(f"prior config: vocab_size must be >= 2, got {self.vocab_size}")
+        if min(self.factor_bits) < 1:
+            raise ConfigError(f"prior config: --token_factors {self.token_factors} is more than the "
+                              f"{sum(self.factor_bits)} bits of a {self.vocab_size}-code token")
         if self.latent_h < 1 or self.latent_w < 1 or self.num_classes < 0:
             raise ConfigError(f"prior config: the token grid must be >= 1x1 and num_classes >= 0 (0 = "
                               f"unconditional), got {self.latent_h}x{self.latent_w}, {self.num_classes}")

@@ -57,7 +57,8 @@ def plot_code_histogram(counts: torch.Tensor, path: Path, title: str) -> Path:
 
     c = counts.sort(descending=True).values.numpy()
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.bar(range(len(c)), c, width=1.0, color="tab:blue")
+    # one filled step polygon, not one bar per code: ax.bar takes minutes at 2^18 codes
+    ax.fill_between(range(len(c) + 1), [*c, c[-1]], step="post", color="tab:blue", linewidth=0)  # code i: [i, i+1)
     ax.set_yscale("symlog", linthresh=1)
     ax.set_xlabel("code rank (sorted by count)")
     ax.set_ylabel("assignments on the split")

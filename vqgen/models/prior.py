@@ -19,19 +19,27 @@ from ..errors import CheckpointError, ConfigError
 from ..export import Export, Exportable
 from ..hub import HubMixin
 from .optim import adamw
+from .priors.heads import split_ids
 
 IGNORE = -100  # a target the loss skips (F.cross_entropy's ignore_index)
 
 
 class PriorOutput(NamedTuple):
-    logits: torch.Tensor   # (B, T, vocab)
+    # (B, T, vocab); from a factorised head (--token_factors K), a tuple of K (B, T, 2^bits_j): the logits of the
+    # token's sub-tokens, most significant bits first, each given the ones before it
+    logits: torch.Tensor | tuple[torch.Tensor, ...]
     targets: torch.Tensor  # (B, T) long: the token each row of logits predicts; IGNORE where nothing is scored
 
 
-def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+def token_cross_entropy(logits: torch.Tensor | tuple[torch.Tensor, ...], targets: torch.Tensor,
+                        reduction: str = "mean") -> torch.Tensor:
     """Cross-entropy (nats) of ``logits (B, T, vocab)`` against ``targets (B, T)``, in fp32 (bf16 logits would lose
-    the small probabilities); IGNORE targets are skipped. The one definition behind training, validation and
-    evaluate.py."""
+    the small probabilities); IGNORE targets are skipped. Factorised logits (a tuple): the sum of the sub-tokens'
+    cross-entropies, which is the token's. The one definition behind training, validation and evaluate.py."""
+    if isinstance(logits, tuple):
+        bits = tuple(lg.shape[-1].bit_length() - 1 for lg in logits)             # widths are 2^bits_j
+        subs = split_ids(targets.clamp_min(0), bits).masked_fill((targets == IGNORE)[..., None], IGNORE)
+        return sum(token_cross_entropy(lg, subs[..., j], reduction) for j, lg in enumerate(logits))
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction,
                            ignore_index=IGNORE)
 

@@ -19,13 +19,14 @@ from ...errors import ConfigError
 from ..prior import Prior, PriorOutput
 from ..sampling import apply_cfg, guidance_at, sample_logits
 from .blocks import Block, KVCache, make_norm, rope_2d_table
+from .heads import token_embedding, token_head
 
 
 class ARPrior(Prior):
     def __init__(self, config: PriorConfig):
         super().__init__(config)
         d = config.attn_layers_dim
-        self.tok_emb = nn.Embedding(config.vocab_size, d)
+        self.tok_emb = token_embedding(config)                       # one table, or --token_factors small ones
         self.cls_emb = nn.Embedding(config.num_classes + 1, d)       # start token; last row = null class
         self.pos_emb = nn.Parameter(torch.zeros(1, config.seq_len, d))  # learned absolute, raster order
         self.drop = nn.Dropout(config.attn_dropout)
@@ -36,7 +37,7 @@ class ARPrior(Prior):
                                  persistent=False)
         else:
             self.rope_angles = None
-        self.head = nn.Linear(d, config.vocab_size, bias=False)       # untied: the input table also holds no BOS
+        self.head = token_head(config)          # untied (the input table also holds no BOS); or factorised
         self.apply(self._init_weights)
         nn.init.normal_(self.pos_emb, std=0.02)
         for name, p in self.named_parameters():               # GPT-2: scale residual projections by depth
@@ -66,17 +67,19 @@ class ARPrior(Prior):
         return x
 
     def _last_logits(self, x: torch.Tensor, start: int | None) -> torch.Tensor:
-        """Logits ``(B, vocab)`` of the last of ``x``'s positions."""
-        return self.head(self.ln_f(self._hidden(x, start)[:, -1]))
+        """Logits ``(B, vocab)`` of the last of ``x``'s positions (a factorised head: its hidden state, (B, dim))."""
+        return self.head.next_state(self.ln_f(self._hidden(x, start)[:, -1]))
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> PriorOutput:
-        """``tokens (B, T)`` in raster order (or (B, h, w)) -> next-token logits ``(B, T, vocab)`` and ``tokens``."""
+        """``tokens (B, T)`` in raster order (or (B, h, w)) -> next-token logits ``(B, T, vocab)`` (a factorised
+        head: per sub-token) and ``tokens``."""
         tokens = tokens.reshape(tokens.shape[0], -1).long()
         b, t = tokens.shape
         if t > self.config.seq_len:
             raise ConfigError(f"sequence of {t} tokens is longer than the prior's {self.config.seq_len}")
         labels = self.training_labels(labels, b, tokens.device)
-        return PriorOutput(self.head(self.ln_f(self._hidden(self._embed(tokens[:, :-1], labels), None))), tokens)
+        h = self.ln_f(self._hidden(self._embed(tokens[:, :-1], labels), None))     # (B, T, dim)
+        return PriorOutput(self.head(h, tokens), tokens)
 
     # ---- sampling -------------------------------------------------------------------------------------------
     def logits_for_prefix(self, prefix: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -128,8 +131,8 @@ class ARPrior(Prior):
         empty = out[:, :0].repeat(2, 1) if use_cfg else out[:, :0]
         logits = self.prefill(empty, labels) if use_cache else self.logits_for_prefix(empty, labels)
         for i in range(n):
-            guided = apply_cfg(logits, guidance_at(cfg_scale, cfg_schedule, i, n)) if use_cfg else logits
-            tok = sample_logits(guided, **sample_kw)                                              # (B,)
+            g = guidance_at(cfg_scale, cfg_schedule, i, n)
+            tok = self.head.draw(logits, lambda lg: sample_logits(apply_cfg(lg, g) if use_cfg else lg, **sample_kw))
             out[:, i] = tok
             if i == n - 1:
                 break
