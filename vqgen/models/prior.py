@@ -91,6 +91,15 @@ class Prior(Exportable, nn.Module, HubMixin, tags=["image-generation", "token-pr
             labels = labels.masked_fill(drop, self.config.null_class)
         return labels
 
+    def flops_per_token(self) -> float:
+        """Training FLOPs (forward + backward) per token, nanoGPT's ``estimate_mfu`` count: ``6N + 12*L*H*Q*T`` with
+        N the parameters in matrix products (all but the lookup tables: embeddings, position table), L blocks, H
+        heads, Q the head dimension, T the sequence length (attention over the full T, as nanoGPT counts it)."""
+        c = self.config
+        lookup = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        n = sum(p.numel() for name, p in self.named_parameters() if id(p) not in lookup and "pos_emb" not in name)
+        return 6.0 * n + 12.0 * c.attn_layers_depth * c.attn_layers_heads * c.head_dim * c.seq_len
+
     def configure_optimizer(self, lr: float, weight_decay: float, device_type: str) -> torch.optim.Optimizer:
         """AdamW with GPT's betas (0.9, 0.95): a lower beta2 steadies Transformer training (GPT-3, nanoGPT)."""
         return adamw(self, lr, weight_decay, (0.9, 0.95), device_type)

@@ -31,6 +31,7 @@ from .ema import WeightsEMA
 from .loop import TrainLoop
 from .setup import prepare_training
 from .task import StageTask
+from .throughput import Work
 
 
 class PriorTask(StageTask):
@@ -49,6 +50,9 @@ class PriorTask(StageTask):
         self._history: list[ResumePoint] = []  # interrupted runs of epoch self._history_epoch under other specs
         self._history_epoch: int | None = None
         self.ema = None  # --prior_ema_decay: an AveragedModel of the weights (bind), in every checkpoint
+
+    def work(self) -> Work:
+        return Work("tokens", self.model.config.seq_len, self.model.flops_per_token())
 
     def bind(self, loop: TrainLoop, prepared: list) -> None:
         if self.cfg.prior_ema_decay > 0:

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 from torch import nn
 
+from .throughput import Work
+
 if TYPE_CHECKING:
     from ..config import TrainConfig
     from .loop import TrainLoop
@@ -31,6 +33,10 @@ class StageTask:
         """Loss to backpropagate and detached scalar tensors to log (made floats only on logging steps: no host sync
         per step). ``model`` is the wrapped (DDP/DeepSpeed) model: call its forward."""
         raise NotImplementedError
+
+    def work(self) -> Work:
+        """What the loop's throughput counts (images, tokens) and the model FLOPs per unit (MFU); default: samples."""
+        return Work()
 
     def bind(self, loop: "TrainLoop", prepared_extra_models: list[nn.Module]) -> None:
         """Called once the loop has prepared everything (the extra models as wrapped by accelerate)."""

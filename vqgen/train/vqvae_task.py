@@ -29,6 +29,7 @@ from .gan import VQGANTerms
 from .loop import TrainLoop
 from .setup import prepare_training
 from .task import StageTask
+from .throughput import Work
 from .stage1_data import MapInput, StreamInput, first_images
 
 
@@ -56,6 +57,9 @@ class VQVAETask(StageTask):
     def configure_optimizers(self, train, device_type: str) -> list[torch.optim.Optimizer]:
         gan = self.gan.optimizers(train, device_type) if self.gan else []
         return [self.model.configure_optimizer(train.lr, train.weight_decay, device_type), *gan]
+
+    def work(self) -> Work:
+        return Work("images")
 
     def bind(self, loop: TrainLoop, prepared: list) -> None:
         if self.gan:
