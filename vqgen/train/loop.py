@@ -46,6 +46,7 @@ class TrainLoop:
         self.state = LoopState(world_size=self.world_size, batch_size=self.cfg.batch_size)
         peak, self._peak_label = device_peak(self.accelerator.device, self.accelerator.mixed_precision)
         self.speed = Throughput(self.task.work(), self.world_size, peak)
+        self._whole: nn.Module | None = None  # under FSDP: the weights gathered for evaluation and the export
         self.task.bind(self, self.extra_models)
 
     # ------------------------------------------------------------------ the loop
@@ -217,7 +218,9 @@ class TrainLoop:
         self.state.batches_done = 0
         if self.state.epoch == self.cfg.n_epochs or self.state.epoch % self.cfg.sample_and_save_freq == 0:
             self.model.eval()
+            self._gather_whole_model()
             metrics = self.task.evaluate(self, epoch)
+            self._whole = None
             self.log(metrics)
             self.print(f"epoch {epoch + 1}/{self.cfg.n_epochs} step {self.state.global_step}: " +
                        ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
@@ -237,10 +240,11 @@ class TrainLoop:
         if stop == "max_steps":
             self.save_checkpoint()
         self.state.finished = self.state.epoch >= self.cfg.n_epochs or stop == "max_steps"
+        self._gather_whole_model()
         if acc.is_main_process:
             self.task.export(self)
             if self.cfg.push_to_hub and self.state.finished:
-                push_export(self.run.export, self.cfg.push_to_hub, self.unwrapped_model)
+                push_export(self.run.export, self.cfg.push_to_hub, self.whole_model)
         acc.wait_for_everyone()
         acc.end_training()
         release_freed_memory()  # the allocator kept the steps' memory (launch.build_accelerator): hand it back
@@ -252,12 +256,28 @@ class TrainLoop:
         return save_checkpoint(self.accelerator, self.run, self.state, self.schedulers,
                                self.cfg.checkpoints_total_limit)
 
+    def _gather_whole_model(self) -> None:
+        """Under FSDP (every rank takes part): the main process gets the trained weights whole, in a plain copy of
+        the model (:attr:`whole_model`); a sharded module cannot run a forward on one rank alone."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type != DistributedType.FSDP:
+            return
+        state = self.accelerator.get_state_dict(self.model)  # full tensors on the main process, {} elsewhere
+        if self.is_main:
+            self._whole = self.task.model_from_state_dict(state).to(self.accelerator.device).eval()
+
     def _stop_requested(self, sig: "_SignalFlag") -> bool:
         return sig.signum is not None or os.path.exists(self.stop_file)
 
     @property
     def unwrapped_model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)  # exports: plain keys
+
+    @property
+    def whole_model(self) -> nn.Module:
+        """What evaluation and the export read (main process): the unwrapped model, under FSDP its gathered copy."""
+        return self._whole if self._whole is not None else self.unwrapped_model
 
     def cast_inputs(self, batch):
         """Floating tensors of ``batch`` in the dtype the model computes in (bf16/fp16 under DeepSpeed)."""

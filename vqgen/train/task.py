@@ -48,6 +48,11 @@ class StageTask:
         """Validation metrics and image grids (every rank calls it; files are written by the main process)."""
         return {}
 
+    def model_from_state_dict(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """A new, plain module of the trained model holding ``state`` (under FSDP: the gathered weights that the main
+        process evaluates and exports)."""
+        raise NotImplementedError
+
     def export(self, loop: "TrainLoop") -> None:
         """Write ``loop.run.export`` from ``loop.unwrapped_model`` (main process only)."""
         raise NotImplementedError

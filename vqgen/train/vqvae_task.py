@@ -21,7 +21,8 @@ from ..data.stream_input import is_streamed, open_stream
 from ..data.streaming import StreamedImages
 from ..export import ExportMeta
 from ..metrics import ReconstructionMeter
-from ..launch import prepare_first, resolve_mixed_precision, start_processes
+from ..errors import ConfigError
+from ..launch import fsdp_launch, prepare_first, resolve_mixed_precision, start_processes
 from ..models.vqvae import VQVAE
 from ..perf import default_channels_last
 from ..images import save_image_grid
@@ -158,6 +159,9 @@ def run(cfg: VQVAEStageConfig) -> TrainLoop:
     from accelerate.utils import set_seed
 
     validate(cfg)
+    if fsdp_launch():
+        raise ConfigError("FSDP (accelerate_configs/fsdp.yaml) shards the prior's Transformer blocks: train the "
+                          "tokenizer with DDP (accelerate_configs/multi_gpu.yaml)")
     state = start_processes(training=True)  # the Accelerator built by the loop joins the same process group
     train_input, val_ds, info = build_inputs(cfg, state)
     config = cfg.model.build(in_channels=info.channels, image_size=info.image_size)
