@@ -1,11 +1,10 @@
 #!/usr/bin/env python
-"""Stage 1: train the VQ-VAE tokenizer. Flags: `python train_vqvae.py --help` (vqgen/config.py)."""
+"""Stage 1: train the VQ-VAE tokenizer. Flags: `python train_vqvae.py --help` (declared in vqgen/config/)."""
 
 import sys
 
 from vqgen.cli import run_cli
 from vqgen.config import VQVAEStageConfig
-from vqgen.train.vqvae_task import run
 
 if __name__ == "__main__":
-    sys.exit(run_cli(run, VQVAEStageConfig))
+    sys.exit(run_cli("vqgen.train.vqvae_task:run", VQVAEStageConfig))

@@ -175,3 +175,24 @@ def test_pipeline_batch_size_is_each_stages_own_unless_given():
     assert {stages["vqvae"].train.batch_size, stages["prior"].train.batch_size, stages["extract"].batch_size} == {64}
     with pytest.raises(ConfigError, match="--batch_size must be > 0"):
         validate(load_config(PipelineConfig, ["--train", "--batch_size", "0"]))
+
+
+def test_config_and_help_never_import_torch(repo_root):
+    """The config sits at the bottom of the import graph: importing it, and printing any script's --help, loads no
+    torch (the stage module is imported only after the flags parsed)."""
+    import subprocess
+    import sys
+
+    probe = ("import runpy, sys\n"
+             "import vqgen.config\n"
+             "assert 'torch' not in sys.modules, 'vqgen.config imported torch'\n"
+             "for script in ('train_vqvae.py', 'extract_codes.py', 'train_prior.py', 'sample.py', 'evaluate.py', "
+             "'VQVAE_T.py'):\n"
+             "    sys.argv = [script, '--help']\n"
+             "    try:\n"
+             "        runpy.run_path(script, run_name='__main__')\n"
+             "    except SystemExit:\n"
+             "        pass\n"
+             "    assert 'torch' not in sys.modules, script\n")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=repo_root, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

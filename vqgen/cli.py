@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import sys
 from typing import Any, Callable, Sequence
@@ -22,16 +23,21 @@ def _strip_worker_traceback(msg: str) -> str:
     return msg
 
 
-def run_cli(run: Callable[[Any], object], config_cls: type, argv: Sequence[str] | None = None) -> int:
+def run_cli(run: Callable[[Any], object] | str, config_cls: type, argv: Sequence[str] | None = None) -> int:
     """Parse flags (and ``--config``) into ``config_cls`` and call ``run(config)``; a :class:`VQGenError` prints
-    ``error: ...`` and exits 2, no traceback.
+    ``error: ...`` and exits 2, no traceback. ``run`` may be ``"package.module:function"``, imported only after the
+    flags parsed (``--help`` and flag errors never wait for torch).
 
     A full disk (ENOSPC/EDQUOT, also as wrapped by torch.save/safetensors) is a user problem too: one clear line,
     exit 2. Every vqgen write is atomic (temp + rename), so the previous state is intact.
     """
     prog = getattr(config_cls, "PROG", None) or "vqgen"
     try:
-        run(load_config(config_cls, argv))
+        config = load_config(config_cls, argv)
+        if isinstance(run, str):
+            module, _, name = run.partition(":")
+            run = getattr(importlib.import_module(module), name)
+        run(config)
     except VQGenError as e:
         print(f"{prog}: error: {_strip_worker_traceback(str(e))}", file=sys.stderr, flush=True)
         return 2

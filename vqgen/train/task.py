@@ -3,20 +3,18 @@ plugs into :class:`vqgen.train.loop.TrainLoop`. Optional hooks have defaults her
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
+from ..config import TrainConfig
 from .throughput import Work
-
-if TYPE_CHECKING:
-    from ..config import TrainConfig
-    from .loop import TrainLoop
 
 
 class StageTask:
-    """Base of the stage-1 (VQ-VAE) and stage-3 (prior) tasks."""
+    """Base of the stage-1 (VQ-VAE) and stage-3 (prior) tasks. ``loop`` in the hooks: the running
+    :class:`vqgen.train.loop.TrainLoop` (its accelerator, run folder, unwrapped model, state)."""
 
     name: str                       # "vqvae" | "prior": the progress bar's label, the precision default's key
     model: nn.Module                # trained and exported; the first optimizer's parameters
@@ -24,7 +22,7 @@ class StageTask:
     # with the model; not under DeepSpeed (one engine per prepare) or fp16 (one grad scaler for every optimizer)
 
     # ---- the model side ------------------------------------------------------------------------------------
-    def configure_optimizers(self, train: "TrainConfig", device_type: str) -> list[torch.optim.Optimizer]:
+    def configure_optimizers(self, train: TrainConfig, device_type: str) -> list[torch.optim.Optimizer]:
         """The task's optimizers, built by its models (``model.configure_optimizer``, as nanoGPT); each gets the
         run's learning-rate schedule, is stepped after every backward and saved in every checkpoint."""
         raise NotImplementedError
@@ -38,13 +36,13 @@ class StageTask:
         """What the loop's throughput counts (images, tokens) and the model FLOPs per unit (MFU); default: samples."""
         return Work()
 
-    def bind(self, loop: "TrainLoop", prepared_extra_models: list[nn.Module]) -> None:
+    def bind(self, loop, prepared_extra_models: list[nn.Module]) -> None:
         """Called once the loop has prepared everything (the extra models as wrapped by accelerate)."""
 
-    def after_step(self, loop: "TrainLoop") -> None:
+    def after_step(self, loop) -> None:
         """Called after every optimizer step, before its checkpoint (e.g. an EMA of the weights)."""
 
-    def evaluate(self, loop: "TrainLoop", epoch: int) -> dict[str, float]:
+    def evaluate(self, loop, epoch: int) -> dict[str, float]:
         """Validation metrics and image grids (every rank calls it; files are written by the main process)."""
         return {}
 
@@ -53,7 +51,7 @@ class StageTask:
         process evaluates and exports)."""
         raise NotImplementedError
 
-    def export(self, loop: "TrainLoop") -> None:
+    def export(self, loop) -> None:
         """Write ``loop.run.export`` from ``loop.unwrapped_model`` (main process only)."""
         raise NotImplementedError
 

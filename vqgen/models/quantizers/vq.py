@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
-from torch import nn
 
 from .base import Quantizer, QuantizerOutput, broadcast_, dist_world, is_rank0
 
