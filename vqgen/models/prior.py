@@ -41,6 +41,7 @@ class Prior(Exportable, nn.Module, HubMixin, tags=["image-generation", "token-pr
 
     EXPORT_KIND = "prior"
     exact_likelihood = True   # does forward give the exact per-token NLL (bits/token)? (MaskGIT: no)
+    compiled_decoding = False  # does sample_tokens take compile=True (a compiled decode step)?
 
     def __init__(self, config: PriorConfig):
         super().__init__()
@@ -64,7 +65,8 @@ class Prior(Exportable, nn.Module, HubMixin, tags=["image-generation", "token-pr
         return token_cross_entropy(out.logits, out.targets)
 
     def release_caches(self) -> None:
-        """Free what sampling allocated (KV caches); called after every :meth:`sample_tokens` batch."""
+        """Free what sampling allocated (KV caches, compiled decoding's graphs); called after every
+        :meth:`sample_tokens` batch of eager decoding."""
 
     # ---- shared ----------------------------------------------------------------------------------------------
     def resolve_labels(self, labels: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
