@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 DEMO_DIR ?= runs/demo
 
-.PHONY: setup demo test test-fast test-distributed bench bench-quality eval clean
+.PHONY: setup demo lint test test-fast test-distributed bench bench-quality eval clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: $(STAMP)
 	$(PY) evaluate.py --config $(DEMO_CONFIG) --run_dir $(DEMO_DIR)
 	@echo "samples: $(DEMO_DIR)/samples/grid.png   reconstructions: $(DEMO_DIR)/vqvae/samples/"
 
+# ruff with the small rule set of pyproject.toml ([tool.ruff]); `$(PY) -m ruff check --fix .` sorts imports
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
@@ -48,8 +52,8 @@ bench: $(STAMP)
 	$(PY) bench/default_speed.py
 	$(PY) bench/reader_scale.py
 
-# Issue 15: the side-by-side quality benchmark on real Fashion-MNIST (the original recipe on MONAI, its frozen variant,
-# vqgen uncond/cond), 30 minutes per row for stages 1-3 plus sampling/evaluation: about 2 hours on 2 CPU cores.
+# The side-by-side quality benchmark on real Fashion-MNIST (the original recipe on MONAI, its frozen variant,
+# vqgen uncond/cond), 30 minutes per row for stages 1-3 plus sampling/evaluation (run time: docs/NOTES.md).
 BENCH_QUALITY_FLAGS ?= --budget_minutes 30 --samples 5000
 bench-quality: $(STAMP)
 	$(PY) bench/quality.py $(BENCH_QUALITY_FLAGS)

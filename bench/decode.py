@@ -4,8 +4,8 @@ Same random-weight AR prior, same batch, same generator seed for both: the token
 Eager = the default path (KV cache sliced by Python-int positions); compiled = the static cache and the compiled
 step (Inductor on CPU, CUDA graphs on GPU). Reported: tokens/s of each (median of ``--repeats`` batches after one
 warm-up), the compiled path's first call (compilation included), and the batches after which compiling has paid off.
-CPU row of issue 24 (8x8 tokens, batch 64, the original tool's 96/12/8 prior): ``python bench/decode.py``;
-``--tiny`` runs the same code at toy size in seconds (tests/test_bench_gpu.py).
+The CPU row (8x8 tokens, batch 64, the original tool's 96/12/8 prior): ``python bench/decode.py``; ``--tiny`` runs
+the same code at toy size (tests/test_bench_gpu.py).
 """
 
 from __future__ import annotations

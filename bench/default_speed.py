@@ -1,34 +1,9 @@
 """Speed at default flags: vqgen's real trainers vs the original recipe vs a plain loop, as ratios from one run.
 
-Rows, each in its own fresh subprocess, per case, side by side (round-robin, ``--rounds`` times):
-  vqgen     the real ``train_vqvae.py`` / ``train_prior.py`` code path (``vqgen.cli.run_cli`` + the stage's ``run``) at
-            default flags; only the run itself is given: dataset, output folder, model size and batch of the case,
-            ``--max_steps`` and ``--no_wandb`` (the default tracker, wandb, would run offline here and add its
-            start-up and log writes, which the other rows do not have). A wrapper around the task's ``compute_loss`` timestamps every step (data loading, forward,
-            backward, clipping, optimizer, logging: the whole loop iteration).
-  original  the recipe of GenerativeZoo's VQVAE_T.py on MONAI 1.6.1: stage 1 = MONAI ``VQVAE``, Adam, L1 loss,
-            torchvision dataset + ``Resize`` + ``ToTensor`` through ``DataLoader(shuffle=True, pin_memory=True,
-            num_workers=0)``, ``loss.item()`` and tqdm every step; stage 3 = ``VQVAETransformerInferer`` (encodes
-            every batch with a frozen MONAI VQ-VAE, here the issue's 64/64 one) + ``DecoderOnlyTransformer``, Adam,
-            cross-entropy.
-  plain     the same vqgen model, ``torch.optim.AdamW`` at its defaults, MSE + commitment loss (cross-entropy for
-            the prior), pre-transformed batches in memory, nothing else.
-  before    (``--ablate``) the vqgen row with the speed fixes of vqgen/perf.py, vqgen/data/transforms.py and
-            vqgen/models/optim.py undone: glibc's default malloc behaviour, torchvision's per-item ToTensor +
-            Normalize, the per-tensor (foreach) AdamW; and one row per fix undone alone (``-malloc``, ``-lut``,
-            ``-fused``), to attribute the gain.
-
-Cases (the configs of bench/train_step.py, plus the issue's smaller tokenizer): 1x32x32 batch 128 (the original
-tool's default VQ-VAE: channels 256 256, res channels 256 256, 2 res layers, 256 codes x 32), the same at 28 px,
-1x32x32 with 64/64 channels and 1 res layer (issue 15's table; ``vq32s_b32``: at batch 32, stage 1's default),
-3x32x32 batch 64, and the prior 96/12/8 on 8x8 tokens, batch 64. 1-channel images are real Fashion-MNIST when its
-IDX files are found (``--data_dir`` or Debian's /usr/share/datasets/fashion-mnist), else generated; 3-channel images
-and the prior's shards come from generated images (an image folder both sides read; the shards are written by
-vqgen's stage 2 from an untrained tokenizer).
-
-Per step: median wall time and mean CPU time (user + sys of the process and its threads) after ``--warmup``
-steps (codebook initialisation, allocator warm-up). Ratios > 1 mean vqgen is faster. The machine's other load
-moves wall times; CPU time moves less, but with 2+ threads on a busy machine it includes OpenMP spin-waiting.
+Rows, each in its own fresh subprocess, side by side ``--rounds`` times: ``vqgen`` (the real trainer's code path),
+``original`` (GenerativeZoo's VQVAE_T.py recipe on MONAI 1.6.1), ``plain`` (the same vqgen model in a bare loop) and,
+with ``--ablate``, ``before`` plus one row per speed fix undone. Per step: median wall time and mean CPU time after
+``--warmup`` steps; ratios > 1 mean vqgen is faster. The rows and cases in full: docs/NOTES.md.
 
 Run: ``python bench/default_speed.py`` (all cases); quicker: ``--cases vq32s prior --steps 6``.
 """
@@ -55,7 +30,7 @@ CASES = {  # name: (kind, channels, size, batch, tokenizer sizes)
     "vq32": ("vqvae", 1, 32, 128, DEFAULT),
     "vq28": ("vqvae", 1, 28, 128, DEFAULT),
     "vq32s": ("vqvae", 1, 32, 128, SMALL),
-    "vq32s_b32": ("vqvae", 1, 32, 32, SMALL),  # the same at stage 1's default batch since issue 15's 30-min rows
+    "vq32s_b32": ("vqvae", 1, 32, 32, SMALL),  # the same at stage 1's default batch
     "vq32c3": ("vqvae", 3, 32, 64, DEFAULT),
     "prior": ("prior", 1, 32, 64, SMALL),  # the prior's tokens: 8x8 from a 64/64 tokenizer on 1x32x32 images
 }
@@ -164,6 +139,7 @@ def undo_fixes(undo: list[str]) -> None:
         perf.keep_freed_memory = lambda: False
     if "lut" in undo:  # torchvision's ToTensor + Normalize per item
         from torchvision import transforms as T
+
         from vqgen.data import transforms
 
         def reference(self, img):
@@ -297,7 +273,7 @@ def row_plain(spec: dict, clock: Clock) -> None:
             return F.mse_loss(out.recon, x) + out.vq_loss
     else:
         from vqgen.config import PriorConfig
-        from vqgen.models.prior import Prior, build_prior
+        from vqgen.models.prior import build_prior
 
         model = build_prior(PriorConfig(vocab_size=256, latent_h=8, latent_w=8, num_classes=10))  # train_prior defaults
         toks, labels = torch.randint(0, 256, (n * batch, 64)), torch.randint(0, 10, (n * batch,))

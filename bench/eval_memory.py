@@ -1,4 +1,4 @@
-"""Peak memory of evaluate.py with 2k and 20k generated images (issue 13 item 5: flat within ~10%).
+"""Peak memory of evaluate.py with 2k and 20k generated images (target: flat within ~10%).
 
     python bench/eval_memory.py [--small 2000 --large 20000 --image_size 64 --baseline_repo /path/to/older/vqgen]
 
@@ -42,9 +42,9 @@ print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 def make_run(root: Path, image_size: int, levels: int) -> Path:
     import torch
     sys.path.insert(0, str(ROOT))
-    from vqgen.export import ExportMeta
     from vqgen.config import PriorConfig
-    from vqgen.models.prior import Prior, build_prior
+    from vqgen.export import ExportMeta
+    from vqgen.models.prior import build_prior
     from vqgen.models.vqvae import VQVAE, VQVAEConfig
     torch.manual_seed(0)
     tok = VQVAE(VQVAEConfig(in_channels=1, image_size=image_size, num_channels=(16,) * levels,

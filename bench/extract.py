@@ -2,15 +2,10 @@
 
     python bench/extract.py [--num_images 512 --batch_size 128 --image_size 32 --width 256]
 
-Defaults: the original tool's default tokenizer (2 levels of 256 channels, 256 residual channels, 256 x 32 codes)
-on 32x32 digits, batch 128. With a toy encoder (e.g. ``--image_size 16 --width 16``) the per-sample cost of
-writing the tar (webdataset's pure-Python TarWriter, ~50 us/sample) is no longer small next to the encoder, and
-the ratio drops (measured ~0.5-0.7 at width 64 on 16x16); that is the price of one tar member per sample.
-
-Both sides encode the same digits images with the same random-init VQ-VAE export (made in a temp dir). The bare
-side runs ``encode_to_indices`` over batches already in memory (no_grad, eval); the full side is
-``vqgen.extract.extract_split`` into a fresh folder. Runs alternate and the best of ``--repeats`` is kept
-(a shared CPU is noisy). Target: extraction/bare >= 0.9.
+Both sides encode the same digits with the same random-init VQ-VAE export: the bare side runs ``encode_to_indices``
+on batches in memory, the full side ``vqgen.extract.extract_split`` into a fresh folder; runs alternate and the best
+of ``--repeats`` is kept. Defaults: the original tool's tokenizer on 32x32 images, batch 128. Target:
+extraction/bare >= 0.9 (with a toy encoder the tar writing is no longer small beside it: docs/NOTES.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Extraction from a WebDataset input with 1 vs 2 DataLoader workers (issue 12 item 5), as a ratio.
+"""Extraction from a WebDataset input with 1 vs 2 DataLoader workers as a ratio.
 
     python bench/extract_stream.py [--images 2048 --image_size 64 --width 32 --repeats 2]
 

@@ -1,16 +1,11 @@
 """One prepared GPU benchmark at the ImageNet-256 recipe's shapes (configs/imagenet256.yaml): one table, one JSON.
 
-(a) tokenizer training step (the recipe's 4-level f16 VQ-VAE, 3x256x256, its batch 32): fp32, bf16, bf16 +
-    channels_last, and that compiled: images/s, peak memory. (b) prior training step, GPT-B (768/12/12) and GPT-L
-    (1024/24/16) over 16x16 tokens + class, bf16, eager vs compiled: tokens/s, MFU (nanoGPT's count against the
-    card's dense bf16 peak, vqgen/train/throughput.py), memory; compiled = torch.compile(model), as
-    ``accelerate launch --dynamo_backend inductor`` does. (c) decoding 16x16 tokens at batch 64 with CFG, eager vs
-    compiled (bench/decode.py; eager only without CFG): tokens/s and the projected time of 50k samples. (d) MONAI 1.6.1 at the same
-    shapes in the same run: its VQVAE, DecoderOnlyTransformer and VQVAETransformerInferer (no KV cache, no classes).
-One step = what the trainers do: forward + loss + backward (+ clipping for the prior) + fused AdamW. Synthetic data,
-random weights, one process, the priority rows first (prior, decoding, tokenizer); a row that fails prints ERROR and
-the others go on; the JSON is rewritten after each row. ``python bench/gpu.py`` (~8 minutes on one H100, compilation included); ``--device cpu --tiny`` runs every path
-at toy size (tests/test_bench_gpu.py). Numbers go to docs/RESULTS.md with the card's name.
+(a) tokenizer training step: fp32, bf16, bf16 + channels_last, and that compiled; (b) prior training step at GPT-B
+and GPT-L, bf16, eager vs compiled, with MFU; (c) decoding 16x16 tokens at batch 64 with CFG, eager vs compiled,
+and the projected time of 50k samples; (d) MONAI 1.6.1 at the same shapes. Synthetic data, random weights, one
+process; a failed row prints ERROR and the others go on; the JSON (with the card's name) is rewritten after each
+row. ``python bench/gpu.py`` is sized for ~8 minutes on one H100; ``--device cpu --tiny`` runs every path at toy size
+(tests/test_bench_gpu.py). What each row does: docs/NOTES.md.
 """
 
 from __future__ import annotations
@@ -283,6 +278,7 @@ def run_monai_decode(cfg, batch, device) -> dict:
     from monai.inferers import VQVAETransformerInferer
     from monai.networks.nets import DecoderOnlyTransformer
     from monai.utils.ordering import Ordering, OrderingType
+
     from sampling import TokensOnlyVQVAE  # bench/sampling.py: MONAI's sampler without image decoding
 
     torch.manual_seed(0)

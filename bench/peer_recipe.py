@@ -1,27 +1,9 @@
 """The original tool's recipe (GenerativeZoo ``VQVAE_T.py``) re-implemented on MONAI 1.6.1, for bench/quality.py.
 
-What GenerativeZoo's ``models/AR/VQVAE_Transformer.py`` does, reproduced here step for step:
-
-* Models: MONAI ``VQVAE`` (its defaults: EMA codebook with decay 0.5, commitment 0.25, ReLU) and
-  ``DecoderOnlyTransformer`` (``num_tokens = num_embeddings + 1``: the last one is the BOS token), raster ordering.
-* Stage 1: ``Adam(lr)``, ``L1(recon, x) + quantisation loss``, images in [0, 1] (``normalize=False``), batch
-  ``batch_size``, shuffled. After each epoch the mean loss decides whether the weights are saved as the best
-  checkpoint, and at epoch 0 and every ``sample_and_save_freq`` epochs ``reconstruct()`` puts the VQ-VAE in eval
-  mode (the next epoch puts it back in train mode). Then the best checkpoint is loaded (which leaves the mode as it
-  was).
-* Stage 3: ``Adam(lr_t)``, cross-entropy of ``VQVAETransformerInferer(x, vqvae, transformer, ordering)`` on a
-  second loader with batch ``batch_size // 4``. Every batch is encoded again through the VQ-VAE. **The bug**: when the
-  stage-1 epoch count is not 1 and not a multiple of ``sample_and_save_freq``, the VQ-VAE is still in train mode, so
-  every prior batch moves its EMA codebook (decay 0.5) until the first ``sample()`` call (end of prior epoch 0)
-  switches it to eval. The best transformer (lowest epoch-mean loss) is saved the same way.
-* Sampling (``--sample``): the saved VQ-VAE (the stage-1 checkpoint, not the drifted one) and the saved
-  transformer; ``inferer.sample`` with temperature 1, no top-k, BOS start token. GenerativeZoo samples one image
-  per call; here a batch per call (the same distribution, faster).
-
-Budget: each stage stops at its wall-clock budget (checked before every batch); the epoch cut short counts as the
-last epoch (its mean loss decides "best", and the epoch-end mode rule applies), i.e. as if ``--n_epochs`` had been
-set to end there. ``frozen=True`` keeps the VQ-VAE in eval mode during stage 3 (the bug fixed, nothing else).
-
+Step for step what ``models/AR/VQVAE_Transformer.py`` does: MONAI ``VQVAE`` + ``DecoderOnlyTransformer`` in raster
+order, Adam, L1 then cross-entropy, best-epoch checkpoints, BOS-token sampling at temperature 1, and its bug (the
+VQ-VAE left in train mode while the prior trains moves its EMA codebook); ``frozen=True`` fixes the bug and nothing
+else. Each stage stops at its wall-clock budget and the epoch cut short counts as the last. In full: docs/NOTES.md.
 Adapted from: GenerativeZoo ``src/generativezoo/models/AR/VQVAE_Transformer.py`` (train_VQVAE, train_Transformer,
 train_model, sample), MONAI's 2D VQ-VAE + transformer tutorial.
 """

@@ -24,13 +24,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vqgen import extract  # noqa: E402
-from vqgen.config import ExtractConfig  # noqa: E402
+from vqgen.config import ExtractConfig, PriorConfig, load_config  # noqa: E402
 from vqgen.data import build_dataset  # noqa: E402
-from vqgen.config import load_config  # noqa: E402
-from vqgen.config import PriorConfig  # noqa: E402
-from vqgen.models.prior import Prior, build_prior  # noqa: E402
-from vqgen.shards import make_token_loader  # noqa: E402
+from vqgen.models.prior import Prior  # noqa: E402
 from vqgen.models.vqvae import VQVAE, VQVAEConfig  # noqa: E402
+from vqgen.shards import make_token_loader  # noqa: E402
 
 
 def parse_args(argv=None):

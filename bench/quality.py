@@ -1,35 +1,13 @@
-"""Quality benchmark on real Fashion-MNIST (issue 15): the original tool's recipe vs vqgen, same sizes, same budget.
+"""Quality on real Fashion-MNIST: the original tool's recipe vs vqgen, same sizes, same wall-clock budget.
 
-Rows (``--rows``):
-  peer         GenerativeZoo's VQVAE_T recipe on MONAI as it runs (bench/peer_recipe.py; unconditional; its bug:
-               the VQ-VAE stays in train mode while the prior trains)
-  peer_frozen  the same stage 1, a second prior trained with the VQ-VAE frozen (the bug fixed, nothing else)
-  vqgen        vqgen's own scripts (train_vqvae.py, extract_codes.py, train_prior.py) at the issue's sizes and the
-               default flags (``--vqvae_flags`` / ``--prior_flags`` add flags, e.g. an opt-in lever for an
-               ablation row); scored twice: unconditional (null class) and class-conditional (CFG)
+Rows (``--rows``): ``peer`` (GenerativeZoo's recipe on MONAI, bench/peer_recipe.py), ``peer_frozen`` (its bug fixed)
+and ``vqgen`` (its own scripts; scored unconditional and class-conditional). Each row gets ``--budget_minutes`` for
+stages 1-3 and is scored by one code path (vqgen.eval's) against the test split in the offline classifier's
+features; vqgen's sampling settings are chosen on a validation set carved from TRAIN, never the test split.
+Outputs in ``--out``: results.json, results.md, sample grids, each stage's run folder. Budget and scoring in full:
+docs/NOTES.md.
 
-Budget: ``--budget_minutes`` of wall clock for stages 1-3 of each row, ``--stage1_share`` of it for stage 1, the rest
-for stages 2+3 (vqgen pays its token extraction from the prior's share; the peer encodes inside its prior loop).
-The peer's loops stop on the wall clock. vqgen's trainers get ``--max_steps`` from a short calibration run of the
-same script (per-step time; the cosine schedule then ends where the budget does) and ``--max_minutes`` as the hard
-wall-clock stop. Start-up time of vqgen's processes is not counted (the peer's in-process loops have none).
-
-Evaluation: one code path for every row, vqgen.eval's (evaluate.py's functions): ``batches.eval_real`` for
-reconstruction PSNR / SSIM / codebook usage on the test split, the tokenizer floor (FID of ``--floor_images`` TRAIN
-images passed through the tokenizer, against the test split) and ``batches.reference_scores`` for the real-data floor
-(train vs test); ``stream_stats.quality`` (FID, k=3 precision/recall) and the classifier statistics (confident share,
-class coverage) of ``--samples`` samples against the 10k test images, in the features of the offline Fashion-MNIST
-classifier (vqgen.eval.classifier, trained once and cached in <data_dir>/classifier). vqgen's sampling settings (CFG
-scale and schedule, temperature, top-k) are chosen on a validation reference carved from TRAIN (``--val_images``
-random train images, fixed seed; never the test split): ``--val_samples`` samples per candidate, lowest FID wins. The
-peer samples as its tool does (temperature 1: it exposes no setting).
-
-Outputs in ``--out``: results.json, results.md (the table), samples_<row>_<mode>.png and samples_side_by_side.png,
-and each vqgen stage's run folder.
-
-Run: ``make bench-quality`` (``--budget_minutes 30 --samples 5000``: about 2 h: the vqgen row took 37-44 min, the
-frozen original alone 44 min, 11 of them MONAI sampling); ``--resample`` rescores a trained vqgen row in ~8 min;
-``python bench/quality.py --budget_minutes 0.5 --samples 500`` checks the plumbing in minutes.
+Run: ``make bench-quality``; ``python bench/quality.py --budget_minutes 0.5 --samples 500`` checks the plumbing.
 """
 
 from __future__ import annotations
@@ -119,10 +97,9 @@ class Evaluator:
     """One feature space, one test-split reference and one code path (vqgen.eval) for every row."""
 
     def __init__(self, args):
-        from vqgen.config import EvalConfig
+        from vqgen.config import EvalConfig, load_config
         from vqgen.eval import batches as B
         from vqgen.eval.features import build_feature_space
-        from vqgen.config import load_config
 
         self.args, self.B = args, B
         self.cfg = load_config(EvalConfig, ["--data_dir", args.data_dir, "--features", "classifier",
@@ -231,7 +208,7 @@ def budgeted_stage(stage, flags: list[str], out: Path, budget_s: float, args, lo
 
 
 def sample_images(prior, tok, n: int, setting: dict, conditional: bool, seed: int):
-    """(images (n, 1, 32, 32), asked labels or None): vqgen.sampling, as evaluate.py draws them."""
+    """(images (n, 1, 32, 32), asked labels or None): vqgen.models.sampling, as evaluate.py draws them."""
     from vqgen.config import SamplingConfig
     from vqgen.models.sampling import class_labels, decode_to_images, generate
     labels = class_labels(prior, n, None) if conditional else None

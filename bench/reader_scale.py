@@ -1,16 +1,11 @@
-"""Per-rank cost of the stage-3 token reader as the world size grows (issue 12), before and after.
+"""Per-rank cost of the stage-3 token reader as the world size grows, today's reader vs the one it replaced.
 
     python bench/reader_scale.py [--samples 100000 --shards 64 --repeats 3]
 
-Builds a synthetic token split in a temp dir with vqgen's own shard writer (16x16 uint16 tokens, labels), then
-times one epoch of rank 0 of a simulated W-rank job (rank=0, world_size=W in this one process, num_workers=0) at
-W = 1, 8, 64, side by side in one run, and prints the ratio t(64)/t(1) (target <= 3/64 = 0.047). "before" is the
-reader vqgen had until issue 12, reduced to what decided its cost (:func:`before_epoch`): every rank parses every
-shard and keeps every W-th sample. Times are wall and CPU (user+sys) seconds, the best of ``--repeats`` (the machine is shared: prefer the
-CPU column and the ratios). Bytes are counted twice: by the reader (``TokenLoader.bytes_read``) and by the kernel
-(``rchar`` of /proc/self/io, every read() of the process). Last, the same byte model the counts validate is applied
-to ImageNet (1,281,167 samples, 1000-sample shards from an 8-rank extraction, ~4 KB per sample with --hflip) at
-W = 8, 64, 512: the table of docs/CLUSTER.md.
+Builds a synthetic token split with vqgen's own shard writer and times one epoch of rank 0 of a simulated W-rank job
+at W = 1, 8, 64 in one run; prints t(64)/t(1) (target <= 3/64). "before" (:func:`before_epoch`) parses every shard and
+keeps every W-th sample. Bytes are counted by the reader and by the kernel (/proc/self/io), and the same byte model
+is applied to ImageNet at W = 8, 64, 512 (the table of docs/CLUSTER.md).
 """
 
 from __future__ import annotations
@@ -61,7 +56,7 @@ def build(out: Path, n: int, n_shards: int, hflip: bool) -> None:
 
 
 class BeforeLoader:
-    """Rank ``rank``'s epoch under the reader before issue 12 (vqgen <= 1add7cb), reduced to its cost: the shards
+    """Rank ``rank``'s epoch under vqgen's earlier reader (up to commit 1add7cb), reduced to its cost: the shards
     in a (seed, epoch) order, every member of every shard parsed by webdataset's tar iterator, the samples at
     positions ``i % world_size == rank`` kept and decoded (its shuffle buffer and worker re-ordering are left out:
     they cost little next to the parsing)."""

@@ -1,15 +1,10 @@
 """Token-sampling speed: vqgen (KV cache) vs MONAI 1.6.1 ``VQVAETransformerInferer.sample``.
 
-Both sides: CPU, fp32, same transformer size (dim/depth/heads, MLP 4x), same vocabulary, same latent grid, same
-batch, temperature 1, no top-k, one sampled token per grid cell. What is timed is token generation only:
+Both sides: CPU, fp32, the same transformer size, vocabulary, grid and batch, temperature 1, no top-k; only token
+generation is timed (MONAI gets a stand-in VQ-VAE whose ``decode_samples`` returns the tokens). MONAI re-runs the
+whole prefix at every step; ``vqgen.models.sampling.generate`` prefills once and decodes with a KV cache. Each
+sampler is warmed up on a 1-row grid, then timed ``--repeats`` times (median).
 
-* MONAI: ``VQVAETransformerInferer().sample(...)`` with a ``DecoderOnlyTransformer`` and a raster ``Ordering``.
-  Its last line calls ``vqvae_model.decode_samples(latent)``; we pass a stand-in VQ-VAE whose ``decode_samples``
-  returns the token grid unchanged, so no image decoding is timed (MONAI's loop re-runs the full prefix through
-  the transformer at every step: no KV cache).
-* vqgen: ``vqgen.models.sampling.generate(prior, ..., use_cache=True)`` (prefill + one cached decode step per token).
-
-Each sampler is warmed up once on a 1-row grid, then timed ``--repeats`` times (median reported).
 Run: ``python bench/sampling.py [--batch 16 --grids 8 16 --dim 96 --depth 12 --heads 8 --repeats 1]``.
 """
 
@@ -26,8 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vqgen.config import PriorConfig  # noqa: E402
-
-from vqgen.models.prior import Prior, build_prior  # noqa: E402
+from vqgen.models.prior import build_prior  # noqa: E402
 from vqgen.models.sampling import generate  # noqa: E402
 
 

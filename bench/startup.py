@@ -1,17 +1,11 @@
-"""Start-up of a simulated 8-rank job on a 20k-image folder vs one rank (issue 13 item 2).
+"""Start-up of a simulated 8-rank job on a 20k-image folder vs one rank.
 
     python bench/startup.py [--images 20000 --ranks 8 --baseline_repo /path/to/older/vqgen]
 
-Each simulated rank is a real process of a gloo process group (``torch.distributed`` on localhost, the group
-accelerate forms on CPU); it runs what train_vqvae.py runs before training: ``prepare_first`` (one process per node
-prepares, the others wait, then all build in parallel) around ``build_dataset(<folder>)``. The time reported for a
-job is from the moment every rank is ready to start preparing (a barrier) to the moment the last rank holds its
-dataset (wall), and the CPU time of the busiest rank (what a rank costs when each has its own core; this machine
-has 2 cores for 8 ranks); process start-up and ``import torch`` are not counted (they do not depend on the data). A cold index is
-measured (the folder's cached index deleted first) and a warm one (the index left by the previous run).
-
-``--baseline_repo`` also times an older checkout the same way, whose ranks built under one file lock, one after the
-other, each opening and verifying every file. Target: t(8 ranks) / t(1 rank) close to 1.
+Each simulated rank is a real process of a gloo group running what train_vqvae.py runs before training
+(``prepare_first`` around ``build_dataset(<folder>)``). Reported: wall time from a barrier to the last rank holding
+its dataset and the busiest rank's CPU time (process start and ``import torch`` excluded), with a cold and a warm
+folder index. ``--baseline_repo`` times an older checkout the same way. Target: t(8 ranks) / t(1 rank) close to 1.
 """
 
 from __future__ import annotations

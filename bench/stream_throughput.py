@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vqgen.config import VQVAEStageConfig  # noqa: E402
 from vqgen.data import build_dataset  # noqa: E402
-from vqgen.train.stage1_data import MapInput, StreamInput  # noqa: E402
 from vqgen.data.stream_input import open_stream  # noqa: E402
-from vqgen.train.vqvae_task import VQVAETask  # noqa: E402
 from vqgen.models.vqvae import VQVAE, VQVAEConfig  # noqa: E402
+from vqgen.train.stage1_data import MapInput, StreamInput  # noqa: E402
+from vqgen.train.vqvae_task import VQVAETask  # noqa: E402
 
 
 def make_data(root: Path, n: int, shard: int = 256) -> tuple[Path, str]:

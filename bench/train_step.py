@@ -1,27 +1,13 @@
 """Training-step throughput and peak memory: vqgen vs MONAI 1.6.1, same config, same batch, same optimizer.
 
-What one step is, on both sides: forward + loss + backward + AdamW step (+ zero_grad).
-  * VQ-VAE: vqgen ``VQVAE`` vs ``monai.networks.nets.VQVAE`` at the original tool's defaults (num_channels 256 256,
-    num_res_channels 256 256, num_res_layers 2, down (2,4,1,1) x2, up (2,4,1,1,0) x2, 256 codes x 32 dims, EMA
-    codebooks on both sides); loss = MSE(recon, x) + quantiser loss. Cases: 1x28x28 batch 128 (28 -> 14 -> 7
-    latent on both: MONAI accepts 28 as is), 1x32x32 batch 128 (the seed pads MedMNIST 28 -> 32), 3x32x32 batch 64.
-  * Prior: vqgen ``Prior`` vs ``monai.networks.nets.DecoderOnlyTransformer`` at 96/12/8 on an 8x8 latent, vocab 256,
-    batch 64: 64 predicted tokens per sequence on both (MONAI: BOS + 63 tokens in, vocab 257 as the seed builds it).
+One step = forward + loss + backward + AdamW step, for the VQ-VAE at the original tool's defaults and the prior at
+96/12/8 on 8x8 tokens; each variant (``fp32``; ``best`` = bf16 autocast, channels_last, fused AdamW) of each side in
+its own fresh subprocess. Throughput from the median of ``--steps`` steps after ``--warmup``; memory = peak RSS and
+its growth once model, optimizer and batch are built (``torch.cuda.max_memory_allocated`` on GPU). In full:
+docs/NOTES.md.
 
-Variants (each in its own fresh subprocess, run one after another):
-  fp32      plain fp32, default memory format, AdamW (foreach)
-  best      bf16 autocast (CPU: AMX), channels_last for the conv nets, fused AdamW: what vqgen recommends
-  (MONAI runs fp32 and "best" too, i.e. with the same autocast/memory format/optimizer, for a like-for-like ratio;
-   for the prior MONAI also runs with ``use_flash_attention=True`` (SDPA), its faster setting.)
-
-Timing: ``--warmup`` steps, then the median of ``--steps`` timed steps (``time.perf_counter``, plus
-``torch.cuda.synchronize`` on GPU). Throughput = batch / median step time (img/s; tok/s for the prior).
-Memory: peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) of the subprocess, and its growth
-over the RSS measured after model, optimizer and batch were built ("train delta": activations, gradients, optimizer
-state, allocator caches). On GPU: ``torch.cuda.max_memory_allocated``. tracemalloc cannot see torch's allocations.
-
-Run: ``python bench/train_step.py`` (~4 min on 2 CPU cores); shrink with ``--cases vq28 prior --steps 2``;
-``--profile vqgen:vq28:fp32`` prints the top ops of one variant (torch.profiler).
+Run: ``python bench/train_step.py``; shrink with ``--cases vq28 prior --steps 2``; ``--profile vqgen:vq28:fp32``
+prints the top ops of one variant (torch.profiler).
 """
 
 from __future__ import annotations
@@ -100,7 +86,7 @@ def build(impl: str, case: str, variant: str, device):
         tokens = torch.randint(0, 256, (batch, size * size), device=device)
         if impl == "vqgen":
             from vqgen.config import PriorConfig
-            from vqgen.models.prior import Prior, build_prior
+            from vqgen.models.prior import build_prior
             model = build_prior(PriorConfig(vocab_size=256, latent_h=size, latent_w=size, attn_layers_dim=96, attn_layers_depth=12, attn_layers_heads=8)).to(device)
 
             def loss_fn():
@@ -180,7 +166,8 @@ def run_subprocess(spec: dict) -> dict:
 
 def profile(target: str, args) -> None:
     import torch
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
     impl, case, variant = target.split(":")
     device = torch.device(args.device)
     if device.type == "cuda":

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from vqgen import offline
-from vqgen.data import archives
-from vqgen.data import build_dataset
+from vqgen.data import archives, build_dataset
 from vqgen.errors import DatasetUnavailableError
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")

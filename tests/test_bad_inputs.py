@@ -20,19 +20,24 @@ import numpy as np
 import pytest
 import torch
 
+from factories import tiny_vqvae
 from vqgen import extract, pipeline, sample
+from vqgen.cli import run_cli
+from vqgen.config import (
+    EvalConfig,
+    ExtractConfig,
+    PipelineConfig,
+    PriorConfig,
+    PriorStageConfig,
+    SampleConfig,
+    VQVAEStageConfig,
+    build_parser,
+)
 from vqgen.eval import evaluate
+from vqgen.export import ExportMeta
+from vqgen.models.prior import build_prior
 from vqgen.train import prior_task as train_prior
 from vqgen.train import vqvae_task as train_vqvae
-from vqgen.cli import run_cli
-from vqgen.config import (EvalConfig, ExtractConfig, PipelineConfig, PriorStageConfig, SampleConfig,
-                          VQVAEStageConfig)
-from vqgen.export import ExportMeta
-from vqgen.config import build_parser
-from vqgen.config import PriorConfig
-from vqgen.models.prior import Prior, build_prior
-
-from factories import tiny_vqvae
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VQ = ["--num_channels", "8", "16", "--num_res_channels", "8", "16", "--num_res_layers", "1",

@@ -1,4 +1,4 @@
-"""The config system (vqgen/config.py): flags generated from the stage dataclasses, YAML files, precedence, aliases,
+"""The config system (vqgen/config/): flags generated from the stage dataclasses, YAML files, precedence, aliases,
 one declaration per flag, config.yaml in the run folder reused by --resume, and the example configs."""
 
 from __future__ import annotations
@@ -11,11 +11,24 @@ import yaml
 
 from vqgen import pipeline
 from vqgen.cli import run_cli
-from vqgen.config import (EvalConfig, ExtractConfig, PipelineConfig, PriorStageConfig, SampleConfig, SamplingConfig,
-                          TrainConfig, VQVAEStageConfig)
+from vqgen.config import (
+    EvalConfig,
+    ExtractConfig,
+    PipelineConfig,
+    PriorStageConfig,
+    SampleConfig,
+    SamplingConfig,
+    TrainConfig,
+    VQVAEStageConfig,
+    build_parser,
+    flag,
+    load_config,
+    part,
+    to_dict,
+    validate,
+)
 from vqgen.data import DATASETS
 from vqgen.errors import ConfigError
-from vqgen.config import build_parser, flag, load_config, part, to_dict, validate
 from vqgen.train import vqvae_task
 
 ROOT = Path(__file__).resolve().parents[1]

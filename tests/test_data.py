@@ -8,10 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vqgen.config import DataConfig
-
-from vqgen.config import build_parser, load_config
 from vqgen import offline
+from vqgen.config import DataConfig, build_parser, load_config
 from vqgen.data import DATASETS, build_dataset
 from vqgen.data.transforms import IMAGE_EXTENSIONS
 from vqgen.errors import ConfigError, DatasetUnavailableError

@@ -29,11 +29,10 @@ import torch
 from safetensors.torch import load_file
 
 from vqgen import shards
+from vqgen.cli import run_cli
+from vqgen.config import PriorStageConfig, VQVAEStageConfig, load_config
 from vqgen.train import prior_task as train_prior
 from vqgen.train import vqvae_task as train_vqvae
-from vqgen.cli import run_cli
-from vqgen.config import PriorStageConfig, VQVAEStageConfig
-from vqgen.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE = Path(sys.executable).parent / "accelerate"

@@ -12,13 +12,11 @@ import torch
 
 from vqgen import extract
 from vqgen.cli import run_cli
+from vqgen.config import EvalConfig, ExtractConfig, PriorConfig, load_config
 from vqgen.errors import CheckpointError, ConfigError
-from vqgen.config import EvalConfig, ExtractConfig
-from vqgen.config import load_config
 from vqgen.eval.evaluate import run as evaluate
 from vqgen.export import ExportMeta
-from vqgen.config import PriorConfig
-from vqgen.models.prior import Prior, build_prior
+from vqgen.models.prior import build_prior
 from vqgen.models.vqvae import VQVAE, VQVAEConfig
 
 

@@ -17,15 +17,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from factories import shard_samples, tiny_vqvae
 from vqgen import shards
 from vqgen.cli import run_cli
+from vqgen.config import ExtractConfig
 from vqgen.data.views import MultiView
 from vqgen.errors import ConfigError, ShardError
 from vqgen.export import check_compatible
-from vqgen.config import ExtractConfig
 from vqgen.extract import extract_split, run, tokenizer_header
 from vqgen.fsutil import sha256_file
-from factories import shard_samples, tiny_vqvae
 
 ROOT = Path(__file__).resolve().parents[1]
 

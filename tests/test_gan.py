@@ -14,13 +14,12 @@ from safetensors.torch import load_file
 
 from factories import TINY_VQVAE_FLAGS, tiny_vqvae
 from vqgen.cli import run_cli
-from vqgen.config import VQVAEStageConfig
+from vqgen.config import VQVAEStageConfig, load_config
 from vqgen.errors import ConfigError
-from vqgen.config import load_config
+from vqgen.launch import check_extra_models
 from vqgen.models import losses as L
 from vqgen.models.discriminator import PatchDiscriminator
 from vqgen.train import vqvae_task
-from vqgen.launch import check_extra_models
 
 TINY = [*TINY_VQVAE_FLAGS, "--n_epochs", "2", "--sample_and_save_freq", "2"]
 GAN = ["--disc_weight", "0.5", "--disc_channels", "16"]

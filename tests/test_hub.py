@@ -15,11 +15,10 @@ from safetensors.torch import save_file
 from factories import fill_hub_cache, tiny_vqvae
 from vqgen import sample
 from vqgen.cli import run_cli
-from vqgen.config import SampleConfig, VQVAEStageConfig
+from vqgen.config import PriorConfig, SampleConfig, VQVAEStageConfig
 from vqgen.errors import CheckpointError, ConfigError
 from vqgen.export import ExportMeta, canonical_json, export_fingerprint, load_export
 from vqgen.hub import check_push_target, parse_hub_ref
-from vqgen.config import PriorConfig
 from vqgen.models.prior import Prior, build_prior
 from vqgen.models.vqvae import VQVAE
 from vqgen.train import vqvae_task

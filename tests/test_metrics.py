@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from vqgen import metrics as M
-from vqgen.eval.classifier import accuracy, load_or_train
 from vqgen.data import build_dataset
+from vqgen.eval.classifier import accuracy, load_or_train
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from vqgen import launch, perf
-from vqgen.config import PriorStageConfig, VQVAEStageConfig
+from vqgen.config import PriorStageConfig, VQVAEStageConfig, load_config
 from vqgen.data.transforms import ImageTransform, convert_mode
-from vqgen.config import load_config
 from vqgen.train import vqvae_task
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from vqgen import pipeline, sample
-from vqgen.export import load_export
 from vqgen.cli import run_cli
 from vqgen.config import PipelineConfig, SampleConfig
+from vqgen.export import load_export
 
 TINY = ["--dataset", "digits", "--no_wandb", "--batch_size", "128", "--n_epochs", "2", "--lr", "1e-3",
         "--num_channels", "16", "--num_res_channels", "16", "--num_res_layers", "1", "--num_embeddings", "32",

@@ -4,11 +4,9 @@
 import pytest
 import torch
 
-from vqgen.export import save_export
+from vqgen.config import PriorConfig, load_config
 from vqgen.errors import CheckpointError, ConfigError
-from vqgen.export import ExportMeta
-from vqgen.config import load_config
-from vqgen.config import PriorConfig
+from vqgen.export import ExportMeta, save_export
 from vqgen.models.prior import Prior, build_prior
 
 

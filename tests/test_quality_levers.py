@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from factories import TINY_VQVAE_FLAGS
-from vqgen.config import VQVAEStageConfig
+from vqgen.config import VQVAEStageConfig, load_config
 from vqgen.errors import ConfigError
-from vqgen.config import load_config
 from vqgen.models.blocks import AttnBlock, ResnetBlock, group_norm
 from vqgen.models.quantizers.vq import VectorQuantizerEMA
 from vqgen.models.vqvae import VQVAE, VQVAEConfig
@@ -95,7 +94,7 @@ def test_tokenizer_levers_train_export_and_resume_bitwise(tmp_path):
 # ------------------------------------------------------------------------------------------------ prior
 def tiny_prior(num_classes=3, **kw):
     from vqgen.config import PriorConfig
-    from vqgen.models.prior import Prior, build_prior
+    from vqgen.models.prior import build_prior
 
     torch.manual_seed(0)
     return build_prior(PriorConfig(vocab_size=16, latent_h=3, latent_w=4, attn_layers_dim=32, attn_layers_depth=2, attn_layers_heads=2,
@@ -121,7 +120,7 @@ def test_llama_prior_blocks_decode_with_the_cache_as_the_full_forward():
 
 def test_swiglu_keeps_the_parameter_count_and_rope_needs_head_dim_divisible_by_4():
     from vqgen.config import PriorConfig
-    from vqgen.models.prior import Prior, build_prior
+    from vqgen.models.prior import build_prior
     from vqgen.models.priors.blocks import rope_2d_table
 
     gelu, swiglu = (sum(q.numel() for q in tiny_prior(prior_mlp=m).parameters()) for m in ("gelu", "swiglu"))

@@ -27,17 +27,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from factories import tiny_vqvae
 from vqgen import extract, sample
+from vqgen.cli import run_cli
+from vqgen.config import ExtractConfig, PriorStageConfig, SampleConfig, VQVAEStageConfig, load_config
+from vqgen.errors import CheckpointError, DiskFullError
+from vqgen.export import load_export
+from vqgen.fsutil import atomic_directory
 from vqgen.train import prior_task as train_prior
 from vqgen.train import vqvae_task as train_vqvae
-from vqgen.export import load_export
-from vqgen.cli import run_cli
-from vqgen.config import ExtractConfig, PriorStageConfig, SampleConfig, VQVAEStageConfig
-from vqgen.config import load_config
-from vqgen.errors import CheckpointError, DiskFullError
-from vqgen.fsutil import atomic_directory
-
-from factories import tiny_vqvae
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_VQ = ["--dataset", "digits", "--num_channels", "8", "16", "--num_res_channels", "8", "16",

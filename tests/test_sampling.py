@@ -6,12 +6,19 @@ import pytest
 import torch
 from PIL import Image
 
-from vqgen.errors import ConfigError
 from vqgen.config import PriorConfig
-from vqgen.models.prior import Prior, build_prior
+from vqgen.errors import ConfigError
 from vqgen.images import save_image_grid
-from vqgen.models.sampling import (apply_cfg, decode_to_images, generate, guidance_at, sample_logits, top_k_filter,
-                                   top_p_filter)
+from vqgen.models.prior import Prior, build_prior
+from vqgen.models.sampling import (
+    apply_cfg,
+    decode_to_images,
+    generate,
+    guidance_at,
+    sample_logits,
+    top_k_filter,
+    top_p_filter,
+)
 
 
 def tiny(num_classes=0) -> Prior:

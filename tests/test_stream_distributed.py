@@ -96,12 +96,10 @@ def test_evaluate_two_processes_gathers_the_same_statistics(tmp_path):
     """accelerate launch evaluate.py: each process takes half of the split and of the samples; the reduced
     tokenizer metrics equal the one-process run's, and the sample statistics count every sample once."""
     from factories import tiny_vqvae
-    from vqgen.config import EvalConfig
+    from vqgen.config import EvalConfig, PriorConfig, load_config
     from vqgen.eval import evaluate
     from vqgen.export import ExportMeta
-    from vqgen.config import load_config
-    from vqgen.config import PriorConfig
-    from vqgen.models.prior import Prior, build_prior
+    from vqgen.models.prior import build_prior
     sha = tiny_vqvae().export_to(tmp_path / "vqvae/export", meta=ExportMeta(dataset={"name": "digits"}))
     torch.manual_seed(0)
     build_prior(PriorConfig(vocab_size=32, latent_h=4, latent_w=4, attn_layers_dim=16, attn_layers_depth=1, attn_layers_heads=2, num_classes=10)).export_to(

@@ -7,9 +7,8 @@ import torch
 from PIL import Image
 
 from vqgen.data import stream_input
+from vqgen.data.streaming import UNREADABLE, StreamedImages, contiguous_pieces, plan_readers, rank_batches, worker_skips
 from vqgen.errors import ConfigError
-from vqgen.data.streaming import (UNREADABLE, StreamedImages, contiguous_pieces, plan_readers, rank_batches,
-                             worker_skips)
 
 
 def make_tars(root, sizes, size=12, bad=()):

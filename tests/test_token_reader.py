@@ -334,8 +334,7 @@ def prior_task(shard_dir: Path, *flags: str):
     """A stage-3 task over these shards (no model needed by the data hook)."""
     from types import SimpleNamespace
 
-    from vqgen.config import PriorStageConfig
-    from vqgen.config import load_config
+    from vqgen.config import PriorStageConfig, load_config
     from vqgen.train.prior_task import PriorTask
 
     cfg = load_config(PriorStageConfig, ["--shards", str(shard_dir), "--output_dir", str(shard_dir / "run"),
@@ -416,8 +415,7 @@ def test_map_style_resume_rule():
 def test_prior_resume_with_another_batch_size_warns_and_finishes(tmp_path, stage2, capsys):
     """Through the real loop: a mid-epoch checkpoint (batch 64) resumed with batch 32 continues with the samples
     not yet seen (one warning line) and finishes the epoch."""
-    from vqgen.config import PriorStageConfig
-    from vqgen.config import load_config
+    from vqgen.config import PriorStageConfig, load_config
     from vqgen.train import prior_task as train_prior
 
     flags = ["--shards", str(stage2 / "shards"), "--attn_layers_dim", "16", "--attn_layers_depth", "1",

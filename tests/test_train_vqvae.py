@@ -9,13 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vqgen.train import vqvae_task as train_vqvae
-from vqgen.export import load_export
-from vqgen.cli import run_cli
 from factories import TINY_VQVAE_FLAGS
-from vqgen.config import VQVAEStageConfig
-from vqgen.config import load_config
+from vqgen.cli import run_cli
+from vqgen.config import VQVAEStageConfig, load_config
+from vqgen.export import load_export
 from vqgen.models.vqvae import VQVAE
+from vqgen.train import vqvae_task as train_vqvae
 
 TINY = TINY_VQVAE_FLAGS  # constant lr (tests cut runs with --max_steps, the cosine schedule's horizon)
 

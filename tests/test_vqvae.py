@@ -7,9 +7,9 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
-from vqgen.export import ExportMeta, load_export, save_export
-from vqgen.errors import CheckpointError, ConfigError
 from vqgen.config import load_config
+from vqgen.errors import CheckpointError, ConfigError
+from vqgen.export import ExportMeta, load_export, save_export
 from vqgen.models.vqvae import VQVAE, VQVAEConfig
 
 

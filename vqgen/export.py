@@ -1,19 +1,11 @@
 """Exports for consumers (safetensors + JSON, never pickle), and the one decision whether a tokenizer, a prior
 and a shard set belong together (:func:`check_compatible`).
 
-Export layout (``<output_dir>/export/``)::
-
-    config.json        {"format": "vqgen-export", "format_version": 1, "kind": "vqvae"|"prior"|"classifier",
-                        "config": asdict(model config), "meta": ExportMeta, "sha256": content fingerprint}
-    model.safetensors  the weights
-
-:func:`save_export` is its one writer and :func:`load_export` its one reader; models wrap them as
-``Model.export_to(folder, meta)`` / ``Model.from_export(folder_or_export)``.
-
-Stages 2/3 and sampling load exports only; ``hf:<user>/<repo>[/<subfolder>][@<revision>]`` names one in the local
-Hugging Face cache (:mod:`vqgen.hub`, which also gives the models ``from_pretrained``/``push_to_hub``). A legacy
-``.pt``/``.pth`` file is accepted only through ``torch.load(weights_only=True)`` and must hold ``{"kind", "config",
-"state_dict"}``; anything that tries to run code while unpickling is refused.
+``<output_dir>/export/`` holds ``config.json`` (format, version, kind, the model config, :class:`ExportMeta` and a
+content sha256) and ``model.safetensors``. :func:`save_export` is its one writer and :func:`load_export` its one
+reader; models wrap them as ``export_to`` / ``from_export``. ``hf:<user>/<repo>[/<subfolder>][@<revision>]`` names an
+export in the local Hub cache (:mod:`vqgen.hub`). A legacy ``.pt``/``.pth`` file is read only through
+``torch.load(weights_only=True)``: anything that tries to run code while unpickling is refused. Layout: docs/NOTES.md.
 """
 
 from __future__ import annotations

@@ -1,15 +1,11 @@
 """Stage 2: encode a dataset into VQ token shards (``python extract_codes.py`` or ``accelerate launch``).
 
-Map-style sources: each rank encodes ``shards.rank_indices(n, rank, world_size, order_seed)`` (strided positions of
-a seeded permutation of the source order, so the shards of a class-sorted folder mix classes; the key stays the
-source index) in batches that never straddle a shard boundary (so a resumed run batches, and therefore encodes,
-exactly like an uninterrupted one). Streams (WebDataset urls, ``hf:<name> --streaming``) are split by rank and by
-DataLoader worker and decoded in the workers (:class:`vqgen.data.streaming.StreamedImages`). Each rank writes its
-own shards through :class:`vqgen.shards.RankShardWriter`; the main process merges the per-rank parts into
-``manifest.json`` once every rank is done. Unreadable source images are recorded as skipped, not encoded.
-``--hflip`` stores the tokens of the mirrored image in the same sample as ``tokens_flip.npy``, ``--views N`` the
-tokens of N augmented views as ``tokens.npy`` [N, h, w] (:mod:`vqgen.data.views`): one sample per source image either
-way, so "every sample exactly once" keeps its meaning.
+Each rank encodes its share (map-style sources: strided positions of a seeded permutation,
+:func:`vqgen.shards.rank_indices`; streams: split by rank and worker, :class:`vqgen.data.streaming.StreamedImages`)
+and writes its own shards (:class:`vqgen.shards.RankShardWriter`); the main process merges the parts into
+``manifest.json`` once every rank is done. Batches never straddle a shard, so a resumed run encodes exactly like an
+uninterrupted one. ``--hflip`` / ``--views N`` store the tokens of augmented views in the same sample
+(:mod:`vqgen.data.views`), so every source image is still one sample; unreadable images are recorded as skipped.
 Adapted from: LlamaGen ``extract_codes_c2i.py`` and open-muse ``pre_encode.py`` (plus resume and a manifest).
 """
 
@@ -117,7 +113,7 @@ def encode(model, x: torch.Tensor, device: torch.device, mixed_precision: str = 
 
 
 class BackgroundWriter:
-    """Serialises batches into shards on a thread, so tar writing (~50 us/sample of Python) overlaps the next
+    """Serialises batches into shards on a thread, so tar writing (pure Python) overlaps the next
     encoder call (which releases the GIL). A bounded queue keeps memory constant; errors surface in the caller."""
 
     def __init__(self, writer: shards.RankShardWriter, max_batches: int = 4, threaded: bool = True,

@@ -15,7 +15,6 @@ from typing import Iterator
 
 from .errors import DiskFullError
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

@@ -1,21 +1,11 @@
 """Hugging Face Hub conventions for vqgen models, and ``hf:`` model references resolved from the local Hub cache.
 
-* :class:`HubMixin` gives :class:`~vqgen.models.vqvae.VQVAE` and :class:`~vqgen.models.prior.Prior` the usual
-  ``from_pretrained(folder_or_repo_id)`` / ``save_pretrained(folder)`` / ``push_to_hub(repo_id)``. It is
-  huggingface_hub's ``PyTorchModelHubMixin`` (its ``save_pretrained``, ``push_to_hub`` and model card) with vqgen's
-  export format underneath: ``_save_pretrained`` writes the export (``config.json`` with format/kind/config/meta/
-  sha256 + ``model.safetensors``), so a folder written either way loads either way (``--checkpoint FOLDER``,
-  ``Model.from_pretrained(FOLDER)``). ``from_pretrained`` is overridden rather than only ``_from_pretrained``: the
-  mixin's version first fetches ``config.json`` itself and reads it as constructor kwargs, while vqgen's config.json
-  wraps the model config (and a Hub miss must end in one clear line within seconds, see below).
-* ``hf:<user>/<repo>[/<subfolder>][@<revision>]`` (accepted by every ``--checkpoint``/``--checkpoint_t``, and
-  ``<user>/<repo>`` by ``from_pretrained``) resolves to a snapshot folder of the local Hub cache
-  (``snapshot_download(local_files_only=True)``: no network). On a miss vqgen downloads only when the Hub is
-  reachable (not ``HF_HUB_OFFLINE``/``VQGEN_OFFLINE``, and a 2 s TCP probe of the endpoint succeeds); otherwise a
-  :class:`CheckpointError` names the repo, the cache folder and the command that fills it, in under 5 s.
-* :func:`push_export` uploads a finished export folder as it is (bitwise: same sha256) with a model card; the
-  trainers' ``--push_to_hub`` calls it. :func:`check_push_target` runs before training so a missing token is found
-  in the first second, not after a three-day run; a push that fails at the end only warns (the export is on disk).
+:class:`HubMixin` gives the models ``from_pretrained`` / ``save_pretrained`` / ``push_to_hub``: huggingface_hub's
+``PyTorchModelHubMixin`` with vqgen's export format underneath, so a folder written either way loads either way.
+``hf:<user>/<repo>[/<subfolder>][@<revision>]`` resolves to a snapshot folder of the local cache; on a miss vqgen
+downloads only when the Hub answers a short probe, else a :class:`~vqgen.errors.CheckpointError` names the repo and
+the command that fills the cache. :func:`push_export` uploads a finished export bitwise; :func:`check_push_target`
+runs before training, so a missing token is found at once, not after the run. Details: docs/NOTES.md.
 """
 
 from __future__ import annotations

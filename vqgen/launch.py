@@ -84,12 +84,10 @@ def start_processes(training: bool = False):
 @contextlib.contextmanager
 def prepare_first(state, once: bool = False, data_dir: str | None = None):
     """Data preparation whose cost does not grow with the number of ranks: the body (download, archive
-    extraction, folder index, tar counts) runs first on one process per node (``local_main_process_first``: a
-    node-local ``--data_dir``), or of the whole job with ``once`` (``--prepare_data_once``: a shared file system);
-    the others wait at a barrier, then run it *in parallel*, finding everything prepared (caches beside the data).
-    The preparing process also holds a file lock in ``data_dir`` (when it can be written), so that the node leaders
-    of a job on a shared file system launched without ``once`` prepare one after the other, never into the same
-    files at once; the other ranks never take it.
+    extraction, folder index, tar counts) runs first on one process per node, or of the whole job with ``once``
+    (``--prepare_data_once``: a shared file system); the others wait, then run it *in parallel* and find everything
+    prepared. The preparing process also holds a file lock in ``data_dir``, so node leaders sharing a file system
+    never prepare the same files at once.
     Adapted from: accelerate ``PartialState.main_process_first`` / ``local_main_process_first``."""
     if state is None or state.num_processes == 1:
         with _prepare_lock(data_dir):

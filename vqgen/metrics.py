@@ -12,7 +12,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-
 PSNR_CAP_DB = 100.0  # ReconstructionMeter averages min(PSNR, 100 dB): identical images would give inf
 
 
@@ -86,7 +85,7 @@ class ReconstructionMeter:
 # ------------------------------------------------------------------------------------------------------------
 # Sample-quality metrics in a feature space (FID / IS / precision-recall / classifier statistics).
 #
-# The feature network runs once per image (see vqgen.evaluate); its outputs are fed to torchmetrics'
+# The feature network runs once per image (:mod:`vqgen.eval.features`); its outputs are fed to torchmetrics'
 # FrechetInceptionDistance / InceptionScore through :class:`PrecomputedFeatures`, a pass-through "feature
 # extractor", so torchmetrics does the statistics (running mean/covariance, matrix square root, IS splits)
 # while one forward pass serves FID, IS and precision/recall alike.

@@ -3,7 +3,7 @@
 vqgen first loads without downloading; only if that fails and ``download=True`` it probes the download host (2 s,
 DNS included; no probe at all when VQGEN_OFFLINE / HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set) and then calls
 the library's own download. Otherwise a :class:`DatasetUnavailableError` says what is missing, where vqgen looked
-and how to provide the files (libraries left alone hang ~24 s on DNS when offline).
+and how to provide the files (libraries left alone hang on DNS when offline).
 """
 
 from __future__ import annotations

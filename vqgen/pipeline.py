@@ -1,16 +1,12 @@
 """``VQVAE_T.py``: the one-command front end with the original tool's (GenerativeZoo VQVAE_T.py) flags.
 
-``--train`` runs stage 1 (VQ-VAE), stage 2 (token shards for the train and test splits) and stage 3 (prior)
-in sequence under ``<output_dir>/{vqvae,shards,prior}`` (:class:`vqgen.run_dir.PipelineLayout`). Each stage
-resumes where it stopped, and a rerun skips the stages whose export/manifest is complete. ``--sample`` writes
-``<output_dir>/samples`` from ``--checkpoint``/``--checkpoint_t`` (default: the exports of ``--train``).
-
-:func:`stage_configs` builds each stage's own config from the pipeline's (no argv round trip): the data, model
-and sampling parts are the same objects' values, the training values named in ``PIPELINE_TRAINING`` go to both
-trainers, and each trainer keeps its stage defaults for the rest (the prior's warm-up + cosine schedule).
-
-Unlike the seed: list flags take lists, the prior depth is honoured, ``--num_samples`` is honoured, the
-VQ-VAE is frozen (eval mode, its codes cached once) while the prior trains, and samples go to PNG files.
+``--train`` runs stages 1-3 under ``<output_dir>/{vqvae,shards,prior}`` (:class:`vqgen.run_dir.PipelineLayout`); each
+stage resumes where it stopped and a rerun skips the finished ones. ``--sample`` writes ``<output_dir>/samples`` from
+``--checkpoint``/``--checkpoint_t`` (default: the exports of ``--train``). :func:`stage_configs` builds each stage's
+config from the pipeline's (no argv round trip): shared parts are copied, the training values named in
+:data:`vqgen.config.PIPELINE_TRAINING` go to both trainers, and each trainer keeps its own defaults for the rest.
+Unlike the original: list flags take lists, the prior depth and ``--num_samples`` are honoured, and the VQ-VAE stays
+frozen while the prior trains.
 """
 
 from __future__ import annotations
@@ -20,8 +16,15 @@ import os
 from pathlib import Path
 
 from . import extract, sample
-from .config import (PIPELINE_TRAINING, ExtractConfig, PipelineConfig, PriorStageConfig, SampleConfig,
-                     VQVAEStageConfig, validate)
+from .config import (
+    PIPELINE_TRAINING,
+    ExtractConfig,
+    PipelineConfig,
+    PriorStageConfig,
+    SampleConfig,
+    VQVAEStageConfig,
+    validate,
+)
 from .export import is_export
 from .run_dir import PipelineLayout, RunDir
 from .shards import has_split

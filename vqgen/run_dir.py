@@ -1,23 +1,10 @@
 """Run folders: the one place that knows their layout and the output-folder policy.
 
-A training run (:class:`RunDir`, one per trainer)::
-
-    <output_dir>/checkpoints/checkpoint-<step>/   training state (accelerate save_state + vqgen_state.json)
-                 export/                         what later stages load (vqgen.export: config.json + weights)
-                 samples/                        image grids written during training
-                 metrics.jsonl                   one JSON object per logged step
-                 config.yaml                     the resolved stage config (flags); ``--resume`` reuses it
-                 run_config.json                 what the flags built: the model config, dataset / tokenizer
-                 STOP                            the default stop file (preemption)
-                 logs/<wandb_project>/           TensorBoard event files (--report_to tensorboard|all)
-                 wandb/                          wandb's run folders (offline ones: ``wandb sync``)
-
-The folder of ``VQVAE_T.py`` (:class:`PipelineLayout`) holds one run per trainer plus the shards and samples::
-
-    <root>/vqvae/ <root>/shards/ <root>/prior/ <root>/samples/ <root>/eval.json <root>/eval/
-
-A checkpoint folder counts only when complete: it is written as ``.checkpoint-<step>.tmp`` and renamed once its
-``vqgen_state.json`` is in (see :mod:`vqgen.train.checkpointing`).
+:class:`RunDir` is one trainer's folder (``checkpoints/checkpoint-<step>/``, ``export/``, ``samples/``,
+``metrics.jsonl``, ``config.yaml``, ``run_config.json``, ``STOP``, the trackers' folders); :class:`PipelineLayout` is
+the folder of ``VQVAE_T.py`` (``vqvae/``, ``shards/``, ``prior/``, ``samples/``, ``eval.json``). A checkpoint counts
+only when complete: it is written as ``.checkpoint-<step>.tmp`` and renamed once its ``vqgen_state.json`` is in
+(:mod:`vqgen.train.checkpointing`). The layout, entry by entry: docs/NOTES.md.
 """
 
 from __future__ import annotations

@@ -19,13 +19,13 @@ import torch
 from .config import SampleConfig, validate
 from .export import check_compatible
 from .fsutil import atomic_write_bytes
+from .images import save_image_grid
 from .launch import resolve_device
-from .perf import keep_freed_memory
 from .models.prior import Prior, load_prior
+from .models.sampling import class_labels, decode_to_images, generate
 from .models.tokenizer import load_tokenizer
 from .npz_stream import NpzWriter, to_uint8_nhwc
-from .images import save_image_grid
-from .models.sampling import class_labels, decode_to_images, generate
+from .perf import keep_freed_memory
 
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

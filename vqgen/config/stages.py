@@ -10,8 +10,20 @@ from typing import ClassVar
 
 from ..errors import ConfigError
 from .flags import flag, part
-from .parts import (SPLIT_RE, AugmentConfig, DataConfig, GANConfig, SamplingConfig, ShardingConfig,
-                    TokenReaderConfig, TrainConfig, _HUB_REF, _TOKENIZER_REFS, _positive, _precision)
+from .parts import (
+    _HUB_REF,
+    _TOKENIZER_REFS,
+    SPLIT_RE,
+    AugmentConfig,
+    DataConfig,
+    GANConfig,
+    SamplingConfig,
+    ShardingConfig,
+    TokenReaderConfig,
+    TrainConfig,
+    _positive,
+    _precision,
+)
 from .prior import PriorConfig
 from .tokenizer import VQVAEConfig
 

@@ -1,32 +1,12 @@
 """Datasets for every stage: one registry, one transform, one item format, clear errors when data is missing.
 
-Items are ``(image FloatTensor [C, H, W] in [-1, 1], label int)``; the label is -1 when the source has none.
-The transform is deterministic (convert to the wanted channels -> resize the shorter side (bicubic, antialiased)
--> center crop -> [-1, 1]) so that stage 2 can record it in the shard manifest and extraction is reproducible.
-
-Inputs accepted by :func:`build_dataset`:
-  * a registry name (:data:`DATASETS`); ``"digits"`` is the offline demo set (scikit-learn, no download);
-  * a local image folder: images anywhere below it; if *all* images sit in subfolders, the label is the index of
-    the top-level subfolder in sorted order, else -1. If the folder has ``train/`` / ``val/`` / ``test/``
-    subfolders the requested split is taken from them, otherwise the whole folder serves every split. Images may
-    differ in size and mode (L, RGB, RGBA, P, I;16...): each is converted to the wanted channels and resized +
-    center-cropped by the one transform above. The folder is indexed once (file list + labels cached beside it,
-    rebuilt when a directory changes: :mod:`vqgen.data.folder_index`) and no file is opened to build a dataset; a
-    file that cannot be decoded is found when it is read and gives a *marked* item (label -2,
-    :data:`vqgen.data.streaming.UNREADABLE`) with one warning, so item i stays item i (exact resume, exactly-once
-    extraction); training drops marked items and counts them, extraction records them as skipped;
-  * ``<data_dir>/<Name>/raw/*.gz`` IDX archives of the MNIST family, or Debian's ``dataset-fashion-mnist``, are
-    extracted offline (:mod:`vqgen.data.archives`);
-  * ``hf:<hub id or local path>`` or a local folder written by ``datasets.save_to_disk``: Hugging Face
-    ``datasets`` (image column ``image``/``img`` or any ``Image`` feature, label column ``label``/``labels``);
-  * WebDataset urls (``wds:<url>``, ``*.tar`` or ``{000..009}`` brace patterns): an IterableDataset decoding
-    ``jpg;png;jpeg;webp`` and ``cls`` (num_classes is reported as 0: the stream is not scanned). The trainer and
-    extraction read them (and ``hf:<name> --streaming``) through :mod:`vqgen.data.streaming` instead: split by
-    rank and worker, decoded in the workers, resumable.
-
-Missing data: see :mod:`vqgen.data.offline` (a clear error in under 5 s, never a DNS hang). One small module per
-source under :mod:`vqgen.data.sources`; the transform in :mod:`vqgen.data.transforms`; split names in
-:mod:`vqgen.data.splits`.
+Items are ``(image FloatTensor [C, H, W] in [-1, 1], label int)``, label -1 when the source has none; an image that
+cannot be decoded gives a marked item (:data:`vqgen.data.streaming.UNREADABLE`) so that item i stays item i. The
+transform is deterministic (resize the shorter side, center crop, scale to [-1, 1]) so that stage 2 can record it in
+the manifest. :func:`build_dataset` takes a registry name (:data:`DATASETS`; ``digits`` needs no download), an image
+folder, MNIST-family IDX archives, ``hf:<id>`` or a ``save_to_disk`` folder, or WebDataset urls (what each accepts:
+docs/NOTES.md). One small module per source in :mod:`vqgen.data.sources`; the transform in
+:mod:`vqgen.data.transforms`; data that is missing fails fast (:mod:`vqgen.offline`).
 """
 
 from __future__ import annotations
@@ -48,7 +28,6 @@ from .sources.torchvision import build_torchvision
 from .sources.wds import build_wds, is_wds
 from .splits import normalize_split
 from .transforms import ImageTransform
-
 
 
 @dataclass

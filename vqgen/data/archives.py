@@ -1,20 +1,11 @@
-"""Data already on disk is used as it is: archives a library would download count as present.
+"""MNIST-family IDX archives already on disk are used offline, whatever their md5.
 
-torchvision's MNIST family looks only for the *extracted* IDX files (``<root>/<Name>/raw/train-images-idx3-ubyte``,
-``MNIST._check_exists``); the ``.gz`` archives it downloads are extracted by ``download()``, which first needs the
-network (``download_and_extract_archive`` only skips the download when the archive's md5 matches torchvision's
-list). So an archive copied onto an offline machine, or one whose gzip bytes differ from torchvision's mirror
-(Debian's ``dataset-fashion-mnist`` package recompressed them: same IDX content, other md5), was reported
-missing. :func:`prepare_idx` extracts such ``.gz`` files (what ``extract_archive`` would do: plain gunzip) instead.
-The IDX readers check every file's magic number and size, so a wrong file still fails loudly; no md5 is required.
-
-Where the archives may be (first hit wins, per file):
-  1. ``<data_dir>/<Name>/raw/<file>.gz`` (where torchvision downloads them);
-  2. a system location of a distribution package (:data:`SYSTEM_DIRS`), used when ``--data_dir`` holds nothing:
-     Debian's ``dataset-fashion-mnist`` installs ``/usr/share/datasets/fashion-mnist/*.gz`` (the real 70k images).
-Extraction goes to ``<data_dir>/<Name>/raw`` (temp file + rename: a killed extraction leaves no half file), or,
-when that folder cannot be written, to ``$XDG_CACHE_HOME/vqgen/<Name>/raw`` (the returned root says which).
-Call it from one process per node (see :func:`vqgen.launch.prepare_first`); concurrent callers are safe, only slower.
+torchvision looks only for extracted IDX files and extracts its ``.gz`` archives in ``download()``, which needs the
+network and torchvision's md5 (Debian's ``dataset-fashion-mnist`` recompressed them: same content, other md5).
+:func:`prepare_idx` gunzips them itself, found in ``<data_dir>/<Name>/raw`` or a distribution package's folder
+(:data:`SYSTEM_DIRS`); the IDX readers check every file's magic number and size, so no md5 is needed. Call it from
+one process per node (:func:`vqgen.launch.prepare_first`); concurrent callers are safe. Where it looks and writes:
+docs/NOTES.md.
 """
 
 from __future__ import annotations

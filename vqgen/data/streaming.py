@@ -1,39 +1,11 @@
 """Streamed images shared by stage 1 (training) and stage 2 (extraction): WebDataset tars or an HF stream.
 
-A :class:`ShardSource` is a list of shards (WebDataset tar urls, or the data files of a ``datasets`` stream:
-``load_dataset(..., streaming=True)``), each iterated in order as raw samples; per-shard sample counts when they are
-known (local tars are counted once by reading their headers, cached beside them: :mod:`vqgen.data.stream_input`).
-:class:`StreamedImages` is the ``IterableDataset`` over it. Every (rank, DataLoader worker) pair is one *reader*,
-``j = rank * K + worker`` of ``R = world_size * K`` (K = max(1, num_workers)), and an epoch's work of each reader is
-a pure function of (seed, epoch, R, j) (:func:`plan_readers`):
-
-* **one pass, counts known** (local tars): shards in an order shuffled by (seed, epoch) are laid end to end and
-  reader j takes the contiguous range ``[j*n, (j+1)*n)`` of that sequence, ``n = total // R``: it opens only the
-  (one to a few) shards overlapping its range, and every reader gets exactly n samples, so every rank runs the same
-  number of batches (DDP never waits at an epoch end). Dropped per epoch: ``total mod R`` samples (< R), at the
-  end of the shuffled order, i.e. different ones each epoch. With fewer shards than readers, readers share a shard
-  by ranges, never starve, never hang (webdataset issues #65/#188/#250).
-* **fixed samples per epoch** (``samples_per_epoch``; streams of unknown length: remote urls, HF streams, growing
-  shard sets): shards are dealt to readers round-robin in the epoch's shuffled order (with fewer shards than
-  readers, a shard's samples are dealt by stride among the readers that share it), and a reader cycles through its
-  shards (reshuffled each cycle) until it has ``samples_per_epoch // R`` samples: WebDataset's ``with_epoch``
-  semantics, with equal counts by construction.
-* **extraction** (``equal=False``): every sample exactly once: the counted sequence in natural order is cut into
-  R near-equal contiguous ranges (or, without counts, one round-robin pass); a key per sample (its index in the
-  natural order, or ``shard * KEY_SHARD_STRIDE + index`` without counts) names it in the token shards.
-
-Inside a reader the raw (undecoded) samples pass through a shuffle buffer seeded by (seed, epoch, j), the first
-``skip`` of them are dropped without decoding (resume), and only then are they decoded and transformed: in the
-DataLoader worker, never in the main process. An image that cannot be decoded becomes a *marked* sample
-(label :data:`UNREADABLE`, zero image) rather than vanishing, so counts, batch boundaries and resume positions stay
-exact; the consumers drop marked samples and count them.
-
-Resume (stage 1): with equal per-worker counts the DataLoader's round-robin is strict, so rank batch b comes from
-worker ``b % K``; after B batches worker w skips ``len(range(w, B, K))`` of its batches (:func:`worker_skips`) and
-the resumed DataLoader's worker 0 plays worker ``B % K``.
-Exact (same samples, same order, same augmentation) on the same world size and worker count; otherwise see
-:mod:`vqgen.train.stage1_data` (the fraction of the epoch done is kept, which samples were seen is not).
-
+A :class:`ShardSource` lists the shards (with their sample counts when known); :class:`StreamedImages` is the
+``IterableDataset`` over it. Every (rank, DataLoader worker) pair is one reader whose work in an epoch is a pure
+function of (seed, epoch, number of readers, reader index) (:func:`plan_readers`): equal counts for training (no rank
+waits at an epoch end or starves with few shards), every sample exactly once for extraction. On resume samples are
+skipped undecoded; decoding happens in the workers; an undecodable image becomes a marked sample
+(:data:`UNREADABLE`) so counts and resume positions stay exact. The plans and the resume rule: docs/NOTES.md.
 Adapted from: webdataset (``split_by_node``/``split_by_worker``, ``with_epoch``, ``ResampledShards``), datasets
 (``split_dataset_by_node``), open-muse ``distribute_shards``; LlamaGen/taming random crop + flip.
 """

@@ -34,11 +34,9 @@ class ImageTransform:
 
     torchvision's Resize (shorter side, bicubic, antialiased) + CenterCrop on the PIL image, then ToTensor +
     Normalize(0.5, 0.5) as one lookup of the uint8 pixels in a 256-entry table computed by torchvision's own
-    ToTensor + Normalize: bitwise the items of ``T.Compose([Resize, CenterCrop, ToTensor, Normalize])`` (tested).
-    Those were per-item torch calls paid in the training process itself (default ``--num_workers 0``); measured
-    on the development box per 28x28 Fashion-MNIST item: 161 -> 21 us at its own size, 198 -> 78 us resized to
-    32 (25 -> 10 ms per batch of 128; random pixels). Images already at the target size skip Resize/CenterCrop,
-    which return them unchanged.
+    ToTensor + Normalize: bitwise the items of ``T.Compose([Resize, CenterCrop, ToTensor, Normalize])`` (tested),
+    without per-item torch calls in the training process (default ``--num_workers 0``; timings: docs/RESULTS.md,
+    section 2b). Images already at the target size skip Resize/CenterCrop, which return them unchanged.
     """
 
     def __init__(self, image_size: int, channels: int):

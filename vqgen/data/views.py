@@ -17,7 +17,6 @@ from ..config.parts import TENCROP_VIEWS, VIEW_MODES
 from .augment import CROP_SCALE
 
 
-
 def _splitmix(z: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser (Steele, Lea, Flood 2014) on uint64."""
     with np.errstate(over="ignore"):

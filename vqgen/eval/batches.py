@@ -13,10 +13,10 @@ import itertools
 
 import torch
 
+from .. import metrics as M
 from ..config import EvalConfig
 from ..errors import ConfigError, VQGenError
 from ..models.sampling import class_labels, decode_to_images, generate
-from .. import metrics as M
 from . import stream_stats
 from .features import FeatureSpace
 

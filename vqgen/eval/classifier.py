@@ -1,15 +1,10 @@
-"""A small CNN classifier of the demo dataset: the offline feature space of FID / IS / precision-recall.
+"""A small CNN classifier of the dataset itself: the offline feature space of FID / IS / precision-recall.
 
-The standard FID uses ImageNet Inception-v3 features, which are a poor fit for 16x16 grey digits and cannot be
-downloaded here. The usual practice for MNIST-like data is a classifier trained on the dataset itself: its
-penultimate activations (``feature_dim``) replace Inception's pool features, its logits replace Inception's for
-IS, and its softmax gives per-sample confidence and class coverage. Numbers are comparable only between runs
-that use the same classifier export (its sha256 is recorded in eval.json).
-
-The export (kind ``"classifier"``, :func:`vqgen.export.save_export`) is cached at
-``<root>/classifier/<dataset>`` and retrained when missing or trained for another image size/channel count.
-Training is deterministic (seeded), takes ~10-30 s on 2 CPU cores for ``digits`` and reaches ~98% test
-accuracy (random +-1 px shifts as augmentation).
+ImageNet's Inception-v3 fits small grey images poorly and cannot be downloaded here; the usual practice for
+MNIST-like data is a classifier trained on the dataset: its penultimate activations replace Inception's pool
+features, its logits Inception's for IS. Numbers compare only under the same classifier export (its sha256 is
+recorded in eval.json). The export (kind ``"classifier"``) is cached at ``<root>/classifier/<dataset>`` and
+retrained, deterministically, when missing or made for another image size or channel count.
 """
 
 from __future__ import annotations
@@ -27,7 +22,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import CheckpointError, ConfigError
-from ..export import Export, ExportMeta, Exportable, is_export
+from ..export import Export, Exportable, ExportMeta, is_export
+
 
 @dataclass
 class ClassifierConfig(ModelConfig):

@@ -1,26 +1,11 @@
 """Evaluate a run: tokenizer reconstruction over a split, prior samples vs the split, bits/token on held-out shards.
 
-``python evaluate.py --run_dir runs/demo`` finds ``runs/demo/{vqvae,prior}/export`` and ``runs/demo/shards`` (the
-layout of ``VQVAE_T.py --train``, :class:`vqgen.run_dir.PipelineLayout`); ``--checkpoint/--checkpoint_t/--shards``
-name them one by one. Writes ``<run>/eval.json`` (atomically) and ``<run>/eval/{loss_curves,codebook_usage,
-samples}.png`` and prints a table.
-
-Metrics
-  tokenizer  L1 / MSE (in [0, 1] units), PSNR (dB, per image, capped at 100), SSIM, codebook usage (share of the K
-             codes used on the split), perplexity (exp entropy of the code histogram), rFID (split vs its
-             reconstructions).
-  prior      gFID and Inception Score of ``--num_samples`` samples against the split, k-NN manifold precision/recall
-             (Kynkäänniemi et al. 2019) in the same feature space, the feature classifier's confidence and class
-             coverage, and bits per token of the prior on the held-out token shards (``--split``).
-  reference  the same FID/IS/precision/recall of the *train* split against the split: the floor a perfect
-             generator would reach with this many images in this feature space.
-
-Feature spaces (``--features``): see :mod:`vqgen.eval.features`.
-
-Memory does not grow with the number of images: the split, its reconstructions, the generated samples and the train
-reference pass one batch at a time into accumulators (:mod:`vqgen.eval.batches`, :mod:`vqgen.eval.stream_stats`).
-``accelerate launch evaluate.py`` spreads images and samples over the processes and reduces the statistics; the
-main process writes eval.json.
+``python evaluate.py --run_dir runs/demo`` finds the exports and shards that ``VQVAE_T.py --train`` wrote
+(:class:`vqgen.run_dir.PipelineLayout`; ``--checkpoint/--checkpoint_t/--shards`` name them one by one), writes
+``<run>/eval.json`` (atomically) and ``<run>/eval/*.png`` and prints a table. The metrics: docs/NOTES.md; the
+feature spaces: :mod:`vqgen.eval.features`. Memory does not grow with the number of images: everything passes one
+batch at a time into accumulators (:mod:`vqgen.eval.batches`, :mod:`vqgen.eval.stream_stats`), and under
+``accelerate launch`` the processes share the images and reduce the statistics.
 """
 
 from __future__ import annotations
@@ -33,18 +18,18 @@ from pathlib import Path
 
 import torch
 
+from .. import metrics as M
 from .. import shards
 from ..config import EvalConfig, validate
 from ..errors import CheckpointError, ConfigError
 from ..export import check_compatible
 from ..fsutil import atomic_write_json
 from ..hub import is_hub_ref, resolve_model_path
+from ..images import save_image_grid
 from ..launch import prepare_first, resolve_device, start_processes
 from ..models.prior import load_prior, token_nll
 from ..models.tokenizer import load_tokenizer
 from ..run_dir import PipelineLayout, RunDir
-from ..images import save_image_grid
-from .. import metrics as M
 from . import stream_stats
 from .batches import eval_real, eval_samples, open_split, reference_scores, split_size
 from .features import FeatureSpace, build_feature_space, find_inception_weights

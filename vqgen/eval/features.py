@@ -1,14 +1,11 @@
 """The feature spaces of FID / IS / precision-recall: one forward pass per image gives (features, logits).
 
-Feature spaces (``--features``)
-  inception   Inception-v3 pool features (2048-d) / logits: the standard FID, when weights are on disk:
-              ``--inception_weights PATH`` or a known file in the torch hub cache (nothing is ever downloaded).
-              torch-fidelity (a dependency) runs its exact TF-ported graph for a file in its layout (torchmetrics'
-              ``NoTrainInceptionV3``); otherwise torchvision's Inception-v3 graph loads the file (close to, not
-              identical with, TF-FID).
-  classifier  a small CNN trained on the dataset itself (:mod:`vqgen.eval.classifier`, cached): the usual practice for
-              MNIST-like data, and the offline default. Values are comparable only under the same classifier
-              export (its sha256 is in eval.json), never with published Inception FIDs.
+``--features``:
+  inception   Inception-v3 pool features / logits (the standard FID) when weights are on disk (``--inception_weights``
+              or the torch hub cache; nothing is downloaded): torch-fidelity's TF-ported graph for a file in its
+              layout, else torchvision's graph (close to, not identical with, TF-FID).
+  classifier  a small CNN trained on the dataset itself (:mod:`vqgen.eval.classifier`, cached): the offline default;
+              values compare only under the same classifier export, never with published Inception FIDs.
   auto        inception when weights are found, else classifier.
 """
 

@@ -1,22 +1,10 @@
 """Sample-quality statistics accumulated batch by batch, in memory that does not grow with the number of images.
 
-``evaluate.py`` used to hold every image (real, reconstructed, generated: ~40 GB for 50k images at 256 px) and every
-feature. A :class:`FeatureSet` keeps instead, for one set of images:
-
-* FID: the count, the sum and the sum of outer products of the features, in float64 (the same running sums
-  torchmetrics' ``FrechetInceptionDistance`` keeps; a class of our own because one set is compared with several
-  others - rFID, gFID, the train/split reference - and reduced across processes with one all-reduce). The distance
-  itself is torchmetrics' ``_compute_fid`` (matrix square root via eigenvalues).
-* Inception Score: per split, the sum of p(y|x) and of sum_y p log p; IS_split = exp(E[sum p log p] -
-  sum m log m) with m the split's mean p(y|x) - exactly torchmetrics' formula, without keeping every logit
-  (torchmetrics' ``InceptionScore`` stores them all). Splits are contiguous by image index (the order of the
-  OpenAI/torch-fidelity evaluators; torchmetrics shuffles first).
-* precision/recall: the features of the first ``pr_keep`` images only (k-NN radii need the points; 10k x 2048 fp32
-  = 80 MB), a documented bound like the ADM evaluator's fixed reference batch.
-* classifier statistics: confident count, prediction histogram, label matches.
-
-Under ``accelerate launch`` every process accumulates its share and :meth:`FeatureSet.reduce` sums the statistics
-(one all-reduce) and gathers the kept features (each process keeps ``pr_keep / world`` of them).
+A :class:`FeatureSet` keeps, for one set of images, the running sums of FID (float64; the distance itself is
+torchmetrics' ``_compute_fid``), the per-split sums of the Inception Score (torchmetrics' formula, without keeping
+every logit), the features of the first ``pr_keep`` images for k-NN precision/recall, and classifier statistics.
+A class of our own because one set is compared with several others (rFID, gFID, the reference) and reduced across
+processes in one all-reduce (:meth:`FeatureSet.reduce`). What each statistic holds: docs/NOTES.md.
 """
 
 from __future__ import annotations

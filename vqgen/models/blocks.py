@@ -1,14 +1,9 @@
 """taming / LlamaGen encoder-decoder blocks for the VQ-VAE (opt-in ``--vq_arch resnet``, ``--vq_attention``).
 
-The ``"conv"`` architecture (:mod:`vqgen.models.vqvae`) is MONAI's: ReLU residual units without normalisation.
-This one keeps vqgen's level structure (a strided conv per level down, a transposed conv per level up, the same
-``downsample_parameters`` / ``upsample_parameters`` and channel flags, so the same sizes cost about the same) but
-uses the VQGAN building blocks inside each level:
-
-* pre-activation ResNet blocks ``x + conv(swish(GN(conv(swish(GN(x))))))`` (GroupNorm + swish),
-* self-attention at the lowest resolution (the latent grid) after the residual blocks, in encoder and decoder,
-* GroupNorm + swish before the encoder's output conv and before the decoder's last (transposed) conv.
-
+The ``conv`` architecture's level structure (:mod:`vqgen.models.vqvae`: a strided conv per level down, a transposed
+conv per level up, the same size flags, so the same sizes cost about the same) with VQGAN blocks inside each level:
+pre-activation GroupNorm + swish ResNet blocks, self-attention at the latent resolution in encoder and decoder, and
+GroupNorm + swish before the outer convs.
 Adapted from: taming-transformers ``taming/modules/diffusionmodules/model.py`` and LlamaGen
 ``tokenizer/tokenizer_image/vq_model.py`` (``ResnetBlock``, ``AttnBlock``, ``Normalize``, ``nonlinearity``);
 attention through ``F.scaled_dot_product_attention`` instead of two bmm calls.

@@ -1,28 +1,11 @@
-"""A diffusers ``VQModel`` (the format of the taming/LDM VQGANs and of aMUSEd's VQGAN on the Hub) as a vqgen tokenizer.
+"""A diffusers ``VQModel`` (taming/LDM and aMUSEd VQGANs on the Hub) as a vqgen tokenizer.
 
-:class:`DiffusersVQTokenizer` wraps a ``diffusers.VQModel`` and exposes exactly what stages 2 and 3, sampling and
-evaluation use from a tokenizer: ``encode_to_indices`` (images ``[B, C, H, W]`` in [-1, 1] -> codes ``[B, h, w]``),
-``decode_indices`` (codes -> images), and a ``config`` with ``codebook_size``, ``latent_size``, ``image_size``,
-``in_channels``. Like a loaded vqgen export it carries ``sha256`` (vqgen's content fingerprint,
-:func:`vqgen.export.export_fingerprint` of kind ``diffusers-vqmodel``, the config.json values without diffusers'
-bookkeeping keys, every tensor), ``export_meta`` and ``export_path``, so :func:`vqgen.export.check_compatible`
-ties shards and priors made from a published VQGAN to it exactly as to a vqgen export;
-:func:`load_diffusers_tokenizer` also returns the :class:`~vqgen.export.Export` record. A user trains a prior on a
-published VQGAN's codes with the usual commands:
-``extract_codes.py --checkpoint hf:amused/amused-256/vqvae ...`` -> ``train_prior.py`` -> ``sample.py``.
-
-diffusers is an optional extra (``pip install "vqgen[diffusers]"``): it adds ~62 MB and importing ``VQModel``
-costs several times the import of torch itself (measured: +8-10 CPU s on this machine), so it is imported only when
-a diffusers folder is given. Only safetensors weights are read (``use_safetensors=True``: no pickle).
-
-Pixel range: vqgen images are in [-1, 1], as the taming/LDM VQGANs expect. aMUSEd's VQGAN works on [0, 1] (its
-pipelines build ``VaeImageProcessor(do_normalize=False)``); a VQModel that sits in the subfolder of a repo whose
-``model_index.json`` names an aMUSEd pipeline is therefore fed ``(x + 1) / 2`` and its output mapped back. The range
-is part of the fingerprint (the same weights on another range give other codes).
-
-Codes are computed by the model's own quantizer (``VQModel.quantize``, in fp32 even under autocast, like vqgen's);
-decoding uses ``VectorQuantizer.get_codebook_entry`` + ``VQModel.decode(force_not_quantize=True)``, the path
-diffusers' own VQ pipelines use (``lookup_from_codebook`` models, e.g. aMUSEd, take the indices directly).
+:class:`DiffusersVQTokenizer` exposes what stages 2 and 3, sampling and evaluation use from a tokenizer
+(``encode_to_indices``, ``decode_indices``, a ``config`` with the sizes) and carries a content fingerprint like a
+vqgen export, so :func:`vqgen.export.check_compatible` ties shards and priors to a published VQGAN too:
+``extract_codes.py --checkpoint hf:amused/amused-256/vqvae`` -> ``train_prior.py`` -> ``sample.py``. diffusers is an
+optional extra imported only when a diffusers folder is given (its import is slow); only safetensors are read.
+Pixel ranges (aMUSEd's VQGAN works on [0, 1]), the fingerprint and the decode path: docs/NOTES.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """VQGAN loss terms for the tokenizer: hinge losses, ``disc_start`` gating, the adaptive weight, LPIPS.
 
-The generator (VQ-VAE) loss is ``nll + w * disc_weight * [step >= disc_start] * g_loss + vq_loss`` with
-``nll = rec + perceptual_weight * lpips`` and ``w = ||d nll / d last|| / (||d g_loss / d last|| + 1e-4)`` (clamped
-to [0, 1e4], no gradient) taken at the decoder's output layer: the adversarial term pulls on the last layer as hard
-as the reconstruction does, whatever the two losses' scales. The discriminator's loss is the hinge
-``0.5 * (mean relu(1 - D(x)) + mean relu(1 + D(x_rec)))``.
-
-LPIPS goes through the ``lpips`` package (its linear heads ship in the wheel; the VGG-16 backbone is torchvision's
-ImageNet file). vqgen never downloads: without the backbone file on disk :class:`PerceptualLoss` raises a
-ConfigError at once; ``random_backbone=True`` builds it with random weights, for tests of the code path only (such
-a "perceptual" loss measures nothing).
-
+The adaptive weight (norm ratio of the reconstruction's and the adversarial term's gradients at the decoder's output
+layer) makes the adversarial term pull on that layer as hard as the reconstruction, whatever the two losses' scales.
+LPIPS comes from the ``lpips`` package, and its VGG-16 backbone is never downloaded: without the file
+:class:`PerceptualLoss` raises a ConfigError at once (``random_backbone=True`` is for tests of the code path only).
+The formulas: docs/NOTES.md.
 Adapted from: taming-transformers ``taming/modules/losses/vqperceptual.py`` (``hinge_d_loss``, ``adopt_weight``,
 ``calculate_adaptive_weight``); LlamaGen ``tokenizer/tokenizer_image/vq_loss.py``.
 """
@@ -26,7 +20,6 @@ from torch import nn
 
 from ..config.parts import DISC_LOSSES, VGG16_FILE  # noqa: F401 (DISC_LOSSES: the losses defined here)
 from ..errors import ConfigError
-
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,21 @@
 stage-3 token reader (:mod:`.reader`: who reads what in :mod:`.plan`, reads by offset in :mod:`.access`). The
 names below are the package's public API."""
 
-from .format import (FORMAT, FORMAT_VERSION, MANIFEST_NAME, SPLITS, Manifest, ShardInfo, SplitInfo, has_split,
-                     part_path, rank_indices, sample_shape, shard_name, token_dtype)
+from .format import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    SPLITS,
+    Manifest,
+    ShardInfo,
+    SplitInfo,
+    has_split,
+    part_path,
+    rank_indices,
+    sample_shape,
+    shard_name,
+    token_dtype,
+)
 from .plan import PlanSpec, ResumePoint, plan_epoch, resume_history
 from .reader import VERIFY_MODES, TokenLoader, TokenSplit, TokenStream, check_split, make_token_loader
 from .writer import RankShardWriter, check_output, clear_output, merge_manifest

@@ -1,26 +1,11 @@
 """Random access into token shards: samples ``[a, b)`` of a shard read by byte offset, sha256 checked on the way.
 
-Why offsets work. vqgen's writer emits plain tars with fixed headers (``format.TAR_KW``: mtime 0, user "vqgen"); every
-sample has the same members (``cls``, ``tokens.npy``[, ``tokens_flip.npy``]) with the same number of 512-byte
-blocks each (a label's text is < 512 bytes, token arrays have one shape: (h, w), or (views, h, w) in a multi-view
-split). So sample i starts at ``i * stride``.
-The layout is read from the first sample's headers (a few 512-byte reads per shard opened) and must agree with
-the manifest's byte count: ``count * stride`` plus the end-of-archive blocks (1024 bytes, padded to tar's
-10240-byte record). Every chunk is checked again where it is read (tar magic, member names, one key per sample,
-npy header; vectorised), so a misaligned read is impossible: a shard that breaks the layout after its first
-sample is refused naming the shard (corrupt); one whose first sample already breaks it (another writer: PAX or
-long-name headers, members that differ per sample) is read whole by webdataset's tar iterator, the safe fallback
-(it costs that reader the whole shard).
-
-Why not an index written by the writer (a wids-style ``.index``) or a header scan: the format already is the
-index, nothing else has to be kept in sync, and a scan reads a header per member (~1/3 of the bytes) of every
-shard a rank touches.
-
-Integrity. Each shard is checked against the manifest's byte count when opened (fstat, free). With
-``verify="full"`` the reader that reads a shard from byte 0 also hashes it as it goes, reads what it skips or
-does not need (the rest of a shard shared with another reader) for the hash only, and raises ShardError naming
-the shard on a mismatch; the readers starting inside a shard do not hash it. So every shard that starts inside a
-rank's range is hashed once per epoch, by that rank (none is hashed twice in the job).
+vqgen's writer emits tars with fixed headers and the same members, of the same size, in every sample, so sample i
+starts at ``i * stride``: the format is its own index (nothing else to keep in sync, no header scan). The layout is
+read from the first sample and checked against the manifest's byte count, and every chunk is checked again as it is
+read, so a misaligned read is refused as a corrupt shard; a shard of another writer is read whole by webdataset's
+tar iterator. With ``verify="full"`` the reader that starts a shard at byte 0 hashes all of it, so every shard a job
+touches is hashed once per epoch. Details: docs/NOTES.md.
 """
 
 from __future__ import annotations

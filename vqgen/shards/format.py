@@ -1,15 +1,13 @@
 """The shard folder format of stage 2: names, token dtypes, the per-rank work split and the manifest reader.
 
-Layout of a shard folder (see docs/ARCHITECTURE.md)::
-
     <out>/<split>-r{rank:03d}-{n:06d}.tar   samples {"__key__": "%09d" source index, "tokens.npy": [h, w]
                                              ([views, h, w] with --views), "cls": int label or -1,
                                              "tokens_flip.npy": [h, w] with --hflip}
     <out>/.parts/<split>-r{rank:03d}.json    per-rank progress record: one entry per *complete* shard
     <out>/manifest.json                       written last (the commit point), merged from the parts
 
-The manifest is :class:`Manifest` (one reader, one writer). The writer (crash safety) is :mod:`vqgen.shards.writer`,
-the stage-3 token reader :mod:`vqgen.shards.reader`.
+The manifest is :class:`Manifest` (one reader, one writer); the writer is :mod:`vqgen.shards.writer`, the stage-3
+token reader :mod:`vqgen.shards.reader`.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ import numpy as np
 
 from ..errors import ShardError
 from ..fsutil import atomic_write_json
-
 
 FORMAT = "vqgen-shards"
 FORMAT_VERSION = 2  # the newest this vqgen reads; a manifest says 2 only when a split has several views

@@ -1,40 +1,11 @@
 """Which samples of a token split each rank reads in an epoch, and in which batches: a pure function, no I/O.
 
-The rule (issue 12: every rank reads ~1/W of the data, equal batch counts, exact resume):
-
-1. **Epoch order.** The split's shards are put in an order shuffled by (seed, epoch), the same on every rank. A
-   sample's *position* is its index in the concatenation of the shards in that order (0 .. N-1).
-2. **Ranks.** Rank r of W takes the contiguous positions ``[r*P, (r+1)*P)``, ``P = N // W``: a few whole shards
-   plus ranges inside at most two (read by offset, see :mod:`vqgen.shards.access`). The last ``N - W*P`` (< W) positions
-   are dropped; the shard order changes every epoch, so it is another remainder each epoch. With fewer shards
-   than ranks x workers every rank still gets P >= 1 samples from inside the shards: no hang, no starved rank.
-3. **Batches and streams.** The rank's P samples make ``nb = ceil(P / B)`` batches (``drop_last``: ``P // B``, the
-   last ``P % B`` positions dropped); every rank has the same nb, so DDP never waits at an epoch end. Batch b is
-   served by *stream* ``b % S`` (S = ``streams``, 8 by default, 1 without shuffling); stream s owns a contiguous
-   sub-range of the rank's positions holding exactly its batches' samples.
-4. **Shuffle.** Shard order (1.) plus, inside each stream, a jittered sort: the stream's i-th sample gets the key
-   ``i + L*u_i`` (u uniform in [0, 1), seeded by (seed, epoch, rank, stream), L = ``shuffle_buffer``) and samples
-   are emitted by increasing key, B per batch. A sample moves less than L places, so a sequential reader holds at
-   most ~L samples: WebDataset's shuffle buffer, but computed before any read (a resumed reader opens only what
-   it still needs) and vectorised (numpy argsort instead of a Python loop per sample).
-5. **DataLoader workers.** Worker w of K yields the batches b with ``(b - skip) % K == w``, in order (the round
-   robin in which DataLoader collects them). A batch's content depends on S, never on K: the rank's stream is
-   the same for any ``num_workers``. K dividing S: each worker reads only its own streams (every byte once per
-   rank); otherwise the same batches come out, but some streams are read by several workers.
-
-Resume. Same spec (world size, batch, streams, buffer...): ``skip_batches=k`` yields exactly the batches k..nb-1
-(bitwise). Another spec mid-epoch (a different world size): the interrupted run's consumed samples are computed
-from its spec (``ResumePoint``) and the epoch continues with the *remaining* samples, each once, split over the new
-ranks by the same rule (:func:`resume_history` says so in one warning line). Epoch boundaries are exact for any
-world size: an epoch's plan depends only on (seed, epoch, spec).
-
-Per-sample draws: the mirror coin (``hflip``) and the view a multi-view sample gives are hashes of (seed, epoch,
-position) (:meth:`RankPlan.flips`, :meth:`RankPlan.views`): new each epoch, the same for any W, workers or resume.
-
-``resampled=True``: each rank draws shards with replacement, seeded by (seed, epoch, rank), until it has
-``epoch_samples`` samples (default ``N // W``): WebDataset's ``ResampledShards`` + ``with_epoch`` semantics, for
-very large or growing shard sets.
-
+Every rank reads ~1/W of the data in the same number of batches (DDP never waits at an epoch end, no rank starves
+with few shards): the shards in an order shuffled by (seed, epoch), rank r takes the positions ``[r*P, (r+1)*P)``,
+its batches come from ``streams`` sub-ranges shuffled by a jittered sort computed before any read, and DataLoader
+workers take batches round robin (a batch never depends on ``num_workers``). ``skip_batches`` resumes bitwise on the
+same spec; another world size continues the epoch with the samples not yet seen (:func:`resume_history`). The rules
+one by one, per-sample draws and ``resampled``: docs/NOTES.md.
 Adapted from: webdataset's shuffle buffer and ``ResampledShards``/``with_epoch``; open-muse ``distribute_shards``
 (assignment as a pure, tested function of (rank, world_size, worker)).
 """

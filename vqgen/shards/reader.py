@@ -1,23 +1,12 @@
-"""Stage-3 token stream whose per-rank cost is ~1/W of the split (issue 12).
+"""Stage-3 token stream whose per-rank cost is ~1/W of the split: the plan tied to a DataLoader.
 
-What each rank reads, in which batches and order: :mod:`vqgen.shards.plan` (a pure function of the manifest's
-per-shard counts, seed, epoch, rank and the :class:`~vqgen.shards.plan.PlanSpec`). How a range of samples is read
-from inside a shard and checked: :mod:`vqgen.shards.access`. This module ties them to a DataLoader.
-
-Guarantees. Every rank gets ``len(loader)`` batches (equal on all ranks); the batch stream of a rank is a pure
-function of (manifest, seed, epoch, rank, spec): never of ``num_workers`` or scheduling; ``skip_batches=k``
-yields exactly the full stream minus its first k batches, reading only what those batches need (exact mid-epoch
-resume on the same world size). A resume under another spec passes the interrupted run as ``history`` (see
-:func:`vqgen.shards.plan.resume_history`) and continues with the samples it had not seen.
-
-Why not WebDataset's ``split_by_node``/``split_by_worker`` (whole shards per reader): with fewer shards than
-ranks x workers it starves or hangs a rank (the open-muse multi-node failure), and unequal shard sizes give ranks
-unequal batch counts, which deadlocks DDP. Reading every shard and keeping 1/W of it (vqgen before issue 12) is
-correct but costs every rank the whole split.
-
-``verify`` (flag ``--verify_shards``): ``full`` (default) hashes each shard a rank reads from its first byte,
-while reading, and :func:`check_split` stats every shard at start-up; ``size`` only the stat; ``none`` neither
-(a shard is still checked against its manifest size when a reader opens it, and the tar layout is always checked).
+Who reads what: :mod:`vqgen.shards.plan`; how a range inside a shard is read and checked: :mod:`vqgen.shards.access`.
+Every rank gets ``len(loader)`` batches; a rank's batch stream is a pure function of (manifest, seed, epoch, rank,
+spec), never of ``num_workers``; ``skip_batches=k`` yields exactly the stream minus its first k batches. Whole shards
+per reader (webdataset's ``split_by_node``) would starve or hang ranks when shards are few and deadlock DDP when
+counts differ. ``verify`` (``--verify_shards``): ``full`` hashes each shard while reading it and stats every shard at
+start-up (:func:`check_split`), ``size`` only stats, ``none`` neither (sizes at open and the tar layout are always
+checked).
 """
 
 from __future__ import annotations

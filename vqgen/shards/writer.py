@@ -1,14 +1,11 @@
 """Stage-2 writer: one resumable shard series per rank, merged into ``manifest.json`` by the main process.
 
-Crash safety. A shard is written as ``.<name>.tmp``, fsynced, hashed, renamed to ``<name>`` and only then
-recorded in the rank's progress file (atomic rewrite). A rerun keeps the longest prefix of recorded shards whose
-size and sha256 still match, deletes every other file of that rank/split (temp files, renamed but unrecorded
-shards) and redoes the rest. Shard contents of a map-style source are a pure function of (dataset, tokenizer, world
-size, shard size, order seed, batch size), and tar headers are fixed (mtime 0, user/group "vqgen"), so a resumed run
-writes the same bytes as an uninterrupted one. A streamed source (several DataLoader workers per rank) stores every
-sample exactly once, but a resumed shard may order them differently (:meth:`RankShardWriter.done_keys` tells each
-reader what is done).
-Unreadable source images are recorded as skipped (:meth:`RankShardWriter.skip`), not written.
+A shard is written as ``.<name>.tmp``, fsynced, hashed, renamed and only then recorded in the rank's progress file
+(atomic rewrite). A rerun keeps the longest prefix of recorded shards whose size and sha256 still match, deletes
+every other file of that rank/split and redoes the rest. From a map-style source a resumed run writes the same bytes
+as an uninterrupted one (fixed tar headers, contents a pure function of the settings); a streamed source stores
+every sample exactly once, perhaps in another order (:meth:`RankShardWriter.done_keys`). Unreadable source images
+are recorded as skipped (:meth:`RankShardWriter.skip`), not written.
 """
 
 from __future__ import annotations
@@ -23,8 +20,21 @@ import webdataset as wds
 
 from ..errors import ShardError
 from ..fsutil import atomic_write_json, fsync_dir, sha256_file
-from .format import (KEY_FORMAT, MANIFEST_NAME, PARTS_DIR, SHARD_RE, TAR_KW, Manifest, ShardInfo, SplitInfo,
-                     npy_header, part_path, read_json, sample_shape, shard_name)
+from .format import (
+    KEY_FORMAT,
+    MANIFEST_NAME,
+    PARTS_DIR,
+    SHARD_RE,
+    TAR_KW,
+    Manifest,
+    ShardInfo,
+    SplitInfo,
+    npy_header,
+    part_path,
+    read_json,
+    sample_shape,
+    shard_name,
+)
 
 
 def check_output(out_dir: str | os.PathLike, tokenizer_sha256: str, dataset: str) -> None:
@@ -149,7 +159,7 @@ class RankShardWriter:
         self._written += 1
 
     def _npy(self, a: np.ndarray) -> bytes:
-        # Same bytes as np.save, without its per-call header formatting (~10x faster for small arrays).
+        # Same bytes as np.save, without its per-call header formatting (much cheaper for small arrays).
         a = np.ascontiguousarray(a, dtype=self.dtype)
         if a.shape != self.shape:
             raise ValueError(f"tokens of shape {a.shape}, expected {self.shape}")

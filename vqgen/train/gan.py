@@ -1,25 +1,11 @@
 """The VQGAN terms of stage 1 (``--disc_weight``, ``--perceptual_weight``): a PatchGAN with its own optimizer, LPIPS.
 
-How the two optimizers train in the shared loop (one backward per micro-batch, every optimizer stepped after it):
-the task returns ``nll + f * w * disc_weight * g_loss + vq_loss + f * d_loss`` where ``f = [step >= disc_start]``,
-``d_loss = hinge(D(x), D(sg(x_rec)))`` and the generator's term ``g_loss = -mean D(x_rec)`` is computed with the
-discriminator's parameters *detached* (``torch.func.functional_call``). So one backward puts exactly the generator's
-gradients into the VQ-VAE and exactly the discriminator's into the PatchGAN, and the loop steps both: the
-simultaneous update of LlamaGen's ``vq_train.py`` (generator and discriminator terms from the same reconstructions).
-Before ``disc_start`` the discriminator is not even run: it gets no gradient and AdamW leaves it (and its state)
-untouched.
-
-Distributed: the discriminator is a second module given to ``accelerator.prepare`` (DDP-wrapped; gradient
-accumulation skips its all-reduce too via ``accelerator.accumulate(model, disc)``); checkpoints hold it and its
-optimizer (``save_state`` saves every prepared model and optimizer; its scheduler is in vqgen_state.json), so
-``--resume`` is bitwise exact. The adaptive weight is computed from the last layer's gradients *averaged over the
-processes* (one tiny all-reduce): every rank uses the weight one process with the global batch would use.
-DeepSpeed: accelerate gives one DeepSpeed engine per ``prepare`` (a second trained model needs its own plugin and
-engine, and the engine owns backward and step), so ``--disc_weight > 0`` is refused under DeepSpeed with a
-ConfigError (use DDP: the discriminator is small). fp16 is refused too: accelerate's optimizer wrapper updates the
-shared grad scaler after each optimizer's step, so the second optimizer would be unscaled twice or with another
-scale (use bf16). Both checks: :meth:`vqgen.train.loop.TrainLoop.__init__`.
-
+One backward trains both models: the task returns ``nll + f * w * disc_weight * g_loss + vq_loss + f * d_loss``
+(``f = [step >= disc_start]``), the generator's term computed through the discriminator's *detached* parameters
+(``torch.func.functional_call``), so each model gets exactly its own gradients and the loop steps both optimizers
+(LlamaGen's simultaneous update). The discriminator is a second prepared model, checkpointed with its optimizer
+(bitwise resume); the adaptive weight uses gradients averaged over the processes. DeepSpeed and fp16 are refused
+(:func:`vqgen.launch.check_extra_models`). Why: docs/NOTES.md.
 Adapted from: taming-transformers ``taming/modules/losses/vqperceptual.py`` (``VQLPIPSWithDiscriminator``);
 LlamaGen ``tokenizer/tokenizer_image/vq_loss.py`` and ``vq_train.py``.
 """

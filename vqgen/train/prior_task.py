@@ -15,18 +15,27 @@ from pathlib import Path
 
 import torch
 
-from ..shards import (Manifest, PlanSpec, ResumePoint, TokenLoader, TokenSplit, TokenStream, check_split,
-                      make_token_loader, resume_history)
 from ..config import PriorStageConfig, validate
 from ..errors import CheckpointError, ConfigError
-from ..metrics import bits_per_token
 from ..export import ExportMeta, check_compatible
 from ..hub import is_hub_ref, resolve_model_path
-from ..launch import fsdp_launch
-from ..models.prior import Prior, build_prior, token_cross_entropy, token_nll
-from ..models.tokenizer import load_tokenizer
 from ..images import save_image_grid
+from ..launch import fsdp_launch
+from ..metrics import bits_per_token
+from ..models.prior import Prior, build_prior, token_cross_entropy, token_nll
 from ..models.sampling import class_labels, decode_to_images, generate
+from ..models.tokenizer import load_tokenizer
+from ..shards import (
+    Manifest,
+    PlanSpec,
+    ResumePoint,
+    TokenLoader,
+    TokenSplit,
+    TokenStream,
+    check_split,
+    make_token_loader,
+    resume_history,
+)
 from .checkpointing import map_style_resume
 from .ema import WeightsEMA
 from .loop import TrainLoop
@@ -106,7 +115,7 @@ class PriorTask(StageTask):
         """Same reader spec: skip the batches done (exact). Another one (world size, batch, streams...) mid-epoch:
         continue with the samples the interrupted run had not seen, each once, and say so."""
         self.world_size, reader = world_size, (saved or {}).get("reader")
-        if reader is None:  # a checkpoint of the reader before issue 12: another sample order
+        if reader is None:  # a checkpoint of the older whole-shard reader: another sample order
             skip, _ = map_style_resume(saved, epoch, batches_done, world_size, self.cfg.train.batch_size)
             return skip, (f"warning: this checkpoint was written by an older vqgen token reader: the epoch "
                           f"continues after the first {skip} batches of the new order, not exactly "

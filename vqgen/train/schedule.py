@@ -11,7 +11,6 @@ import math
 import torch
 
 
-
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The CPU generator of one epoch's data order (also seeds the epoch's DataLoader, see train_vqvae)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)

@@ -1,17 +1,10 @@
-"""Stage-1 input: a map-style dataset (exact global order, see :func:`vqgen.train.schedule.epoch_indices`) or a stream.
+"""Stage-1 input: a map-style dataset (exact global order, :func:`vqgen.train.schedule.epoch_indices`) or a stream.
 
-Both give the training loop the same things: batches per epoch (equal on every rank), the epoch's batches after
-``skip_batches`` (exact resume), and the loop's data hooks (``data_state`` / ``resume_batches``, see
-:class:`vqgen.train.loop.StageTask`). Augmentation (``--random_crop``/``--hflip``) is applied in the DataLoader
-workers, seeded per sample, to training batches only.
-
-Streams (WebDataset urls, ``hf:<name> --streaming``) use :class:`vqgen.data.streaming.StreamedImages`: every (rank,
-worker) reader yields the same number of samples per epoch, so every rank runs ``K * ceil(n / batch)`` batches.
-Resume position: (epoch, batches done) from the checkpoint plus the stream layout it was saved with (world size,
-workers, batch) in ``vqgen_state.json``'s ``extra["data"]``. Same layout: exact (the same batches, bitwise). Another
-layout: the same *fraction* of the interrupted epoch is skipped on every new reader, with one warning line: no
-sample is repeated or lost beyond the difference of the two layouts' ranges (the plans cut the epoch's sequence
-differently), and later epochs are exact functions of the new layout.
+Both give the loop the batches per epoch (equal on every rank), the epoch's batches after ``skip_batches`` and the
+task's data hooks (``data_state`` / ``resume_batches`` of :class:`vqgen.train.task.StageTask`); augmentation runs in
+the DataLoader workers, seeded per sample. A stream (:class:`vqgen.data.streaming.StreamedImages`) resumes exactly on
+the layout it was saved with (world size, workers, batch); on another layout the same fraction of the interrupted
+epoch is skipped, with one warning line (docs/NOTES.md).
 """
 
 from __future__ import annotations

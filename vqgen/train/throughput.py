@@ -9,8 +9,8 @@ flops_per_token`).
 
 from __future__ import annotations
 
-from time import perf_counter
 from dataclasses import dataclass
+from time import perf_counter
 
 import torch
 

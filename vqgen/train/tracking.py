@@ -1,29 +1,11 @@
 """Experiment trackers (wandb, TensorBoard) through accelerate's ``log_with``, chosen so logging never breaks a run.
 
-The rule (decided on the main process *before* the run folder is touched, so a refused or failed start leaves
-nothing behind that blocks the rerun):
-
-* ``--report_to wandb|tensorboard|all|none`` (:class:`vqgen.config.TrainConfig`) picks accelerate trackers;
-  ``--no_wandb`` (the original tool's flag) drops wandb from that choice (with the default ``wandb``: no tracker).
-* wandb honours ``WANDB_MODE`` when it is set (``offline``/``disabled``/``online``). Otherwise wandb logs **online
-  only when it can**: an API key is configured (``WANDB_API_KEY``, ``wandb login``'s netrc, settings; checked with
-  ``wandb.login(prompt=False, verify=False)``, no network, no prompt) and the wandb host answers a 2 s TCP probe.
-  If not, wandb logs **offline** into ``<output_dir>/wandb`` and one ``warning:`` line says so and how to upload
-  later (``wandb sync``). We fall back instead of stopping because a tracker is an accessory: a batch job that
-  waited hours in a queue should train, not die on a missing login; the offline run loses nothing. With a TTY the
-  rule is the same (no interactive prompt: a training job never waits for keyboard input).
-* If ``wandb.init`` still fails (a bad key, a server error), the trackers are restarted once with wandb offline,
-  again with one warning line, never a traceback. If even that fails, one ``error:`` line names the cause and the
-  flags that run without wandb; the run folder holds no run yet, so the rerun needs no ``--overwrite``.
-* The wandb run id is stored with the training state (``vqgen_state.json`` -> ``extra.trackers.wandb_run_id``)
-  and passed back as ``wandb.init(id=..., resume="allow")`` on ``--resume``: a preempted, requeued Slurm job
-  continues the same wandb run. TensorBoard event files go to ``<output_dir>/logs/<wandb_project>/``; a resumed
-  run starts its writer with ``purge_step`` = the resumed step, so steps logged after the checkpoint by the killed
-  run are hidden rather than drawn twice.
-
-Entry points (called by :class:`vqgen.train.loop.TrainLoop`): :func:`plan_trackers` (before the Accelerator is
-built and before anything is written), :func:`start_trackers` (after the Accelerator exists, before the run folder's
-config files), :meth:`TrackerPlan.state` (what every checkpoint stores).
+``--report_to`` picks the trackers (``--no_wandb`` drops wandb). wandb logs online only when an API key is configured
+and its host answers a short probe, else offline into ``<output_dir>/wandb`` with one ``warning:`` line (a queued
+batch job should train, not die on a missing login); a failing ``wandb.init`` is retried once offline. The wandb run
+id is saved with the training state, so a resumed job logs into the same run. All is decided on the main process
+before the run folder is touched. Called by :func:`vqgen.train.setup.prepare_training`: :func:`plan_trackers`,
+:func:`start_trackers`, :meth:`TrackerPlan.state`. The whole rule: docs/NOTES.md.
 """
 
 from __future__ import annotations

@@ -19,19 +19,19 @@ from ..data import GENERIC_CHANNELS, GENERIC_IMAGE_SIZE, build_dataset
 from ..data.augment import Augment
 from ..data.stream_input import is_streamed, open_stream
 from ..data.streaming import StreamedImages
-from ..export import ExportMeta
-from ..metrics import ReconstructionMeter
 from ..errors import ConfigError
+from ..export import ExportMeta
+from ..images import save_image_grid
 from ..launch import fsdp_launch, prepare_first, resolve_mixed_precision, start_processes
+from ..metrics import ReconstructionMeter
 from ..models.vqvae import VQVAE
 from ..perf import default_channels_last
-from ..images import save_image_grid
 from .gan import VQGANTerms
 from .loop import TrainLoop
 from .setup import prepare_training
+from .stage1_data import MapInput, StreamInput, first_images
 from .task import StageTask
 from .throughput import Work
-from .stage1_data import MapInput, StreamInput, first_images
 
 
 def interleave_rows(inputs: torch.Tensor, recons: torch.Tensor, per_row: int) -> torch.Tensor:

@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...errors import DatasetUnavailableError
-from ..folder_index import LazyImageFiles, index_folder
 from ...offline import unavailable
+from ..folder_index import LazyImageFiles, index_folder
 from ..splits import ALL_SPLIT_NAMES, split_candidates
 from ..transforms import IMAGE_EXTENSIONS, ImageTransform
+
 
 def _split_subdir(root: Path, split: str) -> tuple[Path, str]:
     """``root/train`` etc. when the folder is split that way; else the whole folder serves every split."""

@@ -15,6 +15,7 @@ from ...offline import check_download, download_timeout, unavailable
 from ..splits import split_candidates
 from ..transforms import IMAGE_EXTENSIONS, ImageTransform
 
+
 def is_saved_hf(path: Path) -> bool:
     return any((path / f).is_file() for f in ("dataset_dict.json", "state.json"))
 

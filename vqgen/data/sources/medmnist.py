@@ -8,6 +8,7 @@ from pathlib import Path
 from ...offline import how_registry, load_or_download
 from ..transforms import MappedDataset, int_label, no_label
 
+
 def build_medmnist(name, spec, split, data_dir, tf, download):
     import medmnist
     root = Path(data_dir) / "medmnist"

@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ...offline import how_registry, load_or_download
 from .. import archives
 from ..archives import IDX_CLASSES, prepare_idx
-from ...offline import how_registry, load_or_download
 from ..transforms import MappedDataset, int_label
+
 
 def _how_idx(cls_name: str, data_dir: str) -> str:
     if cls_name not in IDX_CLASSES:

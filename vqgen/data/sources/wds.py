@@ -9,6 +9,7 @@ from pathlib import Path
 from ...errors import DatasetUnavailableError
 from ..transforms import ImageTransform
 
+
 class _WdsItem:
     """WebDataset sample dict -> (image tensor, label); picklable for DataLoader workers."""
 

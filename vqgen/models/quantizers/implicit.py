@@ -3,13 +3,14 @@
 A subclass implements ``_quantize(zf) -> (codes, straight-through codes, indices)``, ``embed`` and ``_aux_loss``;
 this class runs them in fp32 with autocast off (the rounding / sign and the loss stay fp32 in a bf16 model),
 counts codes without host syncs and keeps ``usage`` (K,) long: assignments of this rank's training forwards since
-:meth:`reset_usage` (no collective; long, so ``model.bfloat16()`` cannot round it). Nothing is persistent: the
+:meth:`Quantizer.reset_usage` (no collective; long, so ``model.bfloat16()`` cannot round it). Nothing is persistent: the
 state_dict is empty, the config rebuilds the module exactly.
 """
 
 from __future__ import annotations
 
 import torch
+
 from .base import Quantizer, QuantizerOutput
 
 MAX_CODEBOOK = 1 << 20  # every forward builds (K,) counts; larger implicit codebooks need a sparse count
