@@ -4,8 +4,8 @@
 and GPT-L, bf16, eager vs compiled, with MFU; (c) decoding 16x16 tokens at batch 64 with CFG, eager vs compiled,
 and the projected time of 50k samples; (d) MONAI 1.6.1 at the same shapes. Synthetic data, random weights, one
 process; a failed row prints ERROR and the others go on; the JSON (with the card's name) is rewritten after each
-row. ``python bench/gpu.py`` is sized for ~8 minutes on one H100; ``--device cpu --tiny`` runs every path at toy size
-(tests/test_bench_gpu.py). What each row does: docs/NOTES.md.
+row. ``python bench/gpu.py`` is sized for ~8 minutes on one H100; ``--device cpu --tiny`` runs every path at toy
+size (tests/test_bench_gpu.py). What each row does: docs/NOTES.md.
 """
 
 from __future__ import annotations
@@ -216,8 +216,9 @@ def run_prior(impl, cfg, sh, comp, device, args, peak) -> dict:
             return out.logits, out.targets
     else:
         from monai.networks.nets import DecoderOnlyTransformer
-        model = DecoderOnlyTransformer(num_tokens=cfg.vocab_size + 1, max_seq_len=t, attn_layers_dim=cfg.attn_layers_dim,
-                                       attn_layers_depth=cfg.attn_layers_depth, attn_layers_heads=cfg.attn_layers_heads,
+        model = DecoderOnlyTransformer(num_tokens=cfg.vocab_size + 1, max_seq_len=t,
+                                       attn_layers_dim=cfg.attn_layers_dim, attn_layers_depth=cfg.attn_layers_depth,
+                                       attn_layers_heads=cfg.attn_layers_heads,
                                        use_flash_attention=device.type == "cuda").to(device).train()
         flops = nanogpt_flops(model, cfg)
         inp = torch.cat([torch.full((b, 1), cfg.vocab_size, device=device), tokens[:, :-1]], dim=1)  # BOS + T-1
@@ -375,7 +376,7 @@ def main(args) -> dict:
     result["ratios"] = ratios(result["rows"])
     Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"\n{card}: throughput (unit), step or batch ms, first call s (compilation), peak MB, MFU")
-    print("| | what | variant | shape | throughput | ms | first s | peak MB | MFU |\n|---|---|---|---|---|---|---|---|---|")
+    print("| | what | variant | shape | throughput | ms | first s | peak MB | MFU |\n" + "|---" * 9 + "|")
     for r in result["rows"]:
         print(fmt(r))
     for k, v in result["ratios"].items():
