@@ -164,6 +164,9 @@ class ARPrior(Prior):
         kw = dict(sample_kw)
         generator = kw.pop("generator", None)
         first, step = self._compiled_fns(use_cfg, device, **kw)
+        for block in self.blocks:  # written in place by the graphs: fixed addresses (CUDA graphs), no guard on them
+            for cache in (block.attn.kv_cache.k_cache, block.attn.kv_cache.v_cache):
+                torch._dynamo.mark_static_address(cache, guard=False)
         scales = torch.tensor([guidance_at(cfg_scale, cfg_schedule, i, n) for i in range(n)], device=device)  # (n,)
         positions = torch.arange(n, device=device)                                                           # (n,)
 
