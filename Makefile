@@ -47,6 +47,7 @@ test-distributed: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/extract.py
 	$(PY) bench/sampling.py
+	$(PY) bench/decode.py
 	$(PY) bench/train_step.py
 	$(PY) bench/default_speed.py
 	$(PY) bench/reader_scale.py
@@ -61,6 +62,10 @@ bench-chaos: $(STAMP)
 BENCH_QUALITY_FLAGS ?= --budget_minutes 30 --samples 5000
 bench-quality: $(STAMP)
 	$(PY) bench/quality.py $(BENCH_QUALITY_FLAGS)
+
+# Issue 24: the prepared GPU benchmark at the ImageNet-256 recipe's shapes (~8 min on one H100; CPU: --device cpu --tiny)
+bench-gpu: $(STAMP)
+	$(PY) bench/gpu.py --json gpu_bench.json
 
 eval: $(STAMP)
 	$(PY) evaluate.py --run_dir $(DEMO_DIR)

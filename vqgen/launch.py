@@ -43,6 +43,7 @@ def build_accelerator(train, log_with: str | None):
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(minutes=train.timeout_minutes))],
                       **kwargs)
     _fix_deepspeed_cpu_ranks(acc)
+    _fsdp_on_cpu(acc)
     _check_group(acc.num_processes)
     if acc.mixed_precision == "fp16" and acc.device.type == "cpu" and acc.distributed_type != DistributedType.DEEPSPEED:
         raise ConfigError(_FP16_CPU)
@@ -178,6 +179,29 @@ def _fix_deepspeed_cpu_ranks(state) -> None:
     PartialState._shared_state.update(fix)
     if AcceleratorState._shared_state:  # ``state`` is an Accelerator (not stage 1's PartialState before it)
         AcceleratorState._shared_state.update(fix)
+
+
+def fsdp_launch() -> bool:
+    """Launched with FSDP (``accelerate launch --config_file accelerate_configs/fsdp.yaml`` / ``--use_fsdp``)?"""
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_FSDP")
+
+
+def _fsdp_on_cpu(acc) -> None:
+    """FSDP on a CPU process group (gloo: the sharded path tested without GPUs): accelerate (1.x) switches FSDP on for
+    GPU process groups only and would silently train with DDP. Switch its shared state to FSDP with the launch's
+    plugin (the FSDP_* variables of the config); torch's FSDP2 runs on gloo. No effect on GPUs."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if not fsdp_launch() or acc.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the environment, as accelerate builds it on GPUs
+    if acc.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.mixed_precision)
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state.update(distributed_type=DistributedType.FSDP, fsdp_plugin=plugin)
 
 
 def fill_deepspeed_config(acc, train) -> torch.dtype | None:

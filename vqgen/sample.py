@@ -77,8 +77,8 @@ def _generate_and_write(tok, prior, labels, cfg: SampleConfig, device, out: Path
         for s in range(0, n_total, cfg.batch_size):
             n = min(cfg.batch_size, n_total - s)
             chunk = generate(prior, n, labels=labels[s:s + n] if labels is not None else None,
-                             **sc.draw_kwargs(), generator=g, batch_size=n,
-                             autocast_dtype=dtype)  # tokens come back on the CPU
+                             **sc.draw_kwargs(), generator=g, batch_size=n, autocast_dtype=dtype,
+                             compile=sc.compile)  # tokens come back on the CPU
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 images = decode_to_images(tok, chunk, cfg.batch_size)
             tokens.append(chunk.cpu())
@@ -90,6 +90,7 @@ def _generate_and_write(tok, prior, labels, cfg: SampleConfig, device, out: Path
             room = cfg.grid_images - sum(len(x) for x in grid)
             if room > 0:
                 grid.append(images[:room])
+    prior.release_caches()  # --compile keeps them from chunk to chunk
     return torch.cat(tokens), torch.cat(grid)
 
 

@@ -18,6 +18,7 @@ from .flags import flag
 PRECISIONS = ("no", "fp16", "bf16")
 VIEW_MODES, TENCROP_VIEWS = ("tencrop", "random"), 10   # extract_codes.py --view_mode / --views (vqgen.data.views)
 CFG_SCHEDULES = ("constant", "linear")
+COMPILE_DECODING = False  # --compile's default (sample.py, evaluate.py, VQVAE_T.py): on once benchmarks show it pays
 SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")   # split names: also parts of shard file names
 DISC_NORMS, DISC_LOSSES = ("batch", "group"), ("hinge",)
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG-16 ImageNet weights (what lpips' net="vgg" loads)
@@ -151,6 +152,11 @@ class SamplingConfig:
     class_label: int | None = flag(None, "class to generate (conditional priors; default: cycle through all "
                                    "classes)")
     seed: int = flag(0, "random seed (same seed -> same samples)")
+    compile: bool = flag(COMPILE_DECODING, "decode with a compiled step (torch.compile, static KV cache: CUDA graphs "
+                         "on GPU, Inductor on CPU; AR priors, others decode eagerly): the same tokens as eager "
+                         "decoding up to float rounding. Each batch size and dtype compiles once, first: it pays "
+                         "off over many batches (evaluate.py's 50k samples), not for one small grid "
+                         "(docs/RESULTS.md)")
 
     def check(self) -> None:
         _positive(self, "num_samples", zero_ok=True)

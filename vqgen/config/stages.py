@@ -202,7 +202,7 @@ class EvalConfig:
                             only=("dataset", "data_dir", "num_workers", "prepare_data_once"),
                             help={"dataset": "dataset to compare against (default: the one in the tokenizer export)"})
     sampling: SamplingConfig = part(SamplingConfig, title="sampling", num_samples=1000,
-                                    only=GRID_SAMPLING + ("seed",), help={
+                                    only=GRID_SAMPLING + ("seed", "compile"), help={
                                         "num_samples": "images to generate for gFID/IS/precision/recall (0: skip)",
                                         "seed": "seed for sampling and the classifier"})
 
@@ -247,7 +247,7 @@ class PipelineConfig:
                                        help={"lr": "prior learning rate", "n_epochs": "prior epochs"})
     sharding: ShardingConfig = part(ShardingConfig, title="token shards (stage 2)", only=("shard_size",))
     sampling: SamplingConfig = part(SamplingConfig, title="sampling (--sample and training-time grids)",
-                                    only=GRID_SAMPLING)
+                                    only=GRID_SAMPLING + ("compile",))
 
     def check(self) -> None:
         if not (self.train or self.sample):

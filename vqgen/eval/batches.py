@@ -79,11 +79,12 @@ def generate_batches(prior, tokenizer, cfg: EvalConfig, device, rank: int = 0, w
         idx = mine[s:s + GEN_CHUNK]
         lab = labels[idx] if labels is not None else None
         tokens = generate(prior, len(idx), labels=lab.to(device) if lab is not None else None,
-                          **sc.draw_kwargs(), generator=g, batch_size=len(idx))
+                          **sc.draw_kwargs(), generator=g, batch_size=len(idx), compile=sc.compile)
         for b in range(0, len(idx), cfg.batch_size):
             yield (idx[b:b + cfg.batch_size], decode_to_images(tokenizer, tokens[b:b + cfg.batch_size],
                                                                batch_size=cfg.batch_size),
                    lab[b:b + cfg.batch_size] if lab is not None else None)
+    prior.release_caches()  # --compile keeps them from chunk to chunk
 
 
 def new_set(cfg: EvalConfig, total: int | None, space: FeatureSpace, world_size: int) -> stream_stats.FeatureSet:

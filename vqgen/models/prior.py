@@ -49,6 +49,7 @@ class Prior(Exportable, nn.Module, HubMixin, tags=["image-generation", "token-pr
 
     EXPORT_KIND = "prior"
     exact_likelihood = True   # does forward give the exact per-token NLL (bits/token)? (MaskGIT: no)
+    compiled_decoding = False  # does sample_tokens take compile=True (a compiled decode step)?
 
     def __init__(self, config: PriorConfig):
         super().__init__()
@@ -72,7 +73,8 @@ class Prior(Exportable, nn.Module, HubMixin, tags=["image-generation", "token-pr
         return token_cross_entropy(out.logits, out.targets)
 
     def release_caches(self) -> None:
-        """Free what sampling allocated (KV caches); called after every :meth:`sample_tokens` batch."""
+        """Free what sampling allocated (KV caches, compiled decoding's graphs); called after every
+        :meth:`sample_tokens` batch of eager decoding."""
 
     # ---- shared ----------------------------------------------------------------------------------------------
     def resolve_labels(self, labels: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
@@ -98,6 +100,15 @@ class Prior(Exportable, nn.Module, HubMixin, tags=["image-generation", "token-pr
             drop = torch.rand(batch, device=device) < self.config.class_dropout   # torch RNG: reproducible
             labels = labels.masked_fill(drop, self.config.null_class)
         return labels
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs (forward + backward) per token, nanoGPT's ``estimate_mfu`` count: ``6N + 12*L*H*Q*T`` with
+        N the parameters in matrix products (all but the lookup tables: embeddings, position table), L blocks, H
+        heads, Q the head dimension, T the sequence length (attention over the full T, as nanoGPT counts it)."""
+        c = self.config
+        lookup = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        n = sum(p.numel() for name, p in self.named_parameters() if id(p) not in lookup and "pos_emb" not in name)
+        return 6.0 * n + 12.0 * c.attn_layers_depth * c.attn_layers_heads * c.head_dim * c.seq_len
 
     def configure_optimizer(self, lr: float, weight_decay: float, device_type: str) -> torch.optim.Optimizer:
         """AdamW with GPT's betas (0.9, 0.95): a lower beta2 steadies Transformer training (GPT-3, nanoGPT)."""

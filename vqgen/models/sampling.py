@@ -4,7 +4,8 @@
 ``sample_tokens``; the helpers below (logits filters, classifier-free guidance as one batch of cond ‖ null rows
 combined as ``uncond + scale * (cond - uncond)``, guidance schedules) are shared by every kind. ``linear`` ramps the
 scale from 1 at the first token to ``cfg_scale`` at the last (VAR's ramp): the layout stays diverse, the detail gets
-the full guidance.
+the full guidance. A token is drawn by the exponential race ``argmax(p / E)``, ``E ~ Exp(1)`` (a categorical draw
+without a host sync), so the compiled decode step and the eager one draw the same tokens from the same generator.
 Adapted from: gpt-fast / LlamaGen ``generate.py``; the linear CFG ramp from VAR ``models/var.py``.
 """
 
@@ -42,15 +43,27 @@ def top_p_filter(logits: torch.Tensor, p: float | None) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
+def exponential_noise(shape: tuple[int, int], device: torch.device,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """``E ~ Exp(1)`` of shape ``(B, vocab)``, fp32, from ``generator``: one token draw of :func:`sample_logits`."""
+    noise = torch.empty(shape, dtype=torch.float32, device=device).exponential_(generator=generator)
+    return noise.clamp_min_(torch.finfo(torch.float32).tiny)  # never 0: a filtered token (p = 0) never wins
+
+
 def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                  top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``logits (B, vocab)`` -> tokens ``(B,)``. Greedy (no random draw) when ``temperature == 0``."""
+                  top_p: float | None = None, generator: torch.Generator | None = None,
+                  noise: torch.Tensor | None = None) -> torch.Tensor:
+    """``logits (B, vocab)`` -> tokens ``(B,)``. Greedy (no random draw) when ``temperature == 0``; otherwise
+    ``argmax(p / E)`` over the filtered softmax ``p``: each token wins with probability ``p`` (the exponential race,
+    no host sync). ``noise``: ``E`` from :func:`exponential_noise`, drawn here from ``generator`` when not given."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
     probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)   # one uniform per row: same order always
+    if noise is None:
+        noise = exponential_noise(probs.shape, probs.device, generator)
+    return torch.argmax(probs / noise, dim=-1)
 
 
 def guidance_at(cfg_scale: float, schedule: str, i: int, n: int) -> float:
@@ -60,8 +73,9 @@ def guidance_at(cfg_scale: float, schedule: str, i: int, n: int) -> float:
     return 1.0 + (cfg_scale - 1.0) * i / (n - 1)
 
 
-def apply_cfg(logits: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-    """``logits (2B, vocab)`` ordered (cond ‖ null) -> guided ``(B, vocab)``."""
+def apply_cfg(logits: torch.Tensor, cfg_scale: float | torch.Tensor) -> torch.Tensor:
+    """``logits (2B, vocab)`` ordered (cond ‖ null) -> guided ``(B, vocab)`` (``cfg_scale``: a float or a 0-d
+    tensor, which a compiled step takes without recompiling when the scale changes)."""
     cond, uncond = logits.float().chunk(2, dim=0)
     return uncond + cfg_scale * (cond - uncond)
 
@@ -84,7 +98,7 @@ def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              cfg_scale: float = 1.0, generator: torch.Generator | None = None,
              batch_size: int | None = None, autocast_dtype: torch.dtype | None = None,
-             cfg_schedule: str = "constant", **options) -> torch.Tensor:
+             cfg_schedule: str = "constant", compile: bool = False, **options) -> torch.Tensor:
     """Sample ``num_samples`` token grids -> LongTensor ``(N, latent_h, latent_w)`` on the CPU.
 
     labels: None (unconditional / null class), one class id for all, or N ids (-1 = null class).
@@ -94,6 +108,9 @@ def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch
         the last).
     generator: a ``torch.Generator`` on the prior's device, for reproducible samples.
     autocast_dtype: e.g. ``torch.bfloat16`` to run under ``torch.autocast`` (caches in that dtype).
+    compile: decode with the prior's compiled step (kinds with ``compiled_decoding``; others decode eagerly): the
+        first call per (batch, dtype) compiles; the caches and graphs stay for the next call until
+        ``prior.release_caches()``. The same tokens as eager decoding up to float rounding.
     options: the prior kind's own (``use_cache=False``: the AR prior's reference path, the same tokens).
     """
     check_sampling_args(temperature, top_k, top_p, cfg_scale, cfg_schedule)
@@ -107,6 +124,9 @@ def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch
     sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     if autocast_dtype is not None:
         options.setdefault("cache_dtype", autocast_dtype)
+    compile = compile and prior.compiled_decoding
+    if compile:
+        options["compile"] = True
     was_training = prior.training
     prior.eval()
     chunks = []
@@ -120,7 +140,8 @@ def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch
                 toks = prior.sample_tokens(lab, use_cfg, cfg_scale, cfg_schedule, sample_kw, **options)
                 chunks.append(toks.cpu())
     finally:
-        prior.release_caches()  # a training-time evaluation must not leave buffers on the device
+        if not compile:
+            prior.release_caches()  # a training-time evaluation must not leave buffers on the device
         prior.train(was_training)
     return torch.cat(chunks).reshape(num_samples, cfg.latent_h, cfg.latent_w)
 

@@ -26,6 +26,7 @@ from ..hub import push_export
 from ..perf import release_freed_memory
 from .checkpointing import DATA_STATE, LoopState, load_checkpoint, save_checkpoint, saved_data_state
 from .setup import Training
+from .throughput import Throughput, device_peak
 from .tracking import STATE_KEY
 
 STOP_REQUESTED = "stop requested (signal or stop file)"
@@ -44,6 +45,9 @@ class TrainLoop:
         self.world_size, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.state = LoopState(world_size=self.world_size, batch_size=self.cfg.batch_size)
         self.folder_lock = training.folder_lock
+        peak, self._peak_label = device_peak(self.accelerator.device, self.accelerator.mixed_precision)
+        self.speed = Throughput(self.task.work(), self.world_size, peak)
+        self._whole: nn.Module | None = None  # under FSDP: the weights gathered for evaluation and the export
         self.task.bind(self, self.extra_models)
 
     # ------------------------------------------------------------------ the loop
@@ -92,13 +96,17 @@ class TrainLoop:
         if n_batches == 0:
             raise ConfigError(f"the dataset gives no full batch per process ({self.world_size} processes x batch "
                               f"{cfg.batch_size}); lower --batch_size")
+        work = self.speed.work
+        mfu = (f", MFU = {work.flops_per_unit:.4g} FLOPs per {work.unit[:-1]} / peak ({self._peak_label})"
+               if work.flops_per_unit else "")
         self.print(f"***** training {task.name} *****\n"
                    f"  processes = {self.world_size}, device = {acc.device}, mixed precision = {acc.mixed_precision}\n"
                    f"  batch per process = {cfg.batch_size}, accumulation = {cfg.gradient_accumulation_steps}, "
                    f"global batch = {cfg.batch_size * self.world_size * cfg.gradient_accumulation_steps}\n"
                    f"  epochs = {cfg.n_epochs}, batches/epoch/process = {n_batches}, "
                    f"optimizer steps = {self.total_steps}\n"
-                   f"  parameters = {sum(p.numel() for p in self.unwrapped_model.parameters()):,}")
+                   f"  parameters = {sum(p.numel() for p in self.unwrapped_model.parameters()):,}\n"
+                   f"  throughput: {work.unit}/s{mfu}")
 
     def _run_epoch(self, sig: "_SignalFlag", bar) -> str | None:
         """The rest of the current epoch; returns why training stops early (None: the epoch ended)."""
@@ -108,11 +116,13 @@ class TrainLoop:
         for m in (self.model, *self.extra_models):
             m.train()
         self._t0, self._seen = time.perf_counter(), 0
+        self.speed.restart()
         for batch in self.task.epoch_batches(epoch, self.state.batches_done, self.rank, self.world_size):
             batch = self.cast_inputs(send_to_device(batch, self.accelerator.device))
             finite, stop_now, loss, logs = self._micro_step(batch, sig)
             self.state.batches_done += 1
             self._seen += _batch_len(batch)
+            self.speed.add(_batch_len(batch))
             if self._skipped(finite) or not self.accelerator.sync_gradients:
                 continue
             stop = self._after_optimizer_step(epoch, loss, logs, stop_now, bar)
@@ -194,10 +204,12 @@ class TrainLoop:
         if step % 10 == 0 or step == 1:
             # Task scalars stay device tensors until here: no host sync on the other steps.
             logs = {k: float(v) for k, v in logs.items()}
+            # samples_per_s: since the epoch's start; {images,tokens}_per_s and mfu: since the last logged step
             logs.update(loss=loss, lr=self.schedulers[0].get_last_lr()[0], epoch=epoch,
-                        samples_per_s=self._seen * self.world_size / max(1e-9, time.perf_counter() - self._t0))
-            bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "perplexity", "bpt")},
-                            refresh=False)
+                        samples_per_s=self._seen * self.world_size / max(1e-9, time.perf_counter() - self._t0),
+                        **self.speed.report())
+            bar.set_postfix({**{k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "perplexity", "bpt")},
+                             **self.speed.postfix(logs)}, refresh=False)
             self.log(logs)
         if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0:
             self.save_checkpoint()
@@ -211,7 +223,9 @@ class TrainLoop:
         self.state.batches_done = 0
         if self.state.epoch == self.cfg.n_epochs or self.state.epoch % self.cfg.sample_and_save_freq == 0:
             self.model.eval()
+            self._gather_whole_model()
             metrics = self.task.evaluate(self, epoch)
+            self._whole = None
             self.log(metrics)
             self.print(f"epoch {epoch + 1}/{self.cfg.n_epochs} step {self.state.global_step}: " +
                        ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
@@ -231,10 +245,11 @@ class TrainLoop:
         if stop == "max_steps":
             self.save_checkpoint()
         self.state.finished = self.state.epoch >= self.cfg.n_epochs or stop == "max_steps"
+        self._gather_whole_model()
         if acc.is_main_process:
             self.task.export(self)
             if self.cfg.push_to_hub and self.state.finished:
-                push_export(self.run.export, self.cfg.push_to_hub, self.unwrapped_model)
+                push_export(self.run.export, self.cfg.push_to_hub, self.whole_model)
         acc.wait_for_everyone()
         acc.end_training()
         release_freed_memory()  # the allocator kept the steps' memory (launch.build_accelerator): hand it back
@@ -246,12 +261,28 @@ class TrainLoop:
         return save_checkpoint(self.accelerator, self.run, self.state, self.schedulers,
                                self.cfg.checkpoints_total_limit)
 
+    def _gather_whole_model(self) -> None:
+        """Under FSDP (every rank takes part): the main process gets the trained weights whole, in a plain copy of
+        the model (:attr:`whole_model`); a sharded module cannot run a forward on one rank alone."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type != DistributedType.FSDP:
+            return
+        state = self.accelerator.get_state_dict(self.model)  # full tensors on the main process, {} elsewhere
+        if self.is_main:
+            self._whole = self.task.model_from_state_dict(state).to(self.accelerator.device).eval()
+
     def _stop_requested(self, sig: "_SignalFlag") -> bool:
         return sig.signum is not None or os.path.exists(self.stop_file)
 
     @property
     def unwrapped_model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)  # exports: plain keys
+
+    @property
+    def whole_model(self) -> nn.Module:
+        """What evaluation and the export read (main process): the unwrapped model, under FSDP its gathered copy."""
+        return self._whole if self._whole is not None else self.unwrapped_model
 
     def cast_inputs(self, batch):
         """Floating tensors of ``batch`` in the dtype the model computes in (bf16/fp16 under DeepSpeed)."""

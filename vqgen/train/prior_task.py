@@ -20,6 +20,7 @@ from ..errors import CheckpointError, ConfigError
 from ..export import ExportMeta, check_compatible
 from ..hub import is_hub_ref, resolve_model_path
 from ..images import save_image_grid
+from ..launch import fsdp_launch
 from ..metrics import bits_per_token
 from ..models.prior import Prior, build_prior, token_cross_entropy, token_nll
 from ..models.sampling import class_labels, decode_to_images, generate
@@ -40,6 +41,7 @@ from .ema import WeightsEMA
 from .loop import TrainLoop
 from .setup import prepare_training
 from .task import StageTask
+from .throughput import Work
 
 
 class PriorTask(StageTask):
@@ -59,6 +61,9 @@ class PriorTask(StageTask):
         self._history_epoch: int | None = None
         self.ema = None  # --prior_ema_decay: an AveragedModel of the weights (bind), in every checkpoint
 
+    def work(self) -> Work:
+        return Work("tokens", self.model.config.seq_len, self.model.flops_per_token())
+
     def bind(self, loop: TrainLoop, prepared: list) -> None:
         if self.cfg.prior_ema_decay > 0:
             self.ema = WeightsEMA(loop, self.cfg.prior_ema_decay)
@@ -69,7 +74,12 @@ class PriorTask(StageTask):
 
     def sampling_model(self, loop: TrainLoop) -> Prior:
         """The weights validated, sampled and exported: the EMA when there is one."""
-        return self.ema.model if self.ema is not None else loop.unwrapped_model
+        return self.ema.model if self.ema is not None else loop.whole_model
+
+    def model_from_state_dict(self, state: dict) -> Prior:
+        model = build_prior(self.model.config)
+        model.load_state_dict(state)
+        return model
 
     def configure_optimizers(self, train, device_type: str) -> list[torch.optim.Optimizer]:
         return [self.model.configure_optimizer(train.lr, train.weight_decay, device_type)]
@@ -182,6 +192,9 @@ def run(cfg: PriorStageConfig) -> TrainLoop:
     from accelerate.utils import set_seed
 
     validate(cfg)
+    if fsdp_launch() and cfg.prior_ema_decay > 0:
+        raise ConfigError("--prior_ema_decay is not supported under FSDP (the average would need the whole weights "
+                          "on every rank); use DDP or --prior_ema_decay 0")
     manifest = Manifest.read(cfg.shards)
     if cfg.split not in manifest.splits:
         raise ConfigError(f"{cfg.shards}: no '{cfg.split}' split in the manifest (has: {sorted(manifest.splits)})")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
+from .throughput import Work
 
 
 class StageTask:
@@ -31,6 +32,10 @@ class StageTask:
         per step). ``model`` is the wrapped (DDP/DeepSpeed) model: call its forward."""
         raise NotImplementedError
 
+    def work(self) -> Work:
+        """What the loop's throughput counts (images, tokens) and the model FLOPs per unit (MFU); default: samples."""
+        return Work()
+
     def bind(self, loop, prepared_extra_models: list[nn.Module]) -> None:
         """Called once the loop has prepared everything (the extra models as wrapped by accelerate)."""
 
@@ -40,6 +45,11 @@ class StageTask:
     def evaluate(self, loop, epoch: int) -> dict[str, float]:
         """Validation metrics and image grids (every rank calls it; files are written by the main process)."""
         return {}
+
+    def model_from_state_dict(self, state: dict[str, torch.Tensor]) -> nn.Module:
+        """A new, plain module of the trained model holding ``state`` (under FSDP: the gathered weights that the main
+        process evaluates and exports)."""
+        raise NotImplementedError
 
     def export(self, loop) -> None:
         """Write ``loop.run.export`` from ``loop.unwrapped_model`` (main process only)."""

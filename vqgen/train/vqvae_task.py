@@ -19,9 +19,10 @@ from ..data import GENERIC_CHANNELS, GENERIC_IMAGE_SIZE, build_dataset
 from ..data.augment import Augment
 from ..data.stream_input import is_streamed, open_stream
 from ..data.streaming import StreamedImages
+from ..errors import ConfigError
 from ..export import ExportMeta
 from ..images import save_image_grid
-from ..launch import prepare_first, resolve_mixed_precision, start_processes
+from ..launch import fsdp_launch, prepare_first, resolve_mixed_precision, start_processes
 from ..metrics import ReconstructionMeter
 from ..models.vqvae import VQVAE
 from ..perf import default_channels_last
@@ -30,6 +31,7 @@ from .loop import TrainLoop
 from .setup import prepare_training
 from .stage1_data import MapInput, StreamInput, first_images
 from .task import StageTask
+from .throughput import Work
 
 
 def interleave_rows(inputs: torch.Tensor, recons: torch.Tensor, per_row: int) -> torch.Tensor:
@@ -56,6 +58,9 @@ class VQVAETask(StageTask):
     def configure_optimizers(self, train, device_type: str) -> list[torch.optim.Optimizer]:
         gan = self.gan.optimizers(train, device_type) if self.gan else []
         return [self.model.configure_optimizer(train.lr, train.weight_decay, device_type), *gan]
+
+    def work(self) -> Work:
+        return Work("images")
 
     def bind(self, loop: TrainLoop, prepared: list) -> None:
         if self.gan:
@@ -154,6 +159,9 @@ def run(cfg: VQVAEStageConfig) -> TrainLoop:
     from accelerate.utils import set_seed
 
     validate(cfg)
+    if fsdp_launch():
+        raise ConfigError("FSDP (accelerate_configs/fsdp.yaml) shards the prior's Transformer blocks: train the "
+                          "tokenizer with DDP (accelerate_configs/multi_gpu.yaml)")
     state = start_processes(training=True)  # the Accelerator built by the loop joins the same process group
     train_input, val_ds, info = build_inputs(cfg, state)
     config = cfg.model.build(in_channels=info.channels, image_size=info.image_size)

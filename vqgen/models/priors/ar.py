@@ -1,5 +1,8 @@
 """The autoregressive prior (``--prior_kind ar``): a decoder-only, pre-norm Transformer over the token grid read in
 raster order, sampled token by token with a KV cache.
+``compile=True`` decodes with a static cache addressed by tensor positions and two compiled functions (the first
+token, then one step per token with its CFG rows and draw), each compiled once per (batch, dtype): CUDA graphs on
+GPU (``mode="reduce-overhead"``), Inductor on CPU; no host sync per token.
 
 Input position 0 holds the class embedding (the start token), input position ``i > 0`` token ``i - 1``; the output
 at position ``i`` predicts token ``i``.
@@ -17,12 +20,19 @@ import torch.nn as nn
 from ...config import PriorConfig
 from ...errors import ConfigError
 from ..prior import Prior, PriorOutput
-from ..sampling import apply_cfg, guidance_at, sample_logits
+from ..sampling import apply_cfg, exponential_noise, guidance_at, sample_logits
 from .blocks import Block, KVCache, make_norm, rope_2d_table
 from .heads import token_embedding, token_head
 
 
 class ARPrior(Prior):
+    compile_backend = "inductor"  # torch.compile's backend for decoding (tests check the graphs with aot_eager)
+
+    @property
+    def compiled_decoding(self) -> bool:
+        """The compiled step draws from one head's logits: plain heads only (a factorised head decodes eagerly)."""
+        return self.config.token_factors == 1
+
     def __init__(self, config: PriorConfig):
         super().__init__(config)
         d = config.attn_layers_dim
@@ -43,6 +53,7 @@ class ARPrior(Prior):
         for name, p in self.named_parameters():               # GPT-2: scale residual projections by depth
             if name.endswith(("attn.proj.weight", "mlp.2.weight", "mlp.w2.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.attn_layers_depth))
+        self._compiled: dict[tuple, tuple] = {}  # compiled decoding: (first, step) per sampling setting
 
     # ---- the network ----------------------------------------------------------------------------------------
     def _embed(self, prefix: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -52,21 +63,24 @@ class ARPrior(Prior):
             x = torch.cat([x, self.tok_emb(prefix)], dim=1)         # (B, 1 + n, dim)
         return self.drop(x + self.pos_emb[:, : x.shape[1]])
 
-    def _rope(self, start: int | None, t: int) -> torch.Tensor | None:
-        """Rotation angles of input positions ``[start, start + t)`` (``start=None``: from 0), or None."""
+    def _rope(self, start: int | torch.Tensor | None, t: int) -> torch.Tensor | None:
+        """Rotation angles of input positions ``[start, start + t)`` (``start=None``: from 0; a tensor: those
+        positions), or None."""
         if self.rope_angles is None:
             return None
+        if isinstance(start, torch.Tensor):
+            return self.rope_angles[start]
         s = start or 0
         return self.rope_angles[s: s + t]
 
-    def _hidden(self, x: torch.Tensor, start: int | None) -> torch.Tensor:
+    def _hidden(self, x: torch.Tensor, start: int | torch.Tensor | None) -> torch.Tensor:
         """The blocks over ``x (B, t, dim)`` at input positions from ``start`` (None: no cache) -> (B, t, dim)."""
         rope = self._rope(start, x.shape[1])
         for block in self.blocks:
             x = block(x, start, rope)
         return x
 
-    def _last_logits(self, x: torch.Tensor, start: int | None) -> torch.Tensor:
+    def _last_logits(self, x: torch.Tensor, start: int | torch.Tensor | None) -> torch.Tensor:
         """Logits ``(B, vocab)`` of the last of ``x``'s positions (a factorised head: its hidden state, (B, dim))."""
         return self.head.next_state(self.ln_f(self._hidden(x, start)[:, -1]))
 
@@ -118,15 +132,18 @@ class ARPrior(Prior):
         return self._last_logits(x, input_pos)
 
     def sample_tokens(self, labels: torch.Tensor, use_cfg: bool, cfg_scale: float, cfg_schedule: str,
-                      sample_kw: dict, use_cache: bool = True, cache_dtype: torch.dtype | None = None
-                      ) -> torch.Tensor:
+                      sample_kw: dict, use_cache: bool = True, cache_dtype: torch.dtype | None = None,
+                      compile: bool = False) -> torch.Tensor:
         """Raster-order decoding of ``(B, T)`` tokens. ``use_cache=False`` recomputes the whole prefix at every
-        step (the reference path): the same random draws in the same order, so the same tokens."""
+        step (the reference path), ``compile=True`` runs the compiled static-cache step (:meth:`_sample_compiled`):
+        the same random draws in the same order, so the same tokens (up to float rounding)."""
         n = self.config.seq_len
         rows = labels.shape[0]
         b = rows // 2 if use_cfg else rows
-        if use_cache:
+        if use_cache or compile:
             self.setup_caches(rows, n, cache_dtype or self.pos_emb.dtype, labels.device)
+        if compile:
+            return self._sample_compiled(labels, use_cfg, cfg_scale, cfg_schedule, sample_kw)
         out = torch.empty(b, n, dtype=torch.long, device=labels.device)
         empty = out[:, :0].repeat(2, 1) if use_cfg else out[:, :0]
         logits = self.prefill(empty, labels) if use_cache else self.logits_for_prefix(empty, labels)
@@ -142,3 +159,66 @@ class ARPrior(Prior):
                 prefix = out[:, : i + 1]
                 logits = self.logits_for_prefix(prefix.repeat(2, 1) if use_cfg else prefix, labels)
         return out
+
+    # ---- compiled decoding ----------------------------------------------------------------------------------
+    def _sample_compiled(self, labels: torch.Tensor, use_cfg: bool, cfg_scale: float, cfg_schedule: str,
+                         sample_kw: dict) -> torch.Tensor:
+        """Decoding with the compiled functions of :meth:`_compiled_fns`. Per token, outside the graphs: the noise
+        of the draw from the caller's generator (a generator cannot enter a graph) and views of precomputed
+        position and guidance tensors; nothing waits for the device."""
+        n, device = self.config.seq_len, labels.device
+        b = labels.shape[0] // 2 if use_cfg else labels.shape[0]
+        kw = dict(sample_kw)
+        generator = kw.pop("generator", None)
+        first, step = self._compiled_fns(use_cfg, device, **kw)
+        for block in self.blocks:  # written in place by the graphs: fixed addresses (CUDA graphs), no guard on them
+            for cache in (block.attn.kv_cache.k_cache, block.attn.kv_cache.v_cache):
+                torch._dynamo.mark_static_address(cache, guard=False)
+        scales = torch.tensor([guidance_at(cfg_scale, cfg_schedule, i, n) for i in range(n)], device=device)  # (n,)
+        positions = torch.arange(n, device=device)                                                           # (n,)
+
+        def noise():  # what sample_logits draws eagerly, in the same order: the same tokens
+            return None if kw["temperature"] == 0 else \
+                exponential_noise((b, self.config.vocab_size), device, generator)
+
+        out = torch.empty(b, n, dtype=torch.long, device=device)
+        mark_step = torch.compiler.cudagraph_mark_step_begin if device.type == "cuda" else (lambda: None)
+        mark_step()
+        out[:, 0] = first(labels, scales[0], noise())
+        for i in range(1, n):
+            mark_step()  # CUDA graphs: the last step's outputs are consumed (copied into ``out``)
+            out[:, i] = step(out[:, i - 1], positions[i: i + 1], scales[i], noise())
+        return out
+
+    def _compiled_fns(self, use_cfg: bool, device: torch.device, temperature: float, top_k: int | None,
+                      top_p: float | None):
+        """(first, step) for one sampling setting, compiled on first use (then once per batch and dtype):
+        ``first(labels (R,), scale (), noise)`` feeds the start tokens at position 0 and draws token 0;
+        ``step(tokens (B,), pos (1,), scale (), noise)`` feeds token ``pos - 1`` at input position ``pos`` and draws
+        token ``pos``. ``R = 2B`` rows (cond ‖ null) with CFG. The setting is closed over: constants of the graph."""
+        key = (use_cfg, device.type, temperature, top_k, top_p)
+        if key not in self._compiled:
+            def draw(logits: torch.Tensor, scale: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+                guided = apply_cfg(logits, scale) if use_cfg else logits                      # (B, vocab)
+                return sample_logits(guided, temperature, top_k, top_p, noise=noise)         # (B,)
+
+            def first(labels, scale, noise):
+                x = self.drop(self.cls_emb(labels).unsqueeze(1) + self.pos_emb[:, :1])       # (R, 1, dim)
+                return draw(self._last_logits(x, self._zero(labels.device)), scale, noise)
+
+            def step(tokens, pos, scale, noise):
+                tok = tokens.repeat(2) if use_cfg else tokens                                 # (R,)
+                x = self.drop(self.tok_emb(tok.unsqueeze(1)) + self.pos_emb[:, pos])          # (R, 1, dim)
+                return draw(self._last_logits(x, pos), scale, noise)
+
+            # CUDA graphs replay the step without a launch per kernel; on CPU, Inductor's fused kernels.
+            backend = self.compile_backend
+            mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+            self._compiled[key] = (torch.compile(first, backend=backend, fullgraph=True, dynamic=False),
+                                   torch.compile(step, backend=backend, mode=mode, fullgraph=True, dynamic=False))
+        return self._compiled[key]
+
+    @staticmethod
+    def _zero(device: torch.device) -> torch.Tensor:
+        return torch.zeros(1, dtype=torch.long, device=device)
+

@@ -18,7 +18,11 @@ from ...config import PriorConfig
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values of one attention layer: ``(max_batch, heads, max_seq_len, head_dim)``."""
+    """Preallocated keys/values of one attention layer: ``(max_batch, heads, max_seq_len, head_dim)``.
+
+    Two ways to address it: a Python-int ``start`` (eager decoding: the filled prefix is returned, its length grows)
+    or a tensor of positions (the static cache of compiled decoding: every shape is fixed, the mask hides the slots
+    not yet written, so one compiled graph serves every step)."""
 
     def __init__(self, max_batch: int, max_seq_len: int, heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
@@ -26,6 +30,7 @@ class KVCache(nn.Module):
         shape = (max_batch, heads, max_seq_len, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("slots", torch.arange(max_seq_len, device=device), persistent=False)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``k, v (B, heads, t, head_dim)`` at positions ``[start, start+t)``; return the filled prefix
@@ -38,6 +43,16 @@ class KVCache(nn.Module):
         self.v_cache[:b, :, start:end] = v
         return self.k_cache[:b, :, :end], self.v_cache[:b, :, :end]
 
+    def update_at(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write ``k, v (B, heads, t, head_dim)`` at positions ``pos (t,)``; return the whole cache
+        ``(B, heads, max_seq_len, head_dim)`` and the mask ``(t, max_seq_len)`` of the slots each query may see."""
+        b = k.shape[0]
+        k_all, v_all = self.k_cache[:b], self.v_cache[:b]
+        k_all.index_copy_(2, pos, k.to(k_all.dtype))
+        v_all.index_copy_(2, pos, v.to(v_all.dtype))
+        return k_all, v_all, self.slots[None, :] <= pos[:, None]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: PriorConfig, causal: bool = True):
@@ -49,7 +64,10 @@ class Attention(nn.Module):
         self.dropout = cfg.attn_dropout
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, start: int | None = None, rope: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor | None = None,
+                rope: torch.Tensor | None = None) -> torch.Tensor:
+        """``start``: None (no cache), the int position of ``x``'s first row, or its positions ``(t,)`` (static
+        cache, :meth:`KVCache.update_at`)."""
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, heads, t, hd)
         if rope is not None:                    # angles (t, hd/2) of these t input positions
@@ -57,9 +75,12 @@ class Attention(nn.Module):
         if start is None:                       # full sequence, no cache (training / reference path)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
                                                dropout_p=self.dropout if self.training else 0.0)
+        elif self.kv_cache is None:
+            raise RuntimeError("call Prior.setup_caches(...) before prefill/decode_one_token")
+        elif isinstance(start, torch.Tensor):   # static cache: attend to the slots written so far
+            k, v, mask = self.kv_cache.update_at(start, k, v)  # (B, heads, max_seq_len, hd), (t, max_seq_len)
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
         else:
-            if self.kv_cache is None:
-                raise RuntimeError("call Prior.setup_caches(...) before prefill/decode_one_token")
             k, v = self.kv_cache.update(start, k, v)            # (B, heads, start+t, hd)
             k, v = k.to(q.dtype), v.to(q.dtype)                 # cache dtype may differ under autocast
             if t == 1:                                          # one query sees the whole prefix: no mask
@@ -89,7 +110,8 @@ class Block(nn.Module):
             self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
         self.drop = nn.Dropout(cfg.attn_dropout)
 
-    def forward(self, x: torch.Tensor, start: int | None = None, rope: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor | None = None,
+                rope: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln1(x), start, rope))
         return x + self.drop(self.mlp(self.ln2(x)))
 
