@@ -280,7 +280,7 @@ def row_plain(spec: dict, clock: Clock) -> None:
 
         def step(i):
             t, lab = toks[i * batch:(i + 1) * batch], labels[i * batch:(i + 1) * batch]
-            return F.cross_entropy(model(t, lab).reshape(-1, 256), t.reshape(-1))
+            return F.cross_entropy(model(t, lab).logits.reshape(-1, 256), t.reshape(-1))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
     for i in range(n):

@@ -52,7 +52,8 @@ def make_run(root: Path, image_size: int, levels: int) -> Path:
                             embedding_dim=8)).eval()
     sha = tok.export_to(root / "vqvae/export", meta=ExportMeta(dataset={"name": "digits"}))
     h, w = tok.config.latent_size
-    build_prior(PriorConfig(vocab_size=64, latent_h=h, latent_w=w, attn_layers_dim=32, attn_layers_depth=1, attn_layers_heads=2, num_classes=10)).export_to(
+    build_prior(PriorConfig(vocab_size=64, latent_h=h, latent_w=w, attn_layers_dim=32, attn_layers_depth=1,
+                            attn_layers_heads=2, num_classes=10)).export_to(
         root / "prior/export", meta=ExportMeta(tokenizer_sha256=sha))
     return root
 

@@ -51,7 +51,7 @@ def train_steps(prior, opt, batches, device) -> float:
     n = 0
     for tokens, labels in batches:
         tokens, labels = tokens.to(device), labels.to(device)
-        logits = prior(tokens, labels)
+        logits = prior(tokens, labels).logits
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1))
         loss.backward()
         opt.step()
@@ -98,7 +98,8 @@ def main(argv=None) -> float:
         ds, info = build_dataset("digits", "train", str(tmp / "data"), image_size=args.image_size)
         img_loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True,
                                                  num_workers=args.num_workers, drop_last=True)
-        pcfg = PriorConfig(vocab_size=cfg.num_embeddings, latent_h=h, latent_w=w, attn_layers_dim=args.dim, attn_layers_depth=args.depth,
+        pcfg = PriorConfig(vocab_size=cfg.num_embeddings, latent_h=h, latent_w=w, attn_layers_dim=args.dim,
+                           attn_layers_depth=args.depth,
                            attn_layers_heads=args.heads, num_classes=info.num_classes)
         results = {}
         for side in ("warmup", "original", "vqgen", "original2", "vqgen2"):

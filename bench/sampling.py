@@ -75,7 +75,8 @@ def bench_grid(g: int, args) -> dict:
 
     torch.manual_seed(args.seed)
     seq_len = g * g
-    prior = build_prior(PriorConfig(vocab_size=args.vocab, latent_h=g, latent_w=g, attn_layers_dim=args.dim, attn_layers_depth=args.depth,
+    prior = build_prior(PriorConfig(vocab_size=args.vocab, latent_h=g, latent_w=g, attn_layers_dim=args.dim,
+                                    attn_layers_depth=args.depth,
                               attn_layers_heads=args.heads)).eval()
     # MONAI: vocab + 1 tokens (its BOS is token id num_embeddings); input = BOS + first T-1 tokens = T positions
     monai_tf = DecoderOnlyTransformer(num_tokens=args.vocab + 1, max_seq_len=seq_len, attn_layers_dim=args.dim,

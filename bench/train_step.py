@@ -87,10 +87,11 @@ def build(impl: str, case: str, variant: str, device):
         if impl == "vqgen":
             from vqgen.config import PriorConfig
             from vqgen.models.prior import build_prior
-            model = build_prior(PriorConfig(vocab_size=256, latent_h=size, latent_w=size, attn_layers_dim=96, attn_layers_depth=12, attn_layers_heads=8)).to(device)
+            model = build_prior(PriorConfig(vocab_size=256, latent_h=size, latent_w=size, attn_layers_dim=96,
+                                              attn_layers_depth=12, attn_layers_heads=8)).to(device)
 
             def loss_fn():
-                logits = model(tokens)
+                logits = model(tokens).logits
                 return F.cross_entropy(logits.float().reshape(-1, 256), tokens.reshape(-1))
         else:
             from monai.networks.nets import DecoderOnlyTransformer

@@ -198,9 +198,11 @@ def prior_pair(tmp_path_factory, stage2):
     d = tmp_path_factory.mktemp("priors")
     sha = load_export(stage2 / "tok").sha256
     torch.manual_seed(0)
-    build_prior(PriorConfig(vocab_size=32, latent_h=4, latent_w=4, attn_layers_dim=16, attn_layers_depth=1, attn_layers_heads=2, num_classes=10)).export_to(
+    build_prior(PriorConfig(vocab_size=32, latent_h=4, latent_w=4, attn_layers_dim=16, attn_layers_depth=1,
+                            attn_layers_heads=2, num_classes=10)).export_to(
         d / "ok", meta=ExportMeta(tokenizer_sha256=sha))
-    build_prior(PriorConfig(vocab_size=64, latent_h=4, latent_w=4, attn_layers_dim=16, attn_layers_depth=1, attn_layers_heads=2)).export_to(d / "vocab64")
+    build_prior(PriorConfig(vocab_size=64, latent_h=4, latent_w=4, attn_layers_dim=16, attn_layers_depth=1,
+                            attn_layers_heads=2)).export_to(d / "vocab64")
     return d
 
 

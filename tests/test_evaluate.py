@@ -40,7 +40,8 @@ def run(tmp_path_factory) -> Path:
         ["--dataset", "digits", "--checkpoint", str(root / "vqvae" / "export"), "--split", "train", "test",
          "--output", str(root / "shards"), "--no_progress"]))
     torch.manual_seed(0)
-    prior = build_prior(PriorConfig(vocab_size=16, latent_h=4, latent_w=4, attn_layers_dim=16, attn_layers_depth=1, attn_layers_heads=2, num_classes=10))
+    prior = build_prior(PriorConfig(vocab_size=16, latent_h=4, latent_w=4, attn_layers_dim=16, attn_layers_depth=1,
+                                    attn_layers_heads=2, num_classes=10))
     prior.export_to(root / "prior" / "export", meta=ExportMeta(tokenizer_sha256=sha))
     for stage, key in (("vqvae", "recon_loss"), ("prior", "bpt")):
         rows = [{"step": s, "epoch": 0, "loss": 2.0 / s, key: 1.0 / s} for s in range(1, 40, 10)]

@@ -29,7 +29,8 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 def tiny_prior(tok: VQVAE) -> Prior:
     torch.manual_seed(1)
     h, w = tok.config.latent_size
-    return build_prior(PriorConfig(vocab_size=tok.config.num_embeddings, latent_h=h, latent_w=w, attn_layers_dim=16, attn_layers_depth=1,
+    return build_prior(PriorConfig(vocab_size=tok.config.num_embeddings, latent_h=h, latent_w=w, attn_layers_dim=16,
+                                   attn_layers_depth=1,
                              attn_layers_heads=2)).eval()
 
 

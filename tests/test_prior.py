@@ -12,7 +12,8 @@ from vqgen.models.prior import Prior, build_prior
 
 def tiny(num_classes=0, **kw) -> Prior:
     torch.manual_seed(0)
-    cfg = PriorConfig(vocab_size=16, latent_h=3, latent_w=4, attn_layers_dim=32, attn_layers_depth=2, attn_layers_heads=4, num_classes=num_classes, **kw)
+    cfg = PriorConfig(vocab_size=16, latent_h=3, latent_w=4, attn_layers_dim=32, attn_layers_depth=2,
+                      attn_layers_heads=4, num_classes=num_classes, **kw)
     return build_prior(cfg).eval()
 
 
@@ -103,7 +104,8 @@ def test_class_dropout_is_deterministic_and_only_in_training():
 
 def test_loss_decreases_on_synthetic_tokens():
     torch.manual_seed(0)
-    cfg = PriorConfig(vocab_size=8, latent_h=4, latent_w=4, attn_layers_dim=32, attn_layers_depth=2, attn_layers_heads=4, num_classes=2,
+    cfg = PriorConfig(vocab_size=8, latent_h=4, latent_w=4, attn_layers_dim=32, attn_layers_depth=2,
+                      attn_layers_heads=4, num_classes=2,
                       class_dropout=0.1)
     p = build_prior(cfg).train()
     # class c: a shifted diagonal pattern (tokens = (row + col + 3c) mod 8) with a random start offset

@@ -97,7 +97,8 @@ def tiny_prior(num_classes=3, **kw):
     from vqgen.models.prior import build_prior
 
     torch.manual_seed(0)
-    return build_prior(PriorConfig(vocab_size=16, latent_h=3, latent_w=4, attn_layers_dim=32, attn_layers_depth=2, attn_layers_heads=2,
+    return build_prior(PriorConfig(vocab_size=16, latent_h=3, latent_w=4, attn_layers_dim=32, attn_layers_depth=2,
+                                   attn_layers_heads=2,
                              num_classes=num_classes, **kw)).eval()
 
 
@@ -127,7 +128,8 @@ def test_swiglu_keeps_the_parameter_count_and_rope_needs_head_dim_divisible_by_4
     assert abs(swiglu - gelu) / gelu < 0.05
     assert torch.equal(rope_2d_table(3, 4, 8)[0], torch.zeros(4))  # the class token is not rotated
     with pytest.raises(ConfigError, match="rope"):
-        build_prior(PriorConfig(vocab_size=16, latent_h=3, latent_w=4, attn_layers_dim=24, attn_layers_depth=1, attn_layers_heads=4, rope=True))
+        build_prior(PriorConfig(vocab_size=16, latent_h=3, latent_w=4, attn_layers_dim=24, attn_layers_depth=1,
+                                attn_layers_heads=4, rope=True))
 
 
 def test_prior_weights_ema_is_exported_and_resumed_bitwise(stage2, tmp_path):

@@ -24,7 +24,8 @@ from vqgen.models.sampling import (
 def tiny(num_classes=0) -> Prior:
     torch.manual_seed(0)
     # a larger init scale makes the distributions peaked enough that greedy/top-k/top-p actually matter
-    p = build_prior(PriorConfig(vocab_size=16, latent_h=3, latent_w=3, attn_layers_dim=32, attn_layers_depth=2, attn_layers_heads=4, num_classes=num_classes))
+    p = build_prior(PriorConfig(vocab_size=16, latent_h=3, latent_w=3, attn_layers_dim=32, attn_layers_depth=2,
+                                attn_layers_heads=4, num_classes=num_classes))
     with torch.no_grad():
         p.head.weight.mul_(20)
         p.cls_emb.weight.mul_(20)

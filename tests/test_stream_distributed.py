@@ -102,7 +102,8 @@ def test_evaluate_two_processes_gathers_the_same_statistics(tmp_path):
     from vqgen.models.prior import build_prior
     sha = tiny_vqvae().export_to(tmp_path / "vqvae/export", meta=ExportMeta(dataset={"name": "digits"}))
     torch.manual_seed(0)
-    build_prior(PriorConfig(vocab_size=32, latent_h=4, latent_w=4, attn_layers_dim=16, attn_layers_depth=1, attn_layers_heads=2, num_classes=10)).export_to(
+    build_prior(PriorConfig(vocab_size=32, latent_h=4, latent_w=4, attn_layers_dim=16, attn_layers_depth=1,
+                            attn_layers_heads=2, num_classes=10)).export_to(
         tmp_path / "prior/export", meta=ExportMeta(tokenizer_sha256=sha))
     common = ["--run_dir", str(tmp_path), "--num_samples", "90", "--batch_size", "32", "--classifier_dir",
               str(tmp_path / "clf"), "--classifier_epochs", "2", "--no_plots", "--max_images", "150"]
