@@ -6,7 +6,6 @@ import sys
 
 from vqgen.cli import run_cli
 from vqgen.config import PipelineConfig
-from vqgen.pipeline import run
 
 if __name__ == "__main__":
-    sys.exit(run_cli(run, PipelineConfig))
+    sys.exit(run_cli("vqgen.pipeline:run", PipelineConfig))

@@ -5,7 +5,6 @@ import sys
 
 from vqgen.cli import run_cli
 from vqgen.config import EvalConfig
-from vqgen.eval.evaluate import run
 
 if __name__ == "__main__":
-    sys.exit(run_cli(run, EvalConfig))
+    sys.exit(run_cli("vqgen.eval.evaluate:run", EvalConfig))

@@ -9,7 +9,6 @@ import sys
 
 from vqgen.cli import run_cli
 from vqgen.config import ExtractConfig
-from vqgen.extract import run
 
 if __name__ == "__main__":
-    sys.exit(run_cli(run, ExtractConfig))
+    sys.exit(run_cli("vqgen.extract:run", ExtractConfig))

@@ -5,7 +5,6 @@ import sys
 
 from vqgen.cli import run_cli
 from vqgen.config import SampleConfig
-from vqgen.sample import run
 
 if __name__ == "__main__":
-    sys.exit(run_cli(run, SampleConfig))
+    sys.exit(run_cli("vqgen.sample:run", SampleConfig))

@@ -5,7 +5,6 @@ import sys
 
 from vqgen.cli import run_cli
 from vqgen.config import PriorStageConfig
-from vqgen.train.prior_task import run
 
 if __name__ == "__main__":
-    sys.exit(run_cli(run, PriorStageConfig))
+    sys.exit(run_cli("vqgen.train.prior_task:run", PriorStageConfig))

@@ -5,7 +5,6 @@ import sys
 
 from vqgen.cli import run_cli
 from vqgen.config import VQVAEStageConfig
-from vqgen.train.vqvae_task import run
 
 if __name__ == "__main__":
-    sys.exit(run_cli(run, VQVAEStageConfig))
+    sys.exit(run_cli("vqgen.train.vqvae_task:run", VQVAEStageConfig))

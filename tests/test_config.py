@@ -66,7 +66,8 @@ def test_top_p_and_cfg_schedule_wherever_sampling_happens(capsys):
     for c in (pipeline.stage_configs(cfg)[k] for k in ("prior", "sample")):
         assert (c.sampling.top_p, c.sampling.cfg_schedule) == (0.9, "linear")
         assert c.sampling.draw_kwargs()["cfg_schedule"] == "linear"
-    assert load_config(SampleConfig, []).sampling.cfg_schedule == "constant"     # the old behaviour by default
+    unset = load_config(SampleConfig, []).sampling                               # unset: stored, else built-in
+    assert unset.cfg_schedule is None and unset.draw_kwargs()["cfg_schedule"] == "constant"
     with pytest.raises(SystemExit) as e:
         load_config(SampleConfig, ["--cfg_schedule", "cosine"])
     assert e.value.code == 2 and "invalid choice: 'cosine'" in capsys.readouterr().err

@@ -42,7 +42,8 @@ TINY_VQ = ["--dataset", "digits", "--num_channels", "16", "32", "--num_res_chann
            "--val_images", "64", "--lr", "1e-3", "--n_epochs", "1", "--restart_every", "1000",
            "--lr_schedule", "constant"]  # constant: runs cut with --max_steps, the default cosine's horizon too
 TINY_PRIOR = ["--attn_layers_dim", "32", "--attn_layers_depth", "2", "--attn_layers_heads", "2", "--no_wandb",
-              "--num_samples", "4", "--val_batches", "2", "--n_epochs_t", "1", "--warmup_steps", "2"]
+              "--num_samples", "4", "--val_batches", "2", "--n_epochs_t", "1", "--warmup_steps", "2",
+              "--tune_sampling", "none"]
 # Dead-code restarts are pushed past the end of these short runs (--restart_every 1000): their candidate vectors
 # come from rank 0's share of the batch, so a restart differs between world sizes by design (test_quantizer.py
 # covers the distributed restart). The codebook initialisation is also drawn from rank 0's share (64 of the 128

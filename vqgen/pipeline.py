@@ -50,7 +50,8 @@ def stage_configs(cfg: PipelineConfig) -> dict:
                         batch_size=cfg.training.batch_size or ExtractConfig.batch_size, no_progress=False,
                         sharding=dataclasses.replace(cfg.sharding), data=dataclasses.replace(cfg.data))
     prior = PriorStageConfig(shards=str(d.shards), checkpoint=str(d.vqvae.export), num_workers=cfg.data.num_workers,
-                             model=dataclasses.replace(cfg.prior), sampling=dataclasses.replace(cfg.sampling))
+                             model=dataclasses.replace(cfg.prior), sampling=dataclasses.replace(cfg.sampling),
+                             tuning=dataclasses.replace(cfg.tuning))
     prior.train = _training(cfg, prior.train, d.prior, lr=cfg.prior_training.lr, n_epochs=cfg.prior_training.n_epochs)
     smp = SampleConfig(checkpoint=cfg.checkpoint or str(d.vqvae.export),
                        checkpoint_t=cfg.checkpoint_t or str(d.prior.export), output_dir=str(d.samples),

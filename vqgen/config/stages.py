@@ -11,7 +11,7 @@ from typing import ClassVar
 from ..errors import ConfigError
 from .flags import flag, part
 from .parts import (SPLIT_RE, AugmentConfig, DataConfig, GANConfig, SamplingConfig, ShardingConfig,
-                    TokenReaderConfig, TrainConfig, _HUB_REF, _TOKENIZER_REFS, _positive, _precision)
+                    TokenReaderConfig, TrainConfig, TuneConfig, _HUB_REF, _TOKENIZER_REFS, _positive, _precision)
 from .prior import PriorConfig
 from .tokenizer import VQVAEConfig
 
@@ -24,6 +24,12 @@ VQVAE_LR = 1e-3
 PRIOR_LR = 1e-3
 VQVAE_BATCH = 32
 GRID_SAMPLING = ("num_samples", "temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule")
+SAMPLING_CHOICE = ("unconditional", "sampling_defaults")   # the scripts that sample a finished prior
+# Stage 2 and evaluate.py read the data the tokenizer export records unless these flags are given.
+_DATA_HELP = {name: f.metadata["help"] for name, f in DataConfig.__dataclass_fields__.items()}
+INHERITED_DATA = {"dataset": _DATA_HELP["dataset"] + " (default: the one the tokenizer export records)",
+                  "data_dir": _DATA_HELP["data_dir"] + " (default: the one the tokenizer export records, else data)",
+                  "image_size": "must be the tokenizer's image size (default: the tokenizer's)"}
 
 
 class _Trainer:
@@ -85,8 +91,7 @@ class ExtractConfig:
                            "fresh")
     no_progress: bool = flag(False, "no progress bar")
     sharding: ShardingConfig = part(ShardingConfig, title="shards")
-    data: DataConfig = part(DataConfig, title="data", help={
-        "image_size": "must be the tokenizer's image size (default: the tokenizer's)"})
+    data: DataConfig = part(DataConfig, title="data", dataset=None, data_dir=None, help=INHERITED_DATA)
 
     def check(self) -> None:
         _positive(self, "batch_size")
@@ -119,6 +124,7 @@ class PriorStageConfig(_Trainer):
                               weight_decay=0.05,
                               aliases={"lr": ("--lr_t",), "n_epochs": ("--n_epochs_t",)})
     sampling: SamplingConfig = part(SamplingConfig, title="samples during training", only=GRID_SAMPLING)
+    tuning: TuneConfig = part(TuneConfig, title="sampling settings stored with the export")
 
     def check(self) -> None:
         _positive(self, "num_workers", zero_ok=True)
@@ -126,6 +132,9 @@ class PriorStageConfig(_Trainer):
         if not 0.0 <= self.prior_ema_decay < 1.0:
             raise ConfigError(f"--prior_ema_decay must be in [0, 1), got {self.prior_ema_decay}")
         _positive(self.sampling, "num_samples")
+        if self.tuning.tune_sampling != "none" and self.tuning.tune_minutes >= self.train.timeout_minutes:
+            raise ConfigError(f"--tune_minutes {self.tuning.tune_minutes:g} must stay below --timeout_minutes "
+                              f"{self.train.timeout_minutes} (the other processes wait for the main one meanwhile)")
 
 
 @dataclass
@@ -186,11 +195,11 @@ class EvalConfig:
     reader: TokenReaderConfig = part(TokenReaderConfig, title="token shards", only=("verify_shards",))
     pr_images: int = flag(10000, "precision/recall use the features of the first N images of each set (memory: N x "
                           "feature size); FID and IS use every image")
-    data: DataConfig = part(DataConfig, title="data", dataset=None,
+    data: DataConfig = part(DataConfig, title="data", dataset=None, data_dir=None,
                             only=("dataset", "data_dir", "num_workers", "prepare_data_once"),
-                            help={"dataset": "dataset to compare against (default: the one in the tokenizer export)"})
+                            help=INHERITED_DATA)
     sampling: SamplingConfig = part(SamplingConfig, title="sampling", num_samples=1000,
-                                    only=GRID_SAMPLING + ("seed",), help={
+                                    only=GRID_SAMPLING + ("seed",) + SAMPLING_CHOICE, help={
                                         "num_samples": "images to generate for gFID/IS/precision/recall (0: skip)",
                                         "seed": "seed for sampling and the classifier"})
 
@@ -235,7 +244,8 @@ class PipelineConfig:
                                        help={"lr": "prior learning rate", "n_epochs": "prior epochs"})
     sharding: ShardingConfig = part(ShardingConfig, title="token shards (stage 2)", only=("shard_size",))
     sampling: SamplingConfig = part(SamplingConfig, title="sampling (--sample and training-time grids)",
-                                    only=GRID_SAMPLING)
+                                    only=GRID_SAMPLING + SAMPLING_CHOICE)
+    tuning: TuneConfig = part(TuneConfig, title="sampling settings stored with the prior (stage 3)")
 
     def check(self) -> None:
         if not (self.train or self.sample):
