@@ -71,8 +71,8 @@ def peek_export(ref, flag: str = "--checkpoint") -> ExportPeek:
     """The export ``ref`` names, checked to exist (CheckpointError naming ``flag`` otherwise)."""
     path = export_folder(ref)
     if not path.exists():
-        raise CheckpointError(f"{flag} {ref}: checkpoint not found: {path} (pass an export folder written by "
-                              f"training, e.g. runs/<name>/export)")
+        raise CheckpointError(f"{flag}: checkpoint not found: {path} (pass an export folder written by training, "
+                              f"e.g. runs/<name>/export)")
     try:
         payload = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):

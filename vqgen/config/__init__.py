@@ -10,12 +10,12 @@ from .kinds import Kind, ModelConfig, QuantizerKind
 from .parts import (BUILTIN_SAMPLING, CFG_SCHEDULES, DISC_LOSSES, DISC_NORMS, PRECISIONS, SPLIT_RE, VGG16_FILE, AugmentConfig, DataConfig, GANConfig, SamplingConfig,
                     ShardingConfig, TokenReaderConfig, TrainConfig, TuneConfig, check_sampling_args, draw_settings)
 from .prior import PRIORS, PriorConfig
-from .stages import (CONFIG_FILE, GRID_SAMPLING, PIPELINE_TRAINING, PRIOR_LR, VQVAE_BATCH, VQVAE_LR, EvalConfig,
+from .stages import (CONFIG_FILE, GRID_SAMPLING, PIPELINE_TRAINING, PRIOR_LR, PRIOR_WARMUP, VQVAE_BATCH, VQVAE_LR, EvalConfig,
                      ExtractConfig, PipelineConfig, PriorStageConfig, SampleConfig, VQVAEStageConfig)
 from .tokenizer import QUANTIZERS, VQVAEConfig
 
 __all__ = ["BUILTIN_SAMPLING", "CFG_SCHEDULES", "CONFIG_FILE", "DISC_LOSSES", "DISC_NORMS", "VGG16_FILE", "DATASETS", "GRID_SAMPLING", "PIPELINE_TRAINING", "PRECISIONS", "PRIORS",
-           "PRIOR_LR", "QUANTIZERS", "SPLIT_RE", "VQVAE_BATCH", "VQVAE_LR", "AugmentConfig", "DataConfig",
+           "PRIOR_LR", "PRIOR_WARMUP", "QUANTIZERS", "SPLIT_RE", "VQVAE_BATCH", "VQVAE_LR", "AugmentConfig", "DataConfig",
            "DatasetSpec", "EvalConfig", "ExtractConfig", "GANConfig", "Kind", "ModelConfig", "PipelineConfig",
            "PriorConfig", "PriorStageConfig", "QuantizerKind", "SampleConfig", "SamplingConfig", "ShardingConfig",
            "TokenReaderConfig", "TrainConfig", "TuneConfig", "VQVAEConfig", "VQVAEStageConfig", "build_parser",

@@ -22,6 +22,7 @@ CONFIG_FILE = "config.yaml"   # a trainer's resolved config in its run folder (v
 # Stage defaults that differ from TrainConfig's, shared with VQVAE_T.py (chosen by equal-time runs: docs/RESULTS.md).
 VQVAE_LR = 1e-3
 PRIOR_LR = 1e-3
+PRIOR_WARMUP = 100
 VQVAE_BATCH = 32
 GRID_SAMPLING = ("num_samples", "temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule")
 SAMPLING_CHOICE = ("unconditional", "sampling_defaults")   # the scripts that sample a finished prior
@@ -120,9 +121,10 @@ class PriorStageConfig(_Trainer):
     reader: TokenReaderConfig = part(TokenReaderConfig, title="token reader")
     model: PriorConfig = part(PriorConfig, title="prior (transformer)")
     # The prior's own defaults: warm-up + cosine decay and AdamW weight decay, as GPT training does.
-    train: TrainConfig = part(TrainConfig, title="training", lr=PRIOR_LR, lr_schedule="cosine", warmup_steps=100,
-                              weight_decay=0.05,
-                              aliases={"lr": ("--lr_t",), "n_epochs": ("--n_epochs_t",)})
+    train: TrainConfig = part(TrainConfig, title="training", lr=PRIOR_LR, lr_schedule="cosine",
+                              warmup_steps=PRIOR_WARMUP, weight_decay=0.05,
+                              aliases={"lr": ("--lr_t",), "n_epochs": ("--n_epochs_t",), "batch_size": ("--batch_size_t",),
+                                       "warmup_steps": ("--warmup_steps_t",)})
     sampling: SamplingConfig = part(SamplingConfig, title="samples during training", only=GRID_SAMPLING)
     tuning: TuneConfig = part(TuneConfig, title="sampling settings stored with the export")
 
@@ -239,9 +241,15 @@ class PipelineConfig:
                                      "batch_size": f"batch size per process of both trainers (default: each "
                                                    f"stage's own: {VQVAE_BATCH} for the VQ-VAE, "
                                                    f"{TrainConfig().batch_size} for the prior)"})
-    prior_training: TrainConfig = part(TrainConfig, title="prior training (stage 3)", only=("lr", "n_epochs"),
-                                       rename={"lr": "lr_t", "n_epochs": "n_epochs_t"}, lr=PRIOR_LR,
-                                       help={"lr": "prior learning rate", "n_epochs": "prior epochs"})
+    prior_training: TrainConfig = part(TrainConfig, title="prior training (stage 3)",
+                                       only=("lr", "n_epochs", "batch_size", "warmup_steps"),
+                                       rename={"lr": "lr_t", "n_epochs": "n_epochs_t", "batch_size": "batch_size_t",
+                                               "warmup_steps": "warmup_steps_t"},
+                                       lr=PRIOR_LR, batch_size=None, warmup_steps=PRIOR_WARMUP,
+                                       help={"lr": "prior learning rate", "n_epochs": "prior epochs",
+                                             "batch_size": "prior batch size per process (default: --batch_size if "
+                                                           "given, else the prior's own)",
+                                             "warmup_steps": "prior warm-up steps before its cosine schedule"})
     sharding: ShardingConfig = part(ShardingConfig, title="token shards (stage 2)", only=("shard_size",))
     sampling: SamplingConfig = part(SamplingConfig, title="sampling (--sample and training-time grids)",
                                     only=GRID_SAMPLING + SAMPLING_CHOICE)
