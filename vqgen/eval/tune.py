@@ -6,8 +6,8 @@ draws ``--tune_samples`` samples with one seed; they are decoded and scored by t
 features, the classifier evaluate.py trains and caches (:mod:`vqgen.eval.classifier`, same settings, same cache).
 The lowest FID wins, conditional and unconditional settings separately; the built-in setting is always a candidate,
 so the stored one is never worse on this reference. The search stops between candidates when ``--tune_minutes``
-are spent. Inputs without class labels, streamed inputs, and large datasets without a cached classifier are skipped
-with one note. bench/quality.py made the same choice by hand (docs/RESULTS.md section 4).
+are spent. Inputs without class labels, and streams, Hub datasets or sets over 100k images without a cached classifier
+are skipped with one note. bench/quality.py made the same choice by hand (docs/RESULTS.md section 4).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import __version__
-from ..config import DataConfig, EvalConfig, TuneConfig
+from ..config import DATASETS, DataConfig, EvalConfig, TuneConfig
 from ..data import build_dataset
 from ..errors import VQGenError
 from ..export import is_export
@@ -64,6 +64,10 @@ def tune_sampling(prior, tokenizer, dataset: str, data_dir: str, opts: TuneConfi
     tc = tokenizer.config
     try:
         ecfg = EvalConfig(features="classifier", data=DataConfig(dataset=dataset, data_dir=data_dir))
+        why = _not_here(dataset, data_dir)
+        if why:
+            log(f"note: sampling settings not tuned: {why}")
+            return None
         train, info = build_dataset(dataset, "train", data_dir, tc.image_size, tc.in_channels)
         why = _unscorable(train, info, dataset, data_dir)
         if why:
@@ -110,6 +114,18 @@ def tune_sampling(prior, tokenizer, dataset: str, data_dir: str, opts: TuneConfi
         "classifier_seconds": round(classifier_s, 1), "seconds": round(time.perf_counter() - t0, 1),
         "vqgen_version": __version__}
     return Tuned(settings, chosen_by)
+
+
+def _not_here(dataset: str, data_dir: str) -> str | None:
+    """Inputs not opened here at all: streams and Hub datasets (a full download), unless a classifier is cached."""
+    spec = DATASETS.get(dataset)
+    if is_export(C.cache_dir(data_dir, dataset)) and not dataset.startswith("wds:"):
+        return None
+    if dataset.startswith(("hf:", "wds:")) or dataset.endswith(".tar") or "{" in dataset or (
+            spec is not None and spec.source == "hf"):
+        return (f"{dataset} is a stream or a Hub dataset without a cached feature classifier in "
+                f"{C.cache_dir(data_dir, dataset)} (evaluate.py --features classifier caches one)")
+    return None
 
 
 def _unscorable(train, info, dataset: str, data_dir: str) -> str | None:
