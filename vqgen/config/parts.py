@@ -208,11 +208,11 @@ class SamplingConfig:
                               "guided by itself)")
         self.draw_kwargs()   # the values given, with the built-in defaults for the rest
 
-    def draw_kwargs(self, stored: dict | None = None, conditional: bool = True) -> dict:
+    def draw_kwargs(self) -> dict:
         """How to draw tokens, as :func:`vqgen.models.sampling.generate` takes it (every caller passes the same set):
-        these values, then ``stored`` (the prior's setting for this mode), then the built-in defaults."""
-        return draw_settings(self.temperature, self.top_k, self.top_p, self.cfg_scale, self.cfg_schedule, stored,
-                             conditional)[0]
+        these values, the built-in defaults for those not set (a prior's stored setting:
+        :func:`vqgen.generation.resolve_sampling`)."""
+        return draw_settings(self.temperature, self.top_k, self.top_p, self.cfg_scale, self.cfg_schedule)[0]
 
 
 TUNE_MODES = ("auto", "none")
