@@ -28,11 +28,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vqgen import shards
+from vqgen import extract, shards
 from vqgen.train import prior_task as train_prior
 from vqgen.train import vqvae_task as train_vqvae
 from vqgen.cli import run_cli
-from vqgen.config import PriorStageConfig, VQVAEStageConfig
+from vqgen.config import ExtractConfig, PriorStageConfig, VQVAEStageConfig
 from vqgen.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,6 +221,27 @@ def test_extract_and_prior_two_processes_fewer_shards_than_readers(stage1, tmp_p
     assert loop.state.finished and loop.state.global_step == 4 + 16
     state = json.loads((tmp_path / "prior/checkpoints/checkpoint-20/vqgen_state.json").read_text())
     assert state["world_size"] == 1 and state["epoch"] == 1
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_sampling_settings_chosen_by_the_main_process_of_two(stage1, tmp_path):
+    """The choice of sampling settings at the end of a 2-process prior run: the main process alone, the other
+    waiting at the final barrier; both exit cleanly and the export holds generation_config.json."""
+    from vqgen.eval.classifier import load_or_train
+
+    d, _ = stage1
+    assert extract.run(load_config(ExtractConfig, ["--checkpoint", str(d / "one/export"), "--split", "train",
+                                                   "--output", str(tmp_path / "shards"), "--no_progress"]))
+    load_or_train("digits", str(d / "data"), 16, 1, epochs=1, log=lambda *a: None)  # the data_dir stage 1 recorded
+    flags = [f for f in TINY_PRIOR if f not in ("--tune_sampling", "none")]
+    proc = run([*cpu2(), str(ROOT / "train_prior.py"), "--shards", str(tmp_path / "shards"), *flags,
+                "--batch_size", "64", "--max_steps", "3", "--tune_samples", "16", "--tune_minutes", "1",
+                "--output_dir", str(tmp_path / "prior")], timeout=300)
+    log = proc.stdout + proc.stderr
+    assert "processes = 2" in log and log.count("sampling settings stored in") == 1, log[-3000:]
+    gc = json.loads((tmp_path / "prior/export/generation_config.json").read_text())
+    assert {"conditional", "unconditional"} <= set(gc) and gc["chosen_by"]["samples_per_setting"] == 16
 
 
 @pytest.mark.distributed
