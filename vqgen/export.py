@@ -6,6 +6,8 @@ Export layout (``<output_dir>/export/``)::
     config.json        {"format": "vqgen-export", "format_version": 1, "kind": "vqvae"|"prior"|"classifier",
                         "config": asdict(model config), "meta": ExportMeta, "sha256": content fingerprint}
     model.safetensors  the weights
+    generation_config.json  (priors, optional) the sampling settings chosen for them; not in the sha256
+                       (vqgen.generation)
 
 :func:`save_export` is its one writer and :func:`load_export` its one reader; models wrap them as
 ``Model.export_to(folder, meta)`` / ``Model.from_export(folder_or_export)``.
