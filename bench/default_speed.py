@@ -176,7 +176,7 @@ def row_vqgen(spec: dict, clock: Clock) -> None:
         from vqgen.config import PriorStageConfig as config
         from vqgen.train import prior_task as stage
         task = stage.PriorTask
-        argv = ["--shards", spec["shards"], *common]
+        argv = ["--shards", spec["shards"], *common, "--tune_sampling", "none"]  # steps only
     inner = task.compute_loss
 
     def timed(self, model, b):

@@ -256,8 +256,9 @@ def train_vqgen_row(args, out: Path) -> dict:
                                          str(run / "vqvae/export"), "--split", "train", "test", "--output",
                                          str(run / "shards"), "--overwrite", "--no_progress"], log)
     b3 = max(1.0, 60 * args.budget_minutes - b1 - t2)
+    # the bench chooses the sampling settings itself (pick_setting), on its own validation set
     s3 = budgeted_stage(PRIOR, ["--shards", str(run / "shards"), *common, "--num_samples", "16", *SIZES_PRIOR,
-                                *args.prior_flags.split()], run / "prior", b3, args, log)
+                                "--tune_sampling", "none", *args.prior_flags.split()], run / "prior", b3, args, log)
     return {"stage1_s": s1["train_s"], "stage2_s": t2, "stage3_s": s3["train_s"], "stage1": s1, "stage3": s3}
 
 

@@ -43,7 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_VQ = ["--num_channels", "8", "16", "--num_res_channels", "8", "16", "--num_res_layers", "1",
            "--num_embeddings", "32", "--embedding_dim", "8", "--no_wandb", "--val_images", "8"]
 TINY_PRIOR = ["--attn_layers_dim", "32", "--attn_layers_depth", "2", "--attn_layers_heads", "2", "--batch_size", "64",
-              "--no_wandb", "--num_samples", "4", "--val_batches", "1", "--sample_and_save_freq", "100"]
+              "--no_wandb", "--num_samples", "4", "--val_batches", "1", "--sample_and_save_freq", "100",
+              "--tune_sampling", "none"]
 
 
 CONFIG = {train_vqvae: VQVAEStageConfig, extract: ExtractConfig, train_prior: PriorStageConfig, sample: SampleConfig,

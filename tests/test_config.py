@@ -33,14 +33,14 @@ from vqgen.train import vqvae_task
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (VQVAEStageConfig, ExtractConfig, PriorStageConfig, SampleConfig, EvalConfig, PipelineConfig)
-# The flags `make demo` passed to VQVAE_T.py before configs/digits_demo.yaml replaced them (Makefile DEMO_FLAGS); the
-# code dimension (16 then) is the default's since issue 15 (8, l2 codebook).
+# configs/digits_demo.yaml as flags (it replaced the Makefile's DEMO_FLAGS); since issue 26 the prior trains without
+# attention dropout at its own batch size, and the sampling settings are the ones its training stores.
 DEMO_FLAGS = ["--train", "--sample", "--dataset", "digits", "--no_wandb", "--batch_size", "64", "--n_epochs", "15",
               "--lr", "1e-3", "--num_channels", "64", "--num_res_channels", "64", "--num_res_layers", "1",
               "--num_embeddings", "128", "--attn_layers_dim", "128", "--attn_layers_depth",
-              "4", "--attn_layers_heads", "4", "--attn_dropout", "0.1", "--n_epochs_t", "40", "--lr_t", "1e-3",
-              "--sample_and_save_freq", "5", "--shard_size", "500", "--num_samples", "64", "--cfg_scale", "2",
-              "--temperature", "0.8"]
+              "4", "--attn_layers_heads", "4", "--attn_dropout", "0.0", "--n_epochs_t", "20", "--lr_t", "1e-3",
+              "--batch_size_t", "128", "--warmup_steps_t", "20", "--sample_and_save_freq", "5", "--shard_size", "500",
+              "--num_samples", "64", "--tune_minutes", "1", "--tune_samples", "300"]
 
 
 def test_precedence_defaults_file_flags(tmp_path):
@@ -79,7 +79,8 @@ def test_top_p_and_cfg_schedule_wherever_sampling_happens(capsys):
     for c in (pipeline.stage_configs(cfg)[k] for k in ("prior", "sample")):
         assert (c.sampling.top_p, c.sampling.cfg_schedule) == (0.9, "linear")
         assert c.sampling.draw_kwargs()["cfg_schedule"] == "linear"
-    assert load_config(SampleConfig, []).sampling.cfg_schedule == "constant"     # the old behaviour by default
+    unset = load_config(SampleConfig, []).sampling                               # unset: stored, else built-in
+    assert unset.cfg_schedule is None and unset.draw_kwargs()["cfg_schedule"] == "constant"
     with pytest.raises(SystemExit) as e:
         load_config(SampleConfig, ["--cfg_schedule", "cosine"])
     assert e.value.code == 2 and "invalid choice: 'cosine'" in capsys.readouterr().err
@@ -134,7 +135,7 @@ def test_demo_config_is_the_demo_flags():
     from_file = load_config(PipelineConfig, ["--config", str(ROOT / "configs/digits_demo.yaml")])
     assert to_dict(from_file) == to_dict(load_config(PipelineConfig, DEMO_FLAGS))
     ev = load_config(EvalConfig, ["--config", str(ROOT / "configs/digits_demo.yaml")])
-    assert (ev.sampling.num_samples, ev.sampling.cfg_scale, ev.sampling.temperature) == (500, 2.0, 0.8)
+    assert (ev.sampling.num_samples, ev.sampling.cfg_scale, ev.sampling.temperature) == (500, None, None)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
@@ -209,3 +210,20 @@ def test_config_and_help_never_import_torch(repo_root):
              "    assert 'torch' not in sys.modules, script\n")
     r = subprocess.run([sys.executable, "-c", probe], cwd=repo_root, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_pipeline_prior_batch_and_warmup_of_its_own():
+    """--batch_size_t / --warmup_steps_t (the prior's, like --lr_t / --n_epochs_t) beat the shared --batch_size; in
+    train_prior.py they are aliases of --batch_size / --warmup_steps."""
+    cfg = load_config(PipelineConfig, ["--train", "--batch_size", "64", "--batch_size_t", "128", "--warmup_steps_t",
+                                       "20", "--tune_minutes", "1", "--tune_sampling", "none"])
+    stages = pipeline.stage_configs(cfg)
+    assert (stages["vqvae"].train.batch_size, stages["prior"].train.batch_size) == (64, 128)
+    assert stages["prior"].train.warmup_steps == 20 and stages["vqvae"].train.warmup_steps == 0
+    assert (stages["prior"].tuning.tune_minutes, stages["prior"].tuning.tune_sampling) == (1.0, "none")
+    default = pipeline.stage_configs(load_config(PipelineConfig, ["--train"]))["prior"].train
+    assert (default.warmup_steps, default.batch_size) == (load_config(PriorStageConfig, []).train.warmup_steps, 128)
+    prior = load_config(PriorStageConfig, ["--batch_size_t", "8", "--warmup_steps_t", "3"]).train
+    assert (prior.batch_size, prior.warmup_steps) == (8, 3)
+    with pytest.raises(ConfigError, match="--tune_minutes 40 must stay below --timeout_minutes 30"):
+        validate(load_config(PriorStageConfig, ["--shards", "s", "--output_dir", "o", "--tune_minutes", "40"]))

@@ -83,7 +83,7 @@ def test_prior_on_a_published_vqgan_codes_extract_train_sample(vq_dir, tmp_path,
                    ["--shards", str(shards_dir), "--output_dir", str(prior_dir),  # tokenizer: the manifest's ref
                     "--batch_size", "128", "--n_epochs_t", "1", "--attn_layers_dim", "32", "--attn_layers_depth", "1",
                     "--attn_layers_heads", "2", "--report_to", "none", "--num_samples", "4", "--val_batches", "1",
-                    "--warmup_steps", "2"]) == 0
+                    "--warmup_steps", "2", "--tune_sampling", "none"]) == 0
     prior_meta = json.loads((prior_dir / "export" / "config.json").read_text())["meta"]
     assert prior_meta["tokenizer_sha256"] == sha
     assert (prior_dir / "samples" / "samples_epoch0001.png").exists()             # grids decoded by the VQModel

@@ -28,9 +28,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vqgen import shards
+from vqgen import extract, shards
 from vqgen.cli import run_cli
-from vqgen.config import PriorStageConfig, VQVAEStageConfig, load_config
+from vqgen.config import ExtractConfig, PriorStageConfig, VQVAEStageConfig, load_config
 from vqgen.train import prior_task as train_prior
 from vqgen.train import vqvae_task as train_vqvae
 
@@ -41,7 +41,8 @@ TINY_VQ = ["--dataset", "digits", "--num_channels", "16", "32", "--num_res_chann
            "--val_images", "64", "--lr", "1e-3", "--n_epochs", "1", "--restart_every", "1000",
            "--lr_schedule", "constant"]  # constant: runs cut with --max_steps, the default cosine's horizon too
 TINY_PRIOR = ["--attn_layers_dim", "32", "--attn_layers_depth", "2", "--attn_layers_heads", "2", "--no_wandb",
-              "--num_samples", "4", "--val_batches", "2", "--n_epochs_t", "1", "--warmup_steps", "2"]
+              "--num_samples", "4", "--val_batches", "2", "--n_epochs_t", "1", "--warmup_steps", "2",
+              "--tune_sampling", "none"]
 # Dead-code restarts are pushed past the end of these short runs (--restart_every 1000): their candidate vectors
 # come from rank 0's share of the batch, so a restart differs between world sizes by design (test_quantizer.py
 # covers the distributed restart). The codebook initialisation is also drawn from rank 0's share (64 of the 128
@@ -219,6 +220,27 @@ def test_extract_and_prior_two_processes_fewer_shards_than_readers(stage1, tmp_p
     assert loop.state.finished and loop.state.global_step == 4 + 16
     state = json.loads((tmp_path / "prior/checkpoints/checkpoint-20/vqgen_state.json").read_text())
     assert state["world_size"] == 1 and state["epoch"] == 1
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(300)
+def test_sampling_settings_chosen_by_the_main_process_of_two(stage1, tmp_path):
+    """The choice of sampling settings at the end of a 2-process prior run: the main process alone, the other
+    waiting at the final barrier; both exit cleanly and the export holds generation_config.json."""
+    from vqgen.eval.classifier import load_or_train
+
+    d, _ = stage1
+    assert extract.run(load_config(ExtractConfig, ["--checkpoint", str(d / "one/export"), "--split", "train",
+                                                   "--output", str(tmp_path / "shards"), "--no_progress"]))
+    load_or_train("digits", str(d / "data"), 16, 1, epochs=1, log=lambda *a: None)  # the data_dir stage 1 recorded
+    flags = [f for f in TINY_PRIOR if f not in ("--tune_sampling", "none")]
+    proc = run([*cpu2(), str(ROOT / "train_prior.py"), "--shards", str(tmp_path / "shards"), *flags,
+                "--batch_size", "64", "--max_steps", "3", "--tune_samples", "16", "--tune_minutes", "1",
+                "--output_dir", str(tmp_path / "prior")], timeout=300)
+    log = proc.stdout + proc.stderr
+    assert "processes = 2" in log and log.count("sampling settings stored in") == 1, log[-3000:]
+    gc = json.loads((tmp_path / "prior/export/generation_config.json").read_text())
+    assert {"conditional", "unconditional"} <= set(gc) and gc["chosen_by"]["samples_per_setting"] == 16
 
 
 @pytest.mark.distributed

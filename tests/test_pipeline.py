@@ -15,7 +15,7 @@ TINY = ["--dataset", "digits", "--no_wandb", "--batch_size", "128", "--n_epochs"
         "--num_channels", "16", "--num_res_channels", "16", "--num_res_layers", "1", "--num_embeddings", "32",
         "--embedding_dim", "8", "--attn_layers_dim", "32", "--attn_layers_depth", "2", "--attn_layers_heads", "2",
         "--n_epochs_t", "3", "--lr_t", "3e-3", "--sample_and_save_freq", "100", "--shard_size", "700",
-        "--num_samples", "6"]
+        "--num_samples", "6", "--tune_sampling", "none"]
 
 
 @pytest.fixture(scope="module")

@@ -142,7 +142,8 @@ def test_prior_weights_ema_is_exported_and_resumed_bitwise(stage2, tmp_path):
 
     flags = ["--shards", str(stage2 / "shards"), "--attn_layers_dim", "32", "--attn_layers_depth", "2",
              "--attn_layers_heads", "2", "--no_wandb", "--num_samples", "4", "--val_batches", "2", "--n_epochs_t", "1",
-             "--batch_size", "64", "--prior_ema_decay", "0.9", "--prior_norm", "rms", "--prior_mlp", "swiglu", "--rope"]
+             "--batch_size", "64", "--prior_ema_decay", "0.9", "--prior_norm", "rms", "--prior_mlp", "swiglu", "--rope",
+             "--tune_sampling", "none"]
 
     def run(out, *extra):
         return prior_task.run(load_config(PriorStageConfig, [*flags, "--output_dir", str(tmp_path / out), *extra]))

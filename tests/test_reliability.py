@@ -44,7 +44,7 @@ TINY_VQ = ["--dataset", "digits", "--num_channels", "8", "16", "--num_res_channe
            "--lr_schedule", "constant"]  # constant: runs cut with --max_steps, the default cosine's horizon too
 TINY_PRIOR = ["--attn_layers_dim", "32", "--attn_layers_depth", "2", "--attn_layers_heads", "2", "--batch_size", "64",
               "--no_wandb", "--num_samples", "4", "--val_batches", "2", "--warmup_steps", "2",
-              "--sample_and_save_freq", "100"]
+              "--sample_and_save_freq", "100", "--tune_sampling", "none"]
 # The killed trainer must compute like the in-process runs it is compared with: same intra-op thread count (a
 # different count changes float reduction orders in conv/matmul backward, hence the last bits of the weights).
 ENV = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONWARNINGS": "ignore"}

@@ -139,7 +139,7 @@ def test_sample_logits_respects_filters():
 
 def test_bad_sampling_args():
     p = tiny()
-    for kw in (dict(temperature=-1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(cfg_schedule="cosine")):
+    for kw in (dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5), dict(cfg_schedule="cosine")):
         with pytest.raises(ConfigError):
             generate(p, 1, **kw)
     with pytest.raises(ConfigError):

@@ -28,7 +28,7 @@ SBIN = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/local/sbi
 TINY_VQ = ("--num_channels 16 32 --num_res_channels 16 32 --num_res_layers 1 --num_embeddings 32 --embedding_dim 8 "
            "--batch_size 64 --no_wandb --val_images 64 --lr 1e-3")
 TINY_PRIOR = ("--attn_layers_dim 32 --attn_layers_depth 2 --attn_layers_heads 2 --batch_size 64 --n_epochs_t 1 "
-              "--max_steps 4 --warmup_steps 2 --no_wandb --num_samples 4 --val_batches 2")
+              "--max_steps 4 --warmup_steps 2 --no_wandb --num_samples 4 --val_batches 2 --tune_sampling none")
 
 
 def _which(name: str) -> str | None:

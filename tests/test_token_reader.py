@@ -420,7 +420,8 @@ def test_prior_resume_with_another_batch_size_warns_and_finishes(tmp_path, stage
 
     flags = ["--shards", str(stage2 / "shards"), "--attn_layers_dim", "16", "--attn_layers_depth", "1",
              "--attn_layers_heads", "2", "--no_wandb", "--num_samples", "4", "--val_batches", "1",
-             "--n_epochs_t", "1", "--checkpointing_steps", "5", "--output_dir", str(tmp_path / "p")]
+             "--n_epochs_t", "1", "--checkpointing_steps", "5", "--output_dir", str(tmp_path / "p"),
+             "--tune_sampling", "none"]
     train_prior.run(load_config(PriorStageConfig, [*flags, "--batch_size", "64", "--max_steps", "5"]))
     state = json.loads((tmp_path / "p/checkpoints/checkpoint-5/vqgen_state.json").read_text())
     assert state["batches_done"] == 5 and state["extra"]["data"]["reader"]["spec"]["batch_size"] == 64

@@ -6,3 +6,7 @@ Each top-level script is ``run_cli(run, StageConfig)``: flags (and ``--config``)
 """
 
 __version__ = "0.1.0"
+
+from . import noise as _noise
+
+_noise.silence()  # third-party messages a user cannot act on (vqgen/noise.py)

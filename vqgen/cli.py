@@ -1,4 +1,8 @@
-"""The error boundary of every script: flags -> config -> ``run(config)``, user errors as one line, exit 2."""
+"""The error boundary of every script: flags -> config -> checks -> ``run(config)``, user errors as one line, exit 2.
+
+A script names its stage as ``"module:function"``: the stage (and torch) is imported only after the flags are parsed
+and :func:`vqgen.preflight.check` passed, so ``--help`` and a wrong input answer in about a second.
+"""
 
 from __future__ import annotations
 
@@ -33,20 +37,23 @@ def _leave_process_group() -> None:
 
 
 def run_cli(run: Callable[[Any], object] | str, config_cls: type, argv: Sequence[str] | None = None) -> int:
-    """Parse flags (and ``--config``) into ``config_cls`` and call ``run(config)``; a :class:`VQGenError` prints
-    ``error: ...`` and exits 2, no traceback. ``run`` may be ``"package.module:function"``, imported only after the
-    flags parsed (``--help`` and flag errors never wait for torch).
+    """Parse flags (and ``--config``) into ``config_cls``, run the torch-free checks, import ``run`` when it is given
+    as ``"module:function"`` and call ``run(config)``; a :class:`VQGenError` prints ``error: ...`` and exits 2, no
+    traceback.
 
     A full disk (ENOSPC/EDQUOT, also as wrapped by torch.save/safetensors) is a user problem too: one clear line,
     exit 2. Every vqgen write is atomic (temp + rename), so the previous state is intact.
     """
     prog = getattr(config_cls, "PROG", None) or "vqgen"
     try:
-        config = load_config(config_cls, argv)
+        from . import preflight
+
+        cfg = load_config(config_cls, argv)
+        preflight.check(cfg)
         if isinstance(run, str):
             module, _, name = run.partition(":")
             run = getattr(importlib.import_module(module), name)
-        run(config)
+        run(cfg)
     except VQGenError as e:
         print(f"{prog}: error: {_strip_worker_traceback(str(e))}", file=sys.stderr, flush=True)
         _leave_process_group()

@@ -2,7 +2,8 @@
 and a shard set belong together (:func:`check_compatible`).
 
 ``<output_dir>/export/`` holds ``config.json`` (format, version, kind, the model config, :class:`ExportMeta` and a
-content sha256) and ``model.safetensors``. :func:`save_export` is its one writer and :func:`load_export` its one
+content sha256) and ``model.safetensors``; a prior's may hold ``generation_config.json`` (the sampling settings chosen for
+it, :mod:`vqgen.generation`; not in the sha256). :func:`save_export` is its one writer and :func:`load_export` its one
 reader; models wrap them as ``export_to`` / ``from_export``. ``hf:<user>/<repo>[/<subfolder>][@<revision>]`` names an
 export in the local Hub cache (:mod:`vqgen.hub`). A legacy ``.pt``/``.pth`` file is read only through
 ``torch.load(weights_only=True)``: anything that tries to run code while unpickling is refused. Layout: docs/NOTES.md.

@@ -11,6 +11,7 @@ Adapted from: LlamaGen ``extract_codes_c2i.py`` and open-muse ``pre_encode.py`` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import queue
 import re
@@ -26,9 +27,11 @@ from . import shards
 from .config import ExtractConfig, validate
 from .data.views import MultiView
 from .errors import ConfigError, ShardError
+from .generation import peek_export
 from .hub import is_hub_ref
 from .launch import prepare_first, start_processes
 from .lock import hold_folder
+from .preflight import tokenizer_data
 
 AUTOCAST_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -295,8 +298,14 @@ def run(cfg: ExtractConfig) -> shards.Manifest | None:
     from .models.tokenizer import load_tokenizer
 
     validate(cfg)
-    data, sharding = cfg.data, cfg.sharding
+    data, inherited = tokenizer_data(cfg.data, peek_export(cfg.checkpoint, "--checkpoint"))
+    if data.dataset is None:
+        raise ConfigError(f"--checkpoint {cfg.checkpoint} does not record the data it was trained on: pass --dataset")
+    cfg = dataclasses.replace(cfg, data=data)
+    sharding = cfg.sharding
     state = start_processes()
+    if inherited and state.is_main_process:
+        print(inherited, flush=True)
     model, export = load_tokenizer(cfg.checkpoint)  # a vqgen export or a diffusers VQModel (hf: refs too)
     model = model.to(state.device).eval()
     # the manifest records where the tokenizer is: an hf: ref as given (the cache folder differs per machine)

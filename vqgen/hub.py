@@ -21,8 +21,10 @@ from .errors import CheckpointError, ConfigError
 from .fsutil import atomic_write_text
 
 HF_PREFIX = "hf:"
-# What vqgen ever reads from a repo: configs, safetensors weights (never pickled .bin files), the card.
-FILES = ("config.json", "model.safetensors", "diffusion_pytorch_model.safetensors", "README.md")
+# What vqgen ever reads from a repo: configs, safetensors weights (never pickled .bin files), a prior's stored
+# sampling settings, the card.
+FILES = ("config.json", "model.safetensors", "diffusion_pytorch_model.safetensors", "generation_config.json",
+         "README.md")
 
 MODEL_CARD = """---
 {{ card_data }}

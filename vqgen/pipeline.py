@@ -53,8 +53,11 @@ def stage_configs(cfg: PipelineConfig) -> dict:
                         batch_size=cfg.training.batch_size or ExtractConfig.batch_size, no_progress=False,
                         sharding=dataclasses.replace(cfg.sharding), data=dataclasses.replace(cfg.data))
     prior = PriorStageConfig(shards=str(d.shards), checkpoint=str(d.vqvae.export), num_workers=cfg.data.num_workers,
-                             model=dataclasses.replace(cfg.prior), sampling=dataclasses.replace(cfg.sampling))
-    prior.train = _training(cfg, prior.train, d.prior, lr=cfg.prior_training.lr, n_epochs=cfg.prior_training.n_epochs)
+                             model=dataclasses.replace(cfg.prior), sampling=dataclasses.replace(cfg.sampling),
+                             tuning=dataclasses.replace(cfg.tuning))
+    pt = cfg.prior_training
+    prior.train = _training(cfg, prior.train, d.prior, lr=pt.lr, n_epochs=pt.n_epochs, warmup_steps=pt.warmup_steps,
+                            **({"batch_size": pt.batch_size} if pt.batch_size is not None else {}))
     smp = SampleConfig(checkpoint=cfg.checkpoint or str(d.vqvae.export),
                        checkpoint_t=cfg.checkpoint_t or str(d.prior.export), output_dir=str(d.samples),
                        sampling=dataclasses.replace(cfg.sampling, seed=cfg.training.seed))

@@ -4,6 +4,7 @@
 Deterministic for a fixed ``--seed`` (same device and dtype). Constant memory in ``--num_samples``: images are
 generated, decoded and written chunk by chunk (``--batch_size``), the grid shows the first ``--grid_images``, and
 ``--npz`` writes ``samples.npz`` in the ADM / LlamaGen evaluator's layout as rows arrive (:mod:`vqgen.npz_stream`).
+Sampling values not given come from the prior's stored setting (:mod:`vqgen.generation`), else the built-in ones.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from .config import SampleConfig, validate
 from .export import check_compatible
 from .fsutil import atomic_write_bytes
+from .generation import resolve_sampling
 from .images import save_image_grid
 from .launch import resolve_device
 from .models.prior import Prior, load_prior
@@ -26,6 +28,7 @@ from .models.sampling import class_labels, decode_to_images, generate
 from .models.tokenizer import load_tokenizer
 from .npz_stream import NpzWriter, to_uint8_nhwc
 from .perf import keep_freed_memory
+from .preflight import sample_exports
 
 AUTOCAST = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -41,17 +44,20 @@ def load_pair(tokenizer_path: str, prior_path: str) -> tuple[torch.nn.Module, Pr
 def run(cfg: SampleConfig) -> Path:
     """Generate ``cfg.sampling.num_samples`` images into ``cfg.output_dir``; returns the grid's path."""
     validate(cfg)  # before loading anything
+    sample_exports(cfg)  # the exports exist, --class_label fits the prior's classes
     sc = cfg.sampling
     device = resolve_device(cfg.device)
     keep_freed_memory()  # decoding batches reuse the last batch's freed activations (vqgen/perf.py)
     tok, prior = load_pair(cfg.checkpoint, cfg.checkpoint_t)
     tok, prior = tok.to(device), prior.to(device)
-    labels = class_labels(prior, sc.num_samples, sc.class_label)
+    labels = class_labels(prior, sc.num_samples, sc.class_label, sc.unconditional)
     if labels is not None:
         labels = labels.to(device)
+    draw, note = resolve_sampling(sc, prior.config.num_classes, prior.generation_config, prior.export_path)
+    print(note, flush=True)
     out = Path(cfg.output_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    tokens, grid_images = _generate_and_write(tok, prior, labels, cfg, device, out)
+    (out if cfg.no_png else out / "images").mkdir(parents=True, exist_ok=True)
+    tokens, grid_images = _generate_and_write(tok, prior, labels, draw, cfg, device, out)
     _save_npy(out / "tokens.npy", tokens.numpy().astype(np.int32))
     if labels is not None:
         _save_npy(out / "labels.npy", labels.cpu().numpy())
@@ -63,7 +69,7 @@ def run(cfg: SampleConfig) -> Path:
     return grid
 
 
-def _generate_and_write(tok, prior, labels, cfg: SampleConfig, device, out: Path):
+def _generate_and_write(tok, prior, labels, draw: dict, cfg: SampleConfig, device, out: Path):
     """Generate, decode and write chunk by chunk (one chunk of images in memory; tokens are small and kept).
     One generator drawn chunk after chunk: the same tokens as one ``generate`` call with this batch size.
     Returns (all tokens [N, h*w] on the CPU, the first ``grid_images`` images)."""
@@ -77,7 +83,7 @@ def _generate_and_write(tok, prior, labels, cfg: SampleConfig, device, out: Path
         for s in range(0, n_total, cfg.batch_size):
             n = min(cfg.batch_size, n_total - s)
             chunk = generate(prior, n, labels=labels[s:s + n] if labels is not None else None,
-                             **sc.draw_kwargs(), generator=g, batch_size=n, autocast_dtype=dtype,
+                             **draw, generator=g, batch_size=n, autocast_dtype=dtype,
                              compile=sc.compile)  # tokens come back on the CPU
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 images = decode_to_images(tok, chunk, cfg.batch_size)

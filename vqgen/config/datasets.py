@@ -8,6 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GENERIC_IMAGE_SIZE, GENERIC_CHANNELS = 64, 3  # inputs without a registry entry (folders, hf:, WebDataset)
+# torchvision's IDX datasets, whose .gz archives vqgen extracts offline (vqgen.data.archives), and the folders where a
+# distribution package installs them
+IDX_CLASSES = ("MNIST", "FashionMNIST", "KMNIST")
+SYSTEM_DIRS: dict[str, tuple[str, ...]] = {
+    "FashionMNIST": ("/usr/share/datasets/fashion-mnist",),  # Debian/Ubuntu: apt-get install dataset-fashion-mnist
+}
 
 
 @dataclass(frozen=True)

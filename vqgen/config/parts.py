@@ -48,7 +48,7 @@ class DataConfig:
     dataset: str | None = flag("digits", f"registry name ({', '.join(DATASETS)}), a local image folder, a "
                                "save_to_disk folder, hf:<hub id or path>, or WebDataset shards (wds:<url>, *.tar, "
                                "{000..009}); 'digits' works offline")
-    data_dir: str = flag("data", "where registry datasets are stored / downloaded to")
+    data_dir: str | None = flag("data", "where registry datasets are stored / downloaded to")
     image_size: int | None = flag(None, "resize + center-crop to this size (default: the dataset's own, 64 for "
                                   "generic inputs)")
     num_workers: int = flag(0, "data-loading worker processes per process")
@@ -137,18 +137,63 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
         raise ConfigError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, got {cfg_schedule!r}")
 
 
+# How tokens are drawn when neither a flag nor the prior's stored setting (generation_config.json) says otherwise.
+# A resolved setting spells every value out: no top-k filter is top_k 0, no nucleus filter top_p 1 (as in Hugging
+# Face's generation configs), because None means "not set" wherever settings are merged.
+BUILTIN_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_scale": 1.0, "cfg_schedule": "constant"}
+UNCONDITIONAL_SAMPLING = ("temperature", "top_k", "top_p")   # what an unconditional setting holds (no guidance)
+SAMPLING_DEFAULTS = ("stored", "builtin")                    # --sampling_defaults
+_STORED = " (default: the prior's stored setting, else {})"
+
+
+def draw_settings(temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                  cfg_scale: float | None = None, cfg_schedule: str | None = None, stored: dict | None = None,
+                  conditional: bool = True) -> tuple[dict, dict]:
+    """The one rule for every sampler: a value given (not None) > the prior's stored setting for this mode (``stored``:
+    generation_config.json's ``"conditional"`` or ``"unconditional"`` entry) > :data:`BUILTIN_SAMPLING`. Unconditional
+    sampling has no guidance. Returns (every keyword argument of :func:`vqgen.models.sampling.generate` spelled out,
+    ``top_k 0`` / ``top_p 1`` for no filter; where each came from: "given" | "stored" | "built-in")."""
+    given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale,
+             "cfg_schedule": cfg_schedule}
+    stored = stored or {}
+    out, source = {}, {}
+    for name, builtin in BUILTIN_SAMPLING.items():
+        if given[name] is not None:
+            out[name], source[name] = given[name], "given"
+        elif name in stored and (conditional or name in UNCONDITIONAL_SAMPLING):
+            out[name], source[name] = stored[name], "stored"
+        else:
+            out[name], source[name] = builtin, "built-in"
+    out["top_k"] = 0 if out["top_k"] is None else out["top_k"]
+    out["top_p"] = 1.0 if out["top_p"] is None else out["top_p"]
+    check_sampling_args(out["temperature"], out["top_k"] or None, out["top_p"], out["cfg_scale"], out["cfg_schedule"])
+    if not conditional:   # the null class alone: guidance would compare it with itself
+        out["cfg_scale"], out["cfg_schedule"] = 1.0, "constant"
+        source.pop("cfg_scale"), source.pop("cfg_schedule")
+    return out, source
+
+
 @dataclass
 class SamplingConfig:
-    """How tokens are drawn from a prior (sample.py, evaluate.py, training-time grids, VQVAE_T.py --sample)."""
+    """How tokens are drawn from a prior (sample.py, evaluate.py, training-time grids, VQVAE_T.py --sample). A value
+    left unset comes from the prior's stored setting (generation_config.json in its export), else the built-in
+    default (:func:`draw_settings`)."""
 
     num_samples: int = flag(16, "number of images to generate")
-    temperature: float = flag(1.0, "softmax temperature (0 = greedy)")
-    top_k: int | None = flag(None, "keep only the k most likely tokens")
-    top_p: float | None = flag(None, "nucleus sampling: the smallest set of tokens with probability mass >= p")
-    cfg_scale: float = flag(1.0, "classifier-free guidance scale (1 = off; conditional priors)")
-    cfg_schedule: str = flag("constant", "guidance over the tokens: constant (--cfg_scale for every token) or linear "
-                             "(1 at the first token -> --cfg_scale at the last: more varied samples at a given scale)",
-                             choices=CFG_SCHEDULES)
+    temperature: float | None = flag(None, "softmax temperature (0 = greedy)" + _STORED.format(1))
+    top_k: int | None = flag(None, "keep only the k most likely tokens (0: no top-k filter)" + _STORED.format("none"))
+    top_p: float | None = flag(None, "nucleus sampling: the smallest set of tokens with probability mass >= p (1: no "
+                               "filter)" + _STORED.format("none"))
+    cfg_scale: float | None = flag(None, "classifier-free guidance scale (1 = off; conditional priors)"
+                                   + _STORED.format(1))
+    cfg_schedule: str | None = flag(None, "guidance over the tokens: constant (--cfg_scale for every token) or linear "
+                                    "(1 at the first token -> --cfg_scale at the last: more varied samples at a given "
+                                    "scale)" + _STORED.format("constant"), choices=CFG_SCHEDULES)
+    unconditional: bool = flag(False, "sample a class-conditional prior unconditionally (its null class, no "
+                               "guidance), with its stored unconditional setting")
+    sampling_defaults: str = flag("stored", "where unset sampling values come from: stored = the prior export's "
+                                  "generation_config.json (chosen on held-out data at the end of training), else the "
+                                  "built-in defaults; builtin = the built-in defaults only", choices=SAMPLING_DEFAULTS)
     class_label: int | None = flag(None, "class to generate (conditional priors; default: cycle through all "
                                    "classes)")
     seed: int = flag(0, "random seed (same seed -> same samples)")
@@ -160,12 +205,44 @@ class SamplingConfig:
 
     def check(self) -> None:
         _positive(self, "num_samples", zero_ok=True)
-        check_sampling_args(self.temperature, self.top_k, self.top_p, self.cfg_scale, self.cfg_schedule)
+        if self.top_k is not None and self.top_k < 0:
+            raise ConfigError(f"--top_k must be >= 1 (0: no top-k filter), got {self.top_k}")
+        if self.unconditional and self.class_label is not None:
+            raise ConfigError("--unconditional and --class_label contradict each other: pass one of them")
+        if self.unconditional and self.cfg_scale not in (None, 1.0):
+            raise ConfigError("--cfg_scale needs class labels: it has no effect with --unconditional (the null class "
+                              "guided by itself)")
+        self.draw_kwargs()   # the values given, with the built-in defaults for the rest
 
     def draw_kwargs(self) -> dict:
-        """How to draw tokens, as :func:`vqgen.models.sampling.generate` takes it (every caller passes the same set)."""
-        return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, cfg_scale=self.cfg_scale,
-                    cfg_schedule=self.cfg_schedule)
+        """How to draw tokens, as :func:`vqgen.models.sampling.generate` takes it (every caller passes the same set):
+        these values, the built-in defaults for those not set (a prior's stored setting:
+        :func:`vqgen.generation.resolve_sampling`)."""
+        return draw_settings(self.temperature, self.top_k, self.top_p, self.cfg_scale, self.cfg_schedule)[0]
+
+
+TUNE_MODES = ("auto", "none")
+
+
+@dataclass
+class TuneConfig:
+    """The choice of sampling settings at the end of prior training (vqgen/eval/tune.py), stored with the export."""
+
+    tune_sampling: str = flag("auto", "after training, choose the guidance scale and schedule, temperature and top-k "
+                              "(conditional and unconditional settings separately) by the FID of samples against "
+                              "held-out train images in the dataset classifier's features, and store the winners in "
+                              "the export as generation_config.json, which sampling uses whenever a flag is not "
+                              "given. auto: when the tokenizer's dataset is on disk and has class labels (else one "
+                              "note); none: skip", choices=TUNE_MODES)
+    tune_minutes: float = flag(3.0, "time budget of that search, checked between candidate settings (the feature "
+                               "classifier's one-time training, cached for evaluate.py, is not counted)")
+    tune_samples: int = flag(500, "samples per candidate setting")
+
+    def check(self) -> None:
+        if not self.tune_minutes > 0:
+            raise ConfigError(f"--tune_minutes must be > 0, got {self.tune_minutes}")
+        if self.tune_samples < 2:
+            raise ConfigError(f"--tune_samples must be >= 2 (an FID needs two samples), got {self.tune_samples}")
 
 
 @dataclass

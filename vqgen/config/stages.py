@@ -21,6 +21,7 @@ from .parts import (
     ShardingConfig,
     TokenReaderConfig,
     TrainConfig,
+    TuneConfig,
     _positive,
     _precision,
 )
@@ -34,8 +35,15 @@ CONFIG_FILE = "config.yaml"   # a trainer's resolved config in its run folder (v
 # Stage defaults that differ from TrainConfig's, shared with VQVAE_T.py (chosen by equal-time runs: docs/RESULTS.md).
 VQVAE_LR = 1e-3
 PRIOR_LR = 1e-3
+PRIOR_WARMUP = 100
 VQVAE_BATCH = 32
 GRID_SAMPLING = ("num_samples", "temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule")
+SAMPLING_CHOICE = ("unconditional", "sampling_defaults")   # the scripts that sample a finished prior
+# Stage 2 and evaluate.py read the data the tokenizer export records unless these flags are given.
+_DATA_HELP = {name: f.metadata["help"] for name, f in DataConfig.__dataclass_fields__.items()}
+INHERITED_DATA = {"dataset": _DATA_HELP["dataset"] + " (default: the one the tokenizer export records)",
+                  "data_dir": _DATA_HELP["data_dir"] + " (default: the one the tokenizer export records, else data)",
+                  "image_size": "must be the tokenizer's image size (default: the tokenizer's)"}
 
 
 class _Trainer:
@@ -97,8 +105,7 @@ class ExtractConfig:
                            "fresh")
     no_progress: bool = flag(False, "no progress bar")
     sharding: ShardingConfig = part(ShardingConfig, title="shards")
-    data: DataConfig = part(DataConfig, title="data", help={
-        "image_size": "must be the tokenizer's image size (default: the tokenizer's)"})
+    data: DataConfig = part(DataConfig, title="data", dataset=None, data_dir=None, help=INHERITED_DATA)
 
     def check(self) -> None:
         _positive(self, "batch_size")
@@ -127,10 +134,12 @@ class PriorStageConfig(_Trainer):
     reader: TokenReaderConfig = part(TokenReaderConfig, title="token reader")
     model: PriorConfig = part(PriorConfig, title="prior (transformer)")
     # The prior's own defaults: warm-up + cosine decay and AdamW weight decay, as GPT training does.
-    train: TrainConfig = part(TrainConfig, title="training", lr=PRIOR_LR, lr_schedule="cosine", warmup_steps=100,
-                              weight_decay=0.05,
-                              aliases={"lr": ("--lr_t",), "n_epochs": ("--n_epochs_t",)})
+    train: TrainConfig = part(TrainConfig, title="training", lr=PRIOR_LR, lr_schedule="cosine",
+                              warmup_steps=PRIOR_WARMUP, weight_decay=0.05,
+                              aliases={"lr": ("--lr_t",), "n_epochs": ("--n_epochs_t",), "batch_size": ("--batch_size_t",),
+                                       "warmup_steps": ("--warmup_steps_t",)})
     sampling: SamplingConfig = part(SamplingConfig, title="samples during training", only=GRID_SAMPLING)
+    tuning: TuneConfig = part(TuneConfig, title="sampling settings stored with the export")
 
     def check(self) -> None:
         _positive(self, "num_workers", zero_ok=True)
@@ -138,6 +147,9 @@ class PriorStageConfig(_Trainer):
         if not 0.0 <= self.prior_ema_decay < 1.0:
             raise ConfigError(f"--prior_ema_decay must be in [0, 1), got {self.prior_ema_decay}")
         _positive(self.sampling, "num_samples")
+        if self.tuning.tune_sampling != "none" and self.tuning.tune_minutes >= self.train.timeout_minutes:
+            raise ConfigError(f"--tune_minutes {self.tuning.tune_minutes:g} must stay below --timeout_minutes "
+                              f"{self.train.timeout_minutes} (the other processes wait for the main one meanwhile)")
 
 
 @dataclass
@@ -198,11 +210,11 @@ class EvalConfig:
     reader: TokenReaderConfig = part(TokenReaderConfig, title="token shards", only=("verify_shards",))
     pr_images: int = flag(10000, "precision/recall use the features of the first N images of each set (memory: N x "
                           "feature size); FID and IS use every image")
-    data: DataConfig = part(DataConfig, title="data", dataset=None,
+    data: DataConfig = part(DataConfig, title="data", dataset=None, data_dir=None,
                             only=("dataset", "data_dir", "num_workers", "prepare_data_once"),
-                            help={"dataset": "dataset to compare against (default: the one in the tokenizer export)"})
+                            help=INHERITED_DATA)
     sampling: SamplingConfig = part(SamplingConfig, title="sampling", num_samples=1000,
-                                    only=GRID_SAMPLING + ("seed", "compile"), help={
+                                    only=GRID_SAMPLING + ("seed", "compile") + SAMPLING_CHOICE, help={
                                         "num_samples": "images to generate for gFID/IS/precision/recall (0: skip)",
                                         "seed": "seed for sampling and the classifier"})
 
@@ -242,12 +254,19 @@ class PipelineConfig:
                                      "batch_size": f"batch size per process of both trainers (default: each "
                                                    f"stage's own: {VQVAE_BATCH} for the VQ-VAE, "
                                                    f"{TrainConfig().batch_size} for the prior)"})
-    prior_training: TrainConfig = part(TrainConfig, title="prior training (stage 3)", only=("lr", "n_epochs"),
-                                       rename={"lr": "lr_t", "n_epochs": "n_epochs_t"}, lr=PRIOR_LR,
-                                       help={"lr": "prior learning rate", "n_epochs": "prior epochs"})
+    prior_training: TrainConfig = part(TrainConfig, title="prior training (stage 3)",
+                                       only=("lr", "n_epochs", "batch_size", "warmup_steps"),
+                                       rename={"lr": "lr_t", "n_epochs": "n_epochs_t", "batch_size": "batch_size_t",
+                                               "warmup_steps": "warmup_steps_t"},
+                                       lr=PRIOR_LR, batch_size=None, warmup_steps=PRIOR_WARMUP,
+                                       help={"lr": "prior learning rate", "n_epochs": "prior epochs",
+                                             "batch_size": "prior batch size per process (default: --batch_size if "
+                                                           "given, else the prior's own)",
+                                             "warmup_steps": "prior warm-up steps before its cosine schedule"})
     sharding: ShardingConfig = part(ShardingConfig, title="token shards (stage 2)", only=("shard_size",))
     sampling: SamplingConfig = part(SamplingConfig, title="sampling (--sample and training-time grids)",
-                                    only=GRID_SAMPLING + ("compile",))
+                                    only=GRID_SAMPLING + ("compile",) + SAMPLING_CHOICE)
+    tuning: TuneConfig = part(TuneConfig, title="sampling settings stored with the prior (stage 3)")
 
     def check(self) -> None:
         if not (self.train or self.sample):

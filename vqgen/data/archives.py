@@ -16,11 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-# torchvision class name -> folders where a distribution package installs its .gz IDX files
-SYSTEM_DIRS: dict[str, tuple[str, ...]] = {
-    "FashionMNIST": ("/usr/share/datasets/fashion-mnist",),  # Debian/Ubuntu: apt-get install dataset-fashion-mnist
-}
-IDX_CLASSES = ("MNIST", "FashionMNIST", "KMNIST")
+from ..config.datasets import IDX_CLASSES, SYSTEM_DIRS  # noqa: F401 (torchvision class -> package folders)
 
 
 def _idx_files(cls) -> list[str]:

@@ -10,6 +10,7 @@ batch at a time into accumulators (:mod:`vqgen.eval.batches`, :mod:`vqgen.eval.s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -24,11 +25,13 @@ from ..config import EvalConfig, validate
 from ..errors import CheckpointError, ConfigError
 from ..export import check_compatible
 from ..fsutil import atomic_write_json
+from ..generation import peek_export, resolve_sampling
 from ..hub import is_hub_ref, resolve_model_path
 from ..images import save_image_grid
 from ..launch import prepare_first, resolve_device, start_processes
 from ..models.prior import load_prior, token_nll
 from ..models.tokenizer import load_tokenizer
+from ..preflight import tokenizer_data
 from ..run_dir import PipelineLayout, RunDir
 from . import stream_stats
 from .batches import eval_real, eval_samples, open_split, reference_scores, split_size
@@ -104,13 +107,22 @@ def run(cfg: EvalConfig) -> dict:
     validate(cfg)
     find_inception_weights(cfg.inception_weights)                    # fail fast, before loading anything
     paths = resolve_paths(cfg)
+    data, inherited = tokenizer_data(cfg.data, peek_export(paths.tokenizer))  # --dataset/--data_dir not given
+    if not data.dataset:
+        raise ConfigError(f"{paths.tokenizer} does not record its dataset; pass --dataset")
+    cfg = dataclasses.replace(cfg, data=data)
+    dataset = data.dataset
     rank, world, device, state = _processes(cfg)
+    if inherited and rank == 0:
+        print(inherited, flush=True)
     tokenizer, tok_export = load_tokenizer(paths.tokenizer)  # a vqgen export or a diffusers VQModel
     tokenizer = tokenizer.to(device).eval()
-    dataset = cfg.data.dataset or (tok_export.meta.dataset or {}).get("name")
-    if not dataset:
-        raise ConfigError(f"{paths.tokenizer} does not record its dataset; pass --dataset")
     prior = load_prior(paths.prior).to(device).eval() if paths.prior else None
+    if prior is not None:  # flags > the prior's stored setting > built-in, recorded in eval.json
+        draw, note = resolve_sampling(cfg.sampling, prior.config.num_classes, prior.generation_config, paths.prior)
+        cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, **draw))
+        if rank == 0:
+            print(note, flush=True)
     manifest = None
     if paths.shards is not None and (paths.shards / shards.MANIFEST_NAME).exists():
         manifest = shards.Manifest.read(paths.shards)
@@ -191,10 +203,11 @@ def prior_section(prior, tokenizer, space: FeatureSpace, real, dataset: str, man
         t = time.perf_counter()
         fake, grid = eval_samples(prior, tokenizer, space, cfg, device, rank, world)
         seconds["sampling_and_features"] = time.perf_counter() - t
-        pm.update(num_samples=sc.num_samples, pr_k=cfg.pr_k, **sc.draw_kwargs(),
+        conditional = prior.config.num_classes > 0 and not sc.unconditional
+        pm.update(num_samples=sc.num_samples, pr_k=cfg.pr_k, conditional=conditional, **sc.draw_kwargs(),
                   **stream_stats.quality(real, fake, cfg.pr_k))
         if space.classifier is not None:
-            pm["classifier"] = fake.classifier_stats(with_labels=prior.config.num_classes > 0)
+            pm["classifier"] = fake.classifier_stats(with_labels=conditional)
         t = time.perf_counter()
         results["reference"] = reference_scores(space, real, dataset, cfg, tokenizer.config, sc.num_samples, rank,
                                                 world)

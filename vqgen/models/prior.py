@@ -17,6 +17,7 @@ from torch import nn
 from ..config import PRIORS, PriorConfig
 from ..errors import CheckpointError, ConfigError
 from ..export import Export, Exportable
+from ..generation import read_generation_config, write_generation_config
 from ..hub import HubMixin
 from .optim import adamw
 from .priors.heads import split_ids
@@ -50,6 +51,9 @@ class Prior(Exportable, nn.Module, HubMixin, tags=["image-generation", "token-pr
     EXPORT_KIND = "prior"
     exact_likelihood = True   # does forward give the exact per-token NLL (bits/token)? (MaskGIT: no)
     compiled_decoding = False  # does sample_tokens take compile=True (a compiled decode step)?
+    # The sampling settings stored with the export (generation_config.json, vqgen.generation): what generate() uses
+    # for a value not passed. None for a new model; set to None to sample with the built-in defaults.
+    generation_config: dict | None = None
 
     def __init__(self, config: PriorConfig):
         super().__init__()
@@ -136,7 +140,18 @@ class Prior(Exportable, nn.Module, HubMixin, tags=["image-generation", "token-pr
             model.load_state_dict(exp.state_dict, strict=True)
         except RuntimeError as e:
             raise CheckpointError(f"{exp.path}: weights do not fit the prior config: {e}") from None
+        if exp.path.is_dir():
+            model.generation_config = read_generation_config(exp.path, exp.sha256)
         return model
+
+    def export_to(self, out_dir, meta=None) -> str:
+        """The export, and the stored sampling settings when this prior has them (``save_pretrained`` keeps them;
+        they name the weights they were chosen for, so edited weights do not inherit them silently)."""
+        sha = super().export_to(out_dir, meta)
+        gc = self.generation_config
+        if gc is not None:
+            write_generation_config(out_dir, gc, gc.get("chosen_by", {}), gc.get("prior_sha256"))
+        return sha
 
 
 def build_prior(config: PriorConfig) -> Prior:

@@ -16,8 +16,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..config import check_sampling_args
+from ..config import SamplingConfig, draw_settings
 from ..errors import ConfigError
+from ..generation import check_class_label
 from .prior import Prior
 
 
@@ -95,15 +96,18 @@ def _labels_tensor(prior: Prior, labels, num_samples: int) -> torch.Tensor:
 
 
 def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch.Tensor | None = None,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             cfg_scale: float = 1.0, generator: torch.Generator | None = None,
+             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+             cfg_scale: float | None = None, generator: torch.Generator | None = None,
              batch_size: int | None = None, autocast_dtype: torch.dtype | None = None,
-             cfg_schedule: str = "constant", compile: bool = False, **options) -> torch.Tensor:
+             cfg_schedule: str | None = None, compile: bool = False, **options) -> torch.Tensor:
     """Sample ``num_samples`` token grids -> LongTensor ``(N, latent_h, latent_w)`` on the CPU.
 
     labels: None (unconditional / null class), one class id for all, or N ids (-1 = null class).
+    temperature, top_k, top_p, cfg_scale, cfg_schedule: None takes the prior's stored setting for this mode
+        (``prior.generation_config``, loaded with its export), else the built-in default
+        (:func:`vqgen.config.draw_settings`; ``top_k=0`` / ``top_p=1``: no filter).
     cfg_scale: classifier-free guidance; 1 = plain conditional sampling (the null half is skipped). It has no
-        effect on an unconditional prior (cond and null rows are the same), so it is skipped there too.
+        effect without class labels (cond and null rows are the same), so it is skipped there too.
     cfg_schedule: "constant" (``cfg_scale`` for every token) or "linear" (1 at the first token -> ``cfg_scale`` at
         the last).
     generator: a ``torch.Generator`` on the prior's device, for reproducible samples.
@@ -113,15 +117,20 @@ def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch
         ``prior.release_caches()``. The same tokens as eager decoding up to float rounding.
     options: the prior kind's own (``use_cache=False``: the AR prior's reference path, the same tokens).
     """
-    check_sampling_args(temperature, top_k, top_p, cfg_scale, cfg_schedule)
     if num_samples < 1:
         raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
     cfg = prior.config
     device = next(prior.parameters()).device
     labels_all = _labels_tensor(prior, labels, num_samples)
-    use_cfg = cfg_scale != 1.0 and cfg.num_classes > 0
+    conditional = cfg.num_classes > 0 and bool((labels_all != cfg.null_class).any())
+    stored = (prior.generation_config or {}).get("conditional" if conditional else "unconditional")
+    kw, _ = draw_settings(temperature, top_k, top_p, cfg_scale, cfg_schedule, stored, conditional)
+    temperature, top_k, top_p, cfg_scale, cfg_schedule = (kw[k] for k in ("temperature", "top_k", "top_p",
+                                                                           "cfg_scale", "cfg_schedule"))
+    use_cfg = cfg_scale != 1.0 and conditional
     bs = min(batch_size or num_samples, num_samples)
-    sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    sample_kw = dict(temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1.0 else None,
+                     generator=generator)  # the filters' "off" is None
     if autocast_dtype is not None:
         options.setdefault("cache_dtype", autocast_dtype)
     compile = compile and prior.compiled_decoding
@@ -158,12 +167,11 @@ def decode_to_images(tokenizer, tokens: torch.Tensor, batch_size: int = 64) -> t
     return torch.cat(out)
 
 
-def class_labels(prior: Prior, n: int, class_label: int | None) -> torch.Tensor | None:
+def class_labels(prior: Prior, n: int, class_label: int | None, unconditional: bool = False) -> torch.Tensor | None:
+    """``(n,)`` labels: ``class_label`` for all, else every class in turn; None (the null class) for an
+    unconditional prior or with ``unconditional``."""
     k = prior.config.num_classes
+    check_class_label(SamplingConfig(class_label=class_label, unconditional=unconditional), k)
     if class_label is not None:
-        if k == 0:
-            raise ConfigError("--class_label given, but this prior is unconditional (its shards had no labels)")
-        if not 0 <= class_label < k:
-            raise ConfigError(f"--class_label {class_label} is out of range: this prior knows classes 0..{k - 1}")
         return torch.full((n,), class_label, dtype=torch.long)
-    return torch.arange(n) % k if k else None
+    return torch.arange(n) % k if k and not unconditional else None

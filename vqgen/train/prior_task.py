@@ -17,7 +17,9 @@ import torch
 
 from ..config import PriorStageConfig, validate
 from ..errors import CheckpointError, ConfigError
+from ..eval.tune import tune_sampling
 from ..export import ExportMeta, check_compatible
+from ..generation import write_generation_config
 from ..hub import is_hub_ref, resolve_model_path
 from ..images import save_image_grid
 from ..launch import fsdp_launch
@@ -169,22 +171,54 @@ class PriorTask(StageTask):
             n = self.cfg.sampling.num_samples
             labels = class_labels(model, n, None)  # balanced over the classes; None when unconditional
             labels = labels.to(loop.accelerator.device) if labels is not None else None
-            g = torch.Generator(device=loop.accelerator.device).manual_seed(self.cfg.train.seed)
-            sc = self.cfg.sampling
-            tokens = generate(model, n, labels=labels, **sc.draw_kwargs(), generator=g)
-            images = decode_to_images(tok, tokens, n)
-            path = loop.run.samples / f"samples_epoch{epoch + 1:04d}.png"
-            save_image_grid(images, path, nrow=int(math.ceil(math.sqrt(n))), min_cell=48)
+            self.sample_grid(loop, model, tok, self.cfg.sampling.draw_kwargs(), labels,
+                             loop.run.samples / f"samples_epoch{epoch + 1:04d}.png")
         self.last_metrics = metrics  # (generate restores the model's mode; fit sets train() every epoch)
         return metrics
+
+    def sample_grid(self, loop: TrainLoop, model: Prior, tok, draw: dict, labels, path: Path) -> None:
+        n = self.cfg.sampling.num_samples
+        g = torch.Generator(device=loop.accelerator.device).manual_seed(self.cfg.train.seed)
+        tokens = generate(model, n, labels=labels, **draw, generator=g)
+        save_image_grid(decode_to_images(tok, tokens, n), path, nrow=int(math.ceil(math.sqrt(n))), min_cell=48)
 
     def export(self, loop: TrainLoop) -> None:
         shards_used = {k: getattr(self.manifest, k) for k in ("dataset", "codebook_size", "latent_h", "latent_w",
                                                               "num_classes")}
         meta = ExportMeta(stage="prior", step=loop.state.global_step, metrics=self.last_metrics,
                           tokenizer_sha256=self.tokenizer_sha, tokenizer_path=self.tokenizer_path, shards=shards_used)
-        self.sampling_model(loop).export_to(loop.run.export, meta=meta)
+        sha = self.sampling_model(loop).export_to(loop.run.export, meta=meta)
         loop.print(f"export written to {loop.run.export}")
+        if loop.state.finished and self.cfg.tuning.tune_sampling != "none":
+            self.store_sampling_settings(loop, sha)
+
+    def store_sampling_settings(self, loop: TrainLoop, sha: str) -> None:
+        """Choose the sampling settings on held-out train images and store them beside the export (main process;
+        the others wait at the loop's final barrier, which --tune_minutes < --timeout_minutes keeps in time)."""
+        tok = self.tokenizer(loop.accelerator.device)
+        if tok is None:
+            loop.print("note: sampling settings not tuned: no tokenizer on this machine to decode samples")
+            return
+        # the prior's data is the shards' dataset; where it lives: the tokenizer's record when it is the same data
+        recorded = tok.export_meta.dataset or {}
+        data_dir = recorded.get("data_dir") if recorded.get("name") == self.manifest.dataset else None
+        model = self.sampling_model(loop)
+        loop.print(f"choosing sampling settings on held-out {self.manifest.dataset} train images "
+                   f"(--tune_minutes {self.cfg.tuning.tune_minutes:g}; --tune_sampling none skips this)")
+        tuned = tune_sampling(model, tok, self.manifest.dataset, data_dir or "data", self.cfg.tuning,
+                              self.cfg.train.seed + 1, log=loop.print)
+        if tuned is None:
+            return
+        path = write_generation_config(loop.run.export, tuned.settings, tuned.chosen_by, sha)
+        trials = tuned.chosen_by["trials"]
+        best = "; ".join(f"{mode}: " + ", ".join(f"{k} {v}" for k, v in s.items() if v is not None)
+                         + f" (FID {min(t['fid'] for t in trials[mode]):.4g}, built-in {trials[mode][0]['fid']:.4g})"
+                         for mode, s in tuned.settings.items())
+        loop.print(f"sampling settings stored in {path} ({best}; {tuned.chosen_by['seconds']:g} s)")
+        mode = "conditional" if "conditional" in tuned.settings else "unconditional"
+        labels = class_labels(model, self.cfg.sampling.num_samples, None, unconditional=mode != "conditional")
+        labels = labels.to(loop.accelerator.device) if labels is not None else None
+        self.sample_grid(loop, model, tok, tuned.settings[mode], labels, loop.run.samples / "samples_tuned.png")
 
 
 def run(cfg: PriorStageConfig) -> TrainLoop:

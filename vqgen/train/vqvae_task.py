@@ -116,8 +116,9 @@ class VQVAETask(StageTask):
 
     def export(self, loop: TrainLoop) -> None:
         model = loop.unwrapped_model
-        meta = ExportMeta(stage="vqvae", step=loop.state.global_step, dataset=dataclasses.asdict(self.info),
-                          metrics=self.last_metrics)
+        # the data as read (stage 2 and evaluate.py take it from here when not given): DatasetInfo + --data_dir
+        data = {**dataclasses.asdict(self.info), "data_dir": self.cfg.data.data_dir}
+        meta = ExportMeta(stage="vqvae", step=loop.state.global_step, dataset=data, metrics=self.last_metrics)
         model.export_to(loop.run.export, meta=meta)
         loop.print(f"export written to {loop.run.export}")
 

@@ -6,20 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ...offline import how_registry, load_or_download
+from ...offline import how_idx, how_registry, load_or_download
 from .. import archives
 from ..archives import IDX_CLASSES, prepare_idx
 from ..transforms import MappedDataset, int_label
-
-
-def _how_idx(cls_name: str, data_dir: str) -> str:
-    if cls_name not in IDX_CLASSES:
-        return ""
-    how = f"; or copy its four .gz IDX archives into {Path(data_dir) / cls_name / 'raw'} (extracted offline)"
-    if cls_name == "FashionMNIST":
-        where = "".join(f" in {d}" for d in archives.SYSTEM_DIRS.get(cls_name, ())[:1])
-        how += f"; or `apt-get install dataset-fashion-mnist` (Debian; installs them{where})"
-    return how
 
 
 def build_torchvision(name, spec, split, data_dir, tf, download):
@@ -42,6 +32,7 @@ def build_torchvision(name, spec, split, data_dir, tf, download):
     system = archives.SYSTEM_DIRS.get(spec.target, ())
     looked = str(Path(data_dir) / spec.subdir) + "".join(f" and {d}" for d in system)
     base = load_or_download(name, lambda dl: cls(root, download=dl, **kw), download, spec.host, spec.port, looked,
-                            how_registry(name, split, spec.subdir, data_dir) + _how_idx(spec.target, data_dir))
+                            how_registry(name, split, spec.subdir, data_dir)
+                            + how_idx(spec.target, data_dir, archives.SYSTEM_DIRS))
     desc = {"source": f"torchvision.datasets.{spec.target}", "source_args": kw, **extra}
     return MappedDataset(base, tf, int_label), desc
