@@ -15,7 +15,6 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
-from .config.datasets import IDX_CLASSES
 from .errors import DatasetUnavailableError
 
 OFFLINE_ENV_VARS = ("VQGEN_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
@@ -91,14 +90,3 @@ def how_registry(name: str, split: str, subdir: str, data_dir: str) -> str:
     return (f"on a machine with internet run `python -c \"from vqgen.data import build_dataset; "
             f"build_dataset('{name}', split='{split}', data_dir='data')\"` and copy data/{subdir.split('/')[0]} "
             f"to {Path(data_dir) / subdir.split('/')[0]}, or pass --data_dir pointing at a folder that holds it")
-
-
-def how_idx(cls_name: str, data_dir: str, system_dirs: dict) -> str:
-    """The offline ways to provide an IDX dataset (MNIST family): its .gz archives, or a distribution package."""
-    if cls_name not in IDX_CLASSES:
-        return ""
-    how = f"; or copy its four .gz IDX archives into {Path(data_dir) / cls_name / 'raw'} (extracted offline)"
-    if cls_name == "FashionMNIST":
-        where = "".join(f" in {d}" for d in system_dirs.get(cls_name, ())[:1])
-        how += f"; or `apt-get install dataset-fashion-mnist` (Debian; installs them{where})"
-    return how

@@ -21,9 +21,9 @@ from .config import (
     VQVAEStageConfig,
     validate,
 )
-from .config.datasets import IDX_CLASSES, SYSTEM_DIRS
+from .config.datasets import IDX_CLASSES, SYSTEM_DIRS, how_idx
 from .generation import ExportPeek, check_class_label, peek_export
-from .offline import check_download, how_idx, how_registry, unavailable
+from .offline import check_download, how_registry, unavailable
 from .run_dir import PipelineLayout
 
 DEFAULT_DATA_DIR = "data"
@@ -58,7 +58,7 @@ def dataset_on_disk(name: str | None, data_dir: str, split: str = "train") -> No
     if any(p.exists() and (p.is_file() or any(p.iterdir())) for p in places):
         return
     looked = " and ".join(str(p) for p in places)
-    how = how_registry(name, split, spec.subdir, data_dir) + how_idx(spec.target, data_dir, SYSTEM_DIRS)
+    how = how_registry(name, split, spec.subdir, data_dir) + how_idx(spec.target, data_dir)
     if spec.source == "tinyimagenet":
         raise unavailable(name, "vqgen never downloads it (local folder only)", looked, how)
     check_download(name, True, spec.host, spec.port, looked, how)

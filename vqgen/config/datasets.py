@@ -6,6 +6,7 @@ Pure data, no torch: :mod:`vqgen.data` builds the datasets from it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 GENERIC_IMAGE_SIZE, GENERIC_CHANNELS = 64, 3  # inputs without a registry entry (folders, hf:, WebDataset)
 # torchvision's IDX datasets, whose .gz archives vqgen extracts offline (vqgen.data.archives), and the folders where a
@@ -60,3 +61,14 @@ DATASETS: dict[str, DatasetSpec] = {
     "imagenet": _hf("benjamin-paine/imagenet-1k-256x256", 1000, "imagenet"),
     "celeba": _hf("korexyz/celeba-hq-256x256", 0, "celeba"),  # unconditional: labels not used
 }
+
+
+def how_idx(cls_name: str, data_dir: str) -> str:
+    """The offline ways to provide an IDX dataset (MNIST family): its .gz archives, or a distribution package."""
+    if cls_name not in IDX_CLASSES:
+        return ""
+    how = f"; or copy its four .gz IDX archives into {Path(data_dir) / cls_name / 'raw'} (extracted offline)"
+    if cls_name == "FashionMNIST":
+        where = "".join(f" in {d}" for d in SYSTEM_DIRS.get(cls_name, ())[:1])
+        how += f"; or `apt-get install dataset-fashion-mnist` (Debian; installs them{where})"
+    return how

@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ...offline import how_idx, how_registry, load_or_download
+from ...config.datasets import how_idx
+from ...offline import how_registry, load_or_download
 from .. import archives
 from ..archives import IDX_CLASSES, prepare_idx
 from ..transforms import MappedDataset, int_label
@@ -33,6 +34,6 @@ def build_torchvision(name, spec, split, data_dir, tf, download):
     looked = str(Path(data_dir) / spec.subdir) + "".join(f" and {d}" for d in system)
     base = load_or_download(name, lambda dl: cls(root, download=dl, **kw), download, spec.host, spec.port, looked,
                             how_registry(name, split, spec.subdir, data_dir)
-                            + how_idx(spec.target, data_dir, archives.SYSTEM_DIRS))
+                            + how_idx(spec.target, data_dir))
     desc = {"source": f"torchvision.datasets.{spec.target}", "source_args": kw, **extra}
     return MappedDataset(base, tf, int_label), desc
