@@ -14,10 +14,12 @@ from typing import Any
 from ..errors import ConfigError
 from .datasets import DATASETS
 from .flags import flag
+from .prior import MASKGIT_CHOICE_TEMPERATURE, MASKGIT_DECODE_STEPS
 
 PRECISIONS = ("no", "fp16", "bf16")
 VIEW_MODES, TENCROP_VIEWS = ("tencrop", "random"), 10   # extract_codes.py --view_mode / --views (vqgen.data.views)
-CFG_SCHEDULES = ("constant", "linear")
+CFG_SCHEDULES = ("constant", "linear", "power")
+CFG_POWER = 2.75   # --cfg_power: RAR-B's guidance_scale_pow
 SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")   # split names: also parts of shard file names
 DISC_NORMS, DISC_LOSSES = ("batch", "group"), ("hinge",)
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG-16 ImageNet weights (what lpips' net="vgg" loads)
@@ -123,7 +125,8 @@ class TrainConfig:
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None, cfg_scale: float,
-                        cfg_schedule: str = "constant") -> None:
+                        cfg_schedule: str = "constant", cfg_power: float = CFG_POWER, decode_steps: int | None = None,
+                        choice_temperature: float | None = None) -> None:
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k < 1:
@@ -134,6 +137,12 @@ def check_sampling_args(temperature: float, top_k: int | None, top_p: float | No
         raise ConfigError(f"cfg_scale must be finite, got {cfg_scale}")
     if cfg_schedule not in CFG_SCHEDULES:
         raise ConfigError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, got {cfg_schedule!r}")
+    if not (cfg_power >= 0 and math.isfinite(cfg_power)):
+        raise ConfigError(f"cfg_power must be >= 0 (0 = constant guidance), got {cfg_power}")
+    if decode_steps is not None and decode_steps < 1:
+        raise ConfigError(f"decode_steps must be >= 1 (or unset: the prior's own), got {decode_steps}")
+    if choice_temperature is not None and not (choice_temperature >= 0 and math.isfinite(choice_temperature)):
+        raise ConfigError(f"choice_temperature must be >= 0 (or unset: the prior's own), got {choice_temperature}")
 
 
 @dataclass
@@ -145,21 +154,31 @@ class SamplingConfig:
     top_k: int | None = flag(None, "keep only the k most likely tokens")
     top_p: float | None = flag(None, "nucleus sampling: the smallest set of tokens with probability mass >= p")
     cfg_scale: float = flag(1.0, "classifier-free guidance scale (1 = off; conditional priors)")
-    cfg_schedule: str = flag("constant", "guidance over the tokens: constant (--cfg_scale for every token) or linear "
-                             "(1 at the first token -> --cfg_scale at the last: more varied samples at a given scale)",
-                             choices=CFG_SCHEDULES)
+    cfg_schedule: str = flag("constant", "guidance over the tokens (MaskGIT: over the decoding steps): constant "
+                             "(--cfg_scale for every token), linear (1 at the first token -> --cfg_scale at the last: "
+                             "more varied samples at a given scale) or power (RAR's: 1 + (scale - 1) * (1 - cos((i / "
+                             "n) ** --cfg_power * pi)) / 2 at token i of n)", choices=CFG_SCHEDULES)
+    cfg_power: float = flag(CFG_POWER, "exponent of --cfg_schedule power (RAR's guidance_scale_pow; 0 = constant, "
+                            "higher = guidance later)")
+    decode_steps: int | None = flag(None, "MaskGIT priors: parallel decoding steps (default: the prior's own, "
+                                    f"{MASKGIT_DECODE_STEPS}); not for --prior_kind ar")
+    choice_temperature: float | None = flag(None, "MaskGIT priors: Gumbel noise on the confidence that picks which "
+                                            "tokens stay, decaying linearly to 0 over the steps (default: the prior's "
+                                            f"own, {MASKGIT_CHOICE_TEMPERATURE}); not for --prior_kind ar")
     class_label: int | None = flag(None, "class to generate (conditional priors; default: cycle through all "
                                    "classes)")
     seed: int = flag(0, "random seed (same seed -> same samples)")
 
     def check(self) -> None:
         _positive(self, "num_samples", zero_ok=True)
-        check_sampling_args(self.temperature, self.top_k, self.top_p, self.cfg_scale, self.cfg_schedule)
+        check_sampling_args(self.temperature, self.top_k, self.top_p, self.cfg_scale, self.cfg_schedule,
+                            self.cfg_power, self.decode_steps, self.choice_temperature)
 
     def draw_kwargs(self) -> dict:
         """How to draw tokens, as :func:`vqgen.models.sampling.generate` takes it (every caller passes the same set)."""
         return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, cfg_scale=self.cfg_scale,
-                    cfg_schedule=self.cfg_schedule)
+                    cfg_schedule=self.cfg_schedule, cfg_power=self.cfg_power, decode_steps=self.decode_steps,
+                    choice_temperature=self.choice_temperature)
 
 
 @dataclass

@@ -12,7 +12,7 @@ from ..errors import ConfigError
 from .flags import flag, part
 from .parts import (SPLIT_RE, AugmentConfig, DataConfig, GANConfig, SamplingConfig, ShardingConfig,
                     TokenReaderConfig, TrainConfig, _HUB_REF, _TOKENIZER_REFS, _positive, _precision)
-from .prior import PriorConfig
+from .prior import PriorConfig, check_kind_sampling
 from .tokenizer import VQVAEConfig
 
 CONFIG_FILE = "config.yaml"   # a trainer's resolved config in its run folder (vqgen.run_dir.RunDir.CONFIG)
@@ -23,7 +23,8 @@ CONFIG_FILE = "config.yaml"   # a trainer's resolved config in its run folder (v
 VQVAE_LR = 1e-3
 PRIOR_LR = 1e-3
 VQVAE_BATCH = 32
-GRID_SAMPLING = ("num_samples", "temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule")
+GRID_SAMPLING = ("num_samples", "temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule", "cfg_power", "decode_steps",
+                 "choice_temperature")
 
 
 class _Trainer:
@@ -126,6 +127,7 @@ class PriorStageConfig(_Trainer):
         if not 0.0 <= self.prior_ema_decay < 1.0:
             raise ConfigError(f"--prior_ema_decay must be in [0, 1), got {self.prior_ema_decay}")
         _positive(self.sampling, "num_samples")
+        check_kind_sampling(self.model.prior_kind, self.sampling.draw_kwargs())
 
 
 @dataclass
@@ -240,3 +242,5 @@ class PipelineConfig:
     def check(self) -> None:
         if not (self.train or self.sample):
             raise ConfigError("nothing to do: pass --train, --sample or both")
+        if self.train and not self.checkpoint_t:   # the prior sampled is the one trained here
+            check_kind_sampling(self.prior.prior_kind, self.sampling.draw_kwargs())

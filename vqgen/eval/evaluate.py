@@ -102,14 +102,18 @@ def resolve_paths(cfg: EvalConfig) -> EvalInputs:
 @torch.no_grad()
 def bits_per_token(prior, manifest: shards.Manifest, split: str, batch_size: int, device,
                    verify: str = "full") -> dict:
-    """Mean cross-entropy of the prior on every token of ``split`` in the shards, in bits. ``verify``: the shard
-    checks of :mod:`vqgen.shards.reader` (``full``: sizes first, then each shard's sha256 as it is read)."""
+    """Mean cross-entropy of the prior on every token of ``split`` in the shards, in bits, under the prior's
+    ``nll_name``: ``bits_per_token`` for exact likelihoods; a MaskGIT prior's is ``masked_bits_per_token`` (the
+    masked tokens of fixed-seed masks given the rest: not comparable with bits/token). ``verify``: the shard checks
+    of :mod:`vqgen.shards.reader` (``full``: sizes first, then each shard's sha256 as it is read)."""
     shards.check_split(shards.TokenSplit.from_manifest(manifest, split), verify)
     loader = shards.make_token_loader(manifest, split, batch_size=batch_size, shuffle=False, num_workers=0,
                                       hflip=False, verify=verify)
     total, count = token_nll(prior, loader, device)
-    return {"bits_per_token": M.bits_per_token(total / max(1, count)), "tokens": count,
-            "sequences": count // max(1, prior.config.seq_len), "split": split}
+    out = {prior.nll_name: M.bits_per_token(total / max(1, count)), "tokens": count, "split": split}
+    if prior.exact_likelihood:   # every token scored: the count of sequences follows
+        out["sequences"] = count // max(1, prior.config.seq_len)
+    return out
 
 
 def run(cfg: EvalConfig) -> dict:

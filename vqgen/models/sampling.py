@@ -4,18 +4,20 @@
 ``sample_tokens``; the helpers below (logits filters, classifier-free guidance as one batch of cond ‖ null rows
 combined as ``uncond + scale * (cond - uncond)``, guidance schedules) are shared by every kind. ``linear`` ramps the
 scale from 1 at the first token to ``cfg_scale`` at the last (VAR's ramp): the layout stays diverse, the detail gets
-the full guidance.
-Adapted from: gpt-fast / LlamaGen ``generate.py``; the linear CFG ramp from VAR ``models/var.py``.
+the full guidance; ``power`` is RAR's cosine ramp with an exponent that delays it.
+Adapted from: gpt-fast / LlamaGen ``generate.py``; the linear CFG ramp from VAR ``models/var.py``; the power ramp
+from RAR ``modeling/rar.py`` (``guidance_scale_pow``, after MDT).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..config import check_sampling_args
+from ..config import CFG_POWER, check_kind_sampling, check_sampling_args
 from ..errors import ConfigError
 from .prior import Prior
 
@@ -53,8 +55,12 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)   # one uniform per row: same order always
 
 
-def guidance_at(cfg_scale: float, schedule: str, i: int, n: int) -> float:
-    """The CFG scale for token ``i`` of ``n``: ``cfg_scale`` throughout, or (linear) 1 -> ``cfg_scale``."""
+def guidance_at(cfg_scale: float, schedule: str, i: int, n: int, power: float = CFG_POWER) -> float:
+    """The CFG scale for token (or decoding step) ``i`` of ``n``: ``cfg_scale`` throughout, (linear) 1 ->
+    ``cfg_scale``, or (power) ``1 + (cfg_scale - 1) * (1 - cos((i / n) ** power * pi)) / 2`` as RAR computes it
+    (from 1 at i = 0; power 0 = constant)."""
+    if schedule == "power":
+        return 1.0 + (cfg_scale - 1.0) * (1.0 - math.cos((i / n) ** power * math.pi)) / 2
     if schedule == "constant" or n < 2:
         return cfg_scale
     return 1.0 + (cfg_scale - 1.0) * i / (n - 1)
@@ -84,19 +90,24 @@ def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              cfg_scale: float = 1.0, generator: torch.Generator | None = None,
              batch_size: int | None = None, autocast_dtype: torch.dtype | None = None,
-             cfg_schedule: str = "constant", **options) -> torch.Tensor:
+             cfg_schedule: str = "constant", cfg_power: float = CFG_POWER, decode_steps: int | None = None,
+             choice_temperature: float | None = None, **options) -> torch.Tensor:
     """Sample ``num_samples`` token grids -> LongTensor ``(N, latent_h, latent_w)`` on the CPU.
 
     labels: None (unconditional / null class), one class id for all, or N ids (-1 = null class).
     cfg_scale: classifier-free guidance; 1 = plain conditional sampling (the null half is skipped). It has no
         effect on an unconditional prior (cond and null rows are the same), so it is skipped there too.
-    cfg_schedule: "constant" (``cfg_scale`` for every token) or "linear" (1 at the first token -> ``cfg_scale`` at
-        the last).
+    cfg_schedule: "constant" (``cfg_scale`` for every token), "linear" (1 at the first token -> ``cfg_scale`` at
+        the last) or "power" (RAR's ramp, exponent ``cfg_power``); a MaskGIT prior ramps over its decoding steps.
+    decode_steps, choice_temperature: a MaskGIT prior's decoding (None: the prior's own); an error for other kinds.
     generator: a ``torch.Generator`` on the prior's device, for reproducible samples.
     autocast_dtype: e.g. ``torch.bfloat16`` to run under ``torch.autocast`` (caches in that dtype).
     options: the prior kind's own (``use_cache=False``: the AR prior's reference path, the same tokens).
     """
-    check_sampling_args(temperature, top_k, top_p, cfg_scale, cfg_schedule)
+    check_sampling_args(temperature, top_k, top_p, cfg_scale, cfg_schedule, cfg_power, decode_steps, choice_temperature)
+    kind_options = dict(decode_steps=decode_steps, choice_temperature=choice_temperature)
+    check_kind_sampling(prior.config.prior_kind, kind_options)
+    options.update({k: v for k, v in kind_options.items() if v is not None})
     if num_samples < 1:
         raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
     cfg = prior.config
@@ -117,7 +128,8 @@ def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch
                 lab = labels_all[s: s + bs].to(device)
                 if use_cfg:
                     lab = torch.cat([lab, torch.full_like(lab, cfg.null_class)])   # (cond ‖ null)
-                toks = prior.sample_tokens(lab, use_cfg, cfg_scale, cfg_schedule, sample_kw, **options)
+                toks = prior.sample_tokens(lab, use_cfg, cfg_scale, cfg_schedule, sample_kw, cfg_power=cfg_power,
+                                           **options)
                 chunks.append(toks.cpu())
     finally:
         prior.release_caches()  # a training-time evaluation must not leave buffers on the device

@@ -1,4 +1,4 @@
-"""Stage 3: train the autoregressive Transformer prior on token shards (``accelerate launch train_prior.py``).
+"""Stage 3: train the Transformer prior (any ``--prior_kind``) on token shards (``accelerate launch train_prior.py``).
 
 Reads only the shards written by stage 2 (never images, never the encoder): vocabulary, sequence length and
 class count come from the shard manifest. The tokenizer export is loaded on the main process only to decode
@@ -49,8 +49,10 @@ class PriorTask(StageTask):
         self._history: list[ResumePoint] = []  # interrupted runs of epoch self._history_epoch under other specs
         self._history_epoch: int | None = None
         self.ema = None  # --prior_ema_decay: an AveragedModel of the weights (bind), in every checkpoint
+        self._loop: TrainLoop | None = None
 
     def bind(self, loop: TrainLoop, prepared: list) -> None:
+        self._loop = loop  # its step count drives schedules over the run (--order random's annealing)
         if self.cfg.prior_ema_decay > 0:
             self.ema = WeightsEMA(loop, self.cfg.prior_ema_decay)
 
@@ -113,11 +115,17 @@ class PriorTask(StageTask):
     def _labels(self, labels: torch.Tensor):
         return labels if self.conditional else None
 
+    def progress(self) -> float:
+        """Optimizer steps done / the run's steps: a function of the step, so a resumed run sees the same values."""
+        loop = self._loop
+        return loop.state.global_step / max(1, loop.total_steps) if loop is not None else 0.0
+
     def compute_loss(self, model, batch):
         tokens, labels = batch
-        out = model(tokens, self._labels(labels))  # call forward: DDP syncs gradients through it
+        out = model(tokens, self._labels(labels), progress=self.progress())  # forward: DDP syncs gradients through it
         loss = token_cross_entropy(out.logits, out.targets)
-        return loss, {"bpt": loss.detach() / math.log(2)}  # bits/token; a tensor until the loop logs it
+        # bits per scored token; a tensor until the loop logs it (MaskGIT scores the masked tokens only)
+        return loss, {"bpt" if self.model.exact_likelihood else "masked_bpt": loss.detach() / math.log(2)}
 
     @torch.no_grad()
     def validation_bits(self, loop: TrainLoop) -> float | None:
@@ -143,7 +151,7 @@ class PriorTask(StageTask):
         metrics = {}
         bpt = self.validation_bits(loop)
         if bpt is not None:
-            metrics["val/bits_per_token"] = bpt
+            metrics[f"val/{self.model.nll_name}"] = bpt   # MaskGIT: masked-token bits, not bits/token
         tok = self.tokenizer(loop.accelerator.device)
         if tok is not None:
             model = self.sampling_model(loop)
