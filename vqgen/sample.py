@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import SampleConfig, validate
+from .config import SampleConfig, check_kind_sampling, validate
 from .export import check_compatible
 from .fsutil import atomic_write_bytes
 from .launch import resolve_device
@@ -45,6 +45,7 @@ def run(cfg: SampleConfig) -> Path:
     device = resolve_device(cfg.device)
     keep_freed_memory()  # decoding batches reuse the last batch's freed activations (vqgen/perf.py)
     tok, prior = load_pair(cfg.checkpoint, cfg.checkpoint_t)
+    check_kind_sampling(prior.config.prior_kind, sc.draw_kwargs())  # e.g. --decode_steps for an AR prior: now
     tok, prior = tok.to(device), prior.to(device)
     labels = class_labels(prior, sc.num_samples, sc.class_label)
     if labels is not None:

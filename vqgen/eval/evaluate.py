@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .. import shards
-from ..config import EvalConfig, validate
+from ..config import EvalConfig, check_kind_sampling, validate
 from ..errors import CheckpointError, ConfigError
 from ..export import check_compatible
 from ..fsutil import atomic_write_json
@@ -135,6 +135,7 @@ def run(cfg: EvalConfig) -> dict:
         manifest = shards.Manifest.read(paths.shards)
     if prior is not None:
         check_compatible(tokenizer=tokenizer, prior=prior, shards=manifest)
+        check_kind_sampling(prior.config.prior_kind, cfg.sampling.draw_kwargs())
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
