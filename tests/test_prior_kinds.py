@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +21,7 @@ from vqgen.errors import ConfigError
 from vqgen.export import ExportMeta
 from vqgen.models.prior import IGNORE, build_prior, load_prior, token_cross_entropy
 from vqgen.models.sampling import generate, guidance_at
+from vqgen.shards import Manifest
 
 
 def tiny(kind="ar", num_classes=3, **kw):
@@ -264,3 +266,49 @@ def test_bad_values_refused_with_one_error_line(tmp_path, capsys, argv, msg):
     err = capsys.readouterr().err
     assert code == 2 and err.count("error:") == 1 and msg in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------ unconditional samples
+def test_label_modes():
+    from vqgen.models.sampling import class_labels
+    p = tiny("ar").eval()
+    assert class_labels(p, 5, None).tolist() == [0, 1, 2, 0, 1]
+    assert class_labels(p, 3, None, "null").tolist() == [-1, -1, -1]
+    assert class_labels(p, 3, 2, "null").tolist() == [2, 2, 2]                # --class_label wins
+    with pytest.raises(ConfigError, match="records no class frequencies"):
+        class_labels(p, 4, None, "frequencies")
+    p.export_meta = ExportMeta(shards={"class_counts": [0, 9, 1]})
+    a = class_labels(p, 2000, None, "frequencies", seed=3)
+    assert torch.equal(a, class_labels(p, 2000, None, "frequencies", seed=3))   # seeded
+    assert not torch.equal(a, class_labels(p, 2000, None, "frequencies", seed=4))
+    assert int((a == 0).sum()) == 0 and 0.85 < float((a == 1).double().mean()) < 0.95
+    assert class_labels(tiny("ar", num_classes=0), 3, None, "frequencies") is None   # unconditional: no labels
+    # only null rows: guidance changes nothing and is skipped (the same tokens as scale 1)
+    g = [torch.Generator().manual_seed(0) for _ in range(2)]
+    assert torch.equal(generate(p, 3, labels=[-1] * 3, cfg_scale=4.0, generator=g[0]),
+                       generate(p, 3, labels=None, generator=g[1]))
+
+
+def test_trained_prior_records_class_frequencies_and_ignore_labels(stage2, tmp_path):
+    from vqgen import sample
+    from vqgen.train import prior_task
+    man_counts = Manifest.read(stage2 / "shards").splits["train"].class_counts
+    assert sum(man_counts) == 1500 and len(man_counts) == 10
+    flags = ["--shards", str(stage2 / "shards"), "--checkpoint", str(stage2 / "tok"), "--attn_layers_dim", "16",
+             "--attn_layers_depth", "1", "--attn_layers_heads", "2", "--no_wandb", "--max_steps", "2",
+             "--batch_size", "64", "--num_samples", "4", "--label_mode", "frequencies"]
+    for kind in ("ar", "maskgit"):
+        out = tmp_path / kind
+        prior_task.run(load_config(PriorStageConfig, [*flags, "--prior_kind", kind, "--output_dir", str(out)]))
+        p = load_prior(out / "export")
+        assert p.config.num_classes == 10 and p.export_meta.shards["class_counts"] == man_counts
+        smp = tmp_path / f"s_{kind}"
+        assert run_cli(sample.run, SampleConfig, ["--checkpoint", str(stage2 / "tok"), "--checkpoint_t",
+                                                  str(out / "export"), "--output_dir", str(smp), "--num_samples", "6",
+                                                  "--label_mode", "frequencies", "--cfg_scale", "2", "--no_png"]) == 0
+        labels = np.load(smp / "labels.npy")
+        assert labels.shape == (6,) and labels.min() >= 0 and labels.max() < 10
+    out = tmp_path / "unlabelled"
+    prior_task.run(load_config(PriorStageConfig, [*flags[:-2], "--ignore_labels", "--output_dir", str(out)]))
+    p = load_prior(out / "export")
+    assert p.config.num_classes == 0 and p.cls_emb.num_embeddings == 1 and p.export_meta.shards["class_counts"] is None

@@ -47,7 +47,7 @@ def run(cfg: SampleConfig) -> Path:
     tok, prior = load_pair(cfg.checkpoint, cfg.checkpoint_t)
     check_kind_sampling(prior.config.prior_kind, sc.draw_kwargs())  # e.g. --decode_steps for an AR prior: now
     tok, prior = tok.to(device), prior.to(device)
-    labels = class_labels(prior, sc.num_samples, sc.class_label)
+    labels = class_labels(prior, sc.num_samples, sc.class_label, sc.label_mode, sc.seed)
     if labels is not None:
         labels = labels.to(device)
     out = Path(cfg.output_dir)

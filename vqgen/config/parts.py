@@ -20,6 +20,7 @@ PRECISIONS = ("no", "fp16", "bf16")
 VIEW_MODES, TENCROP_VIEWS = ("tencrop", "random"), 10   # extract_codes.py --view_mode / --views (vqgen.data.views)
 CFG_SCHEDULES = ("constant", "linear", "power")
 CFG_POWER = 2.75   # --cfg_power: RAR-B's guidance_scale_pow
+LABEL_MODES = ("cycle", "null", "frequencies")   # --label_mode: the class labels of a conditional prior's samples
 SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")   # split names: also parts of shard file names
 DISC_NORMS, DISC_LOSSES = ("batch", "group"), ("hinge",)
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG-16 ImageNet weights (what lpips' net="vgg" loads)
@@ -165,8 +166,12 @@ class SamplingConfig:
     choice_temperature: float | None = flag(None, "MaskGIT priors: Gumbel noise on the confidence that picks which "
                                             "tokens stay, decaying linearly to 0 over the steps (default: the prior's "
                                             f"own, {MASKGIT_CHOICE_TEMPERATURE}); not for --prior_kind ar")
-    class_label: int | None = flag(None, "class to generate (conditional priors; default: cycle through all "
-                                   "classes)")
+    class_label: int | None = flag(None, "class to generate (conditional priors; default: as --label_mode says)")
+    label_mode: str = flag("cycle", "class labels of a conditional prior's samples: cycle (0, 1, ..., C-1, 0, ...), "
+                           "null (the null class: the prior's unconditional samples; no guidance), or frequencies "
+                           "(drawn from the training split's class frequencies recorded with the prior, seeded by "
+                           "--seed, then guided: unconditional images through the class-conditional model)",
+                           choices=LABEL_MODES)
     seed: int = flag(0, "random seed (same seed -> same samples)")
 
     def check(self) -> None:

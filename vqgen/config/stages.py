@@ -24,7 +24,7 @@ VQVAE_LR = 1e-3
 PRIOR_LR = 1e-3
 VQVAE_BATCH = 32
 GRID_SAMPLING = ("num_samples", "temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule", "cfg_power", "decode_steps",
-                 "choice_temperature")
+                 "choice_temperature", "label_mode")
 
 
 class _Trainer:
@@ -98,7 +98,7 @@ class ExtractConfig:
 
 @dataclass
 class PriorStageConfig(_Trainer):
-    """Stage 3: train the autoregressive Transformer prior on token shards (``accelerate launch train_prior.py``)."""
+    """Stage 3: train the Transformer prior (AR or MaskGIT) on token shards (``accelerate launch train_prior.py``)."""
 
     PROG: ClassVar[str] = "train_prior.py"
     GROUP: ClassVar[str] = "input"
@@ -113,6 +113,8 @@ class PriorStageConfig(_Trainer):
     val_batches: int = flag(50, "max held-out batches per evaluation")
     prior_ema_decay: float = flag(0.0, "keep an EMA of the prior's weights with this decay (e.g. 0.999): validation, "
                                   "grids and the export use it; 0: off (opt-in)")
+    ignore_labels: bool = flag(False, "train an unconditional prior even when the shards carry class labels: all of "
+                               "its capacity for unconditional samples, as an unlabelled dataset gets")
     reader: TokenReaderConfig = part(TokenReaderConfig, title="token reader")
     model: PriorConfig = part(PriorConfig, title="prior (transformer)")
     # The prior's own defaults: warm-up + cosine decay and AdamW weight decay, as GPT training does.

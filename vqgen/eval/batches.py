@@ -72,7 +72,7 @@ def split_batches(ds, max_images: int | None, batch_size: int, rank: int = 0, wo
 def generate_batches(prior, tokenizer, cfg: EvalConfig, device, rank: int = 0, world_size: int = 1):
     """This process's generated images, decoded batch by batch: ``(global indices, images, asked labels | None)``."""
     sc, n = cfg.sampling, cfg.sampling.num_samples
-    labels = class_labels(prior, n, None)  # balanced: 0, 1, ..., C-1, 0, ...
+    labels = class_labels(prior, n, None, sc.label_mode, sc.seed)  # default: balanced, 0, 1, ..., C-1, 0, ...
     mine = torch.tensor(list(stream_stats.shard_indices(n, rank, world_size)), dtype=torch.long)
     g = torch.Generator(device=device).manual_seed(sc.seed + rank)
     for s in range(0, len(mine), GEN_CHUNK):
@@ -80,10 +80,11 @@ def generate_batches(prior, tokenizer, cfg: EvalConfig, device, rank: int = 0, w
         lab = labels[idx] if labels is not None else None
         tokens = generate(prior, len(idx), labels=lab.to(device) if lab is not None else None,
                           **sc.draw_kwargs(), generator=g, batch_size=len(idx))
+        asked = lab if lab is not None and sc.label_mode != "null" else None   # null rows ask for no class
         for b in range(0, len(idx), cfg.batch_size):
             yield (idx[b:b + cfg.batch_size], decode_to_images(tokenizer, tokens[b:b + cfg.batch_size],
                                                                batch_size=cfg.batch_size),
-                   lab[b:b + cfg.batch_size] if lab is not None else None)
+                   asked[b:b + cfg.batch_size] if asked is not None else None)
 
 
 def new_set(cfg: EvalConfig, total: int | None, space: FeatureSpace, world_size: int) -> stream_stats.FeatureSet:

@@ -211,10 +211,11 @@ def prior_section(prior, tokenizer, space: FeatureSpace, real, dataset: str, man
         t = time.perf_counter()
         fake, grid = eval_samples(prior, tokenizer, space, cfg, device, rank, world)
         seconds["sampling_and_features"] = time.perf_counter() - t
-        pm.update(num_samples=sc.num_samples, pr_k=cfg.pr_k, **sc.draw_kwargs(),
+        pm.update(num_samples=sc.num_samples, pr_k=cfg.pr_k, **sc.draw_kwargs(), label_mode=sc.label_mode,
                   **stream_stats.quality(real, fake, cfg.pr_k))
         if space.classifier is not None:
-            pm["classifier"] = fake.classifier_stats(with_labels=prior.config.num_classes > 0)
+            pm["classifier"] = fake.classifier_stats(with_labels=prior.config.num_classes > 0
+                                                     and sc.label_mode != "null")
         t = time.perf_counter()
         results["reference"] = reference_scores(space, real, dataset, cfg, tokenizer.config, sc.num_samples, rank,
                                                 world)

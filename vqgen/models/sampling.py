@@ -113,7 +113,8 @@ def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch
     cfg = prior.config
     device = next(prior.parameters()).device
     labels_all = _labels_tensor(prior, labels, num_samples)
-    use_cfg = cfg_scale != 1.0 and cfg.num_classes > 0
+    # no guidance where it changes nothing: an unconditional prior, or only null-class rows (cond = null)
+    use_cfg = cfg_scale != 1.0 and cfg.num_classes > 0 and bool((labels_all != cfg.null_class).any())
     bs = min(batch_size or num_samples, num_samples)
     sample_kw = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
     if autocast_dtype is not None:
@@ -149,7 +150,11 @@ def decode_to_images(tokenizer, tokens: torch.Tensor, batch_size: int = 64) -> t
     return torch.cat(out)
 
 
-def class_labels(prior: Prior, n: int, class_label: int | None) -> torch.Tensor | None:
+def class_labels(prior: Prior, n: int, class_label: int | None, mode: str = "cycle", seed: int = 0,
+                 class_counts: Sequence[int] | None = None) -> torch.Tensor | None:
+    """The ``(n,)`` labels to sample (None for an unconditional prior): ``class_label`` for all, else as ``mode``
+    says (:data:`vqgen.config.LABEL_MODES`): cycle through the classes, the null class (-1), or draws from the
+    training split's class frequencies (``class_counts``, default: recorded in the prior's export) seeded by ``seed``."""
     k = prior.config.num_classes
     if class_label is not None:
         if k == 0:
@@ -157,4 +162,16 @@ def class_labels(prior: Prior, n: int, class_label: int | None) -> torch.Tensor 
         if not 0 <= class_label < k:
             raise ConfigError(f"--class_label {class_label} is out of range: this prior knows classes 0..{k - 1}")
         return torch.full((n,), class_label, dtype=torch.long)
-    return torch.arange(n) % k if k else None
+    if not k:
+        return None
+    if mode == "null":
+        return torch.full((n,), -1, dtype=torch.long)
+    if mode == "frequencies":
+        counts = class_counts if class_counts is not None else (prior.export_meta.shards or {}).get("class_counts")
+        if not counts or len(counts) != k or sum(counts) <= 0:
+            raise ConfigError("--label_mode frequencies: this prior records no class frequencies of its training "
+                              "split (shards extracted before vqgen counted them: re-extract them, or use --label_mode "
+                              "cycle / null)")
+        g = torch.Generator().manual_seed(seed)
+        return torch.multinomial(torch.tensor(counts, dtype=torch.float64), n, replacement=True, generator=g)
+    return torch.arange(n) % k

@@ -156,10 +156,11 @@ class PriorTask(StageTask):
         if tok is not None:
             model = self.sampling_model(loop)
             n = self.cfg.sampling.num_samples
-            labels = class_labels(model, n, None)  # balanced over the classes; None when unconditional
+            sc = self.cfg.sampling
+            # default: balanced over the classes; None when unconditional
+            labels = class_labels(model, n, None, sc.label_mode, self.cfg.train.seed, self.class_counts())
             labels = labels.to(loop.accelerator.device) if labels is not None else None
             g = torch.Generator(device=loop.accelerator.device).manual_seed(self.cfg.train.seed)
-            sc = self.cfg.sampling
             tokens = generate(model, n, labels=labels, **sc.draw_kwargs(), generator=g)
             images = decode_to_images(tok, tokens, n)
             path = loop.run.samples / f"samples_epoch{epoch + 1:04d}.png"
@@ -167,9 +168,14 @@ class PriorTask(StageTask):
         self.last_metrics = metrics  # (generate restores the model's mode; fit sets train() every epoch)
         return metrics
 
+    def class_counts(self) -> list[int] | None:
+        """Samples per class of the training split (the manifest's; None: unlabelled, or not counted)."""
+        return self.manifest.split(self.cfg.split).class_counts if self.conditional else None
+
     def export(self, loop: TrainLoop) -> None:
         shards_used = {k: getattr(self.manifest, k) for k in ("dataset", "codebook_size", "latent_h", "latent_w",
                                                               "num_classes")}
+        shards_used["class_counts"] = self.class_counts()   # sample.py --label_mode frequencies draws from these
         meta = ExportMeta(stage="prior", step=loop.state.global_step, metrics=self.last_metrics,
                           tokenizer_sha256=self.tokenizer_sha, tokenizer_path=self.tokenizer_path, shards=shards_used)
         self.sampling_model(loop).export_to(loop.run.export, meta=meta)
@@ -200,8 +206,8 @@ def run(cfg: PriorStageConfig) -> TrainLoop:
         print(f"note: the tokenizer recorded in the manifest ({tok_path}) is not on disk and --checkpoint is not "
               f"given: training runs, but no sample grids are written", flush=True)
         tok_path = None
-    config = cfg.model.build(vocab_size=manifest.codebook_size, latent_h=manifest.latent_h,
-                             latent_w=manifest.latent_w, num_classes=max(0, manifest.num_classes))
+    config = cfg.model.build(vocab_size=manifest.codebook_size, latent_h=manifest.latent_h, latent_w=manifest.latent_w,
+                             num_classes=0 if cfg.ignore_labels else max(0, manifest.num_classes))
     set_seed(cfg.train.seed)
     model = build_prior(config)
     record = {"stage": "prior", "model": config.to_dict(), "tokenizer_sha256": tokenizer_sha}
