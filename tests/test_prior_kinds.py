@@ -312,3 +312,20 @@ def test_trained_prior_records_class_frequencies_and_ignore_labels(stage2, tmp_p
     prior_task.run(load_config(PriorStageConfig, [*flags[:-2], "--ignore_labels", "--output_dir", str(out)]))
     p = load_prior(out / "export")
     assert p.config.num_classes == 0 and p.cls_emb.num_embeddings == 1 and p.export_meta.shards["class_counts"] is None
+
+
+def test_pipeline_passes_the_kind_and_its_sampling_on():
+    """VQVAE_T.py --train --sample: the prior stage trains the kind asked for, sampling and grids get its settings."""
+    from vqgen.pipeline import stage_configs
+    cfg = load_config(PipelineConfig, ["--train", "--sample", "--prior_kind", "maskgit", "--decode_steps", "4",
+                                       "--choice_temperature", "2", "--cfg_schedule", "power", "--cfg_power", "1.5",
+                                       "--label_mode", "frequencies"])
+    cfg.check()
+    st = stage_configs(cfg)
+    assert st["prior"].model.prior_kind == "maskgit"
+    for sc in (st["prior"].sampling, st["sample"].sampling):
+        assert (sc.decode_steps, sc.choice_temperature, sc.cfg_schedule, sc.cfg_power, sc.label_mode) == \
+            (4, 2.0, "power", 1.5, "frequencies")
+    ar = stage_configs(load_config(PipelineConfig, ["--train", "--order", "random", "--order_anneal_end", "0.9"]))
+    assert (ar["prior"].model.order, ar["prior"].model.order_anneal_end) == ("random", 0.9)
+

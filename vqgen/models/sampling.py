@@ -58,7 +58,7 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
 def guidance_at(cfg_scale: float, schedule: str, i: int, n: int, power: float = CFG_POWER) -> float:
     """The CFG scale for token (or decoding step) ``i`` of ``n``: ``cfg_scale`` throughout, (linear) 1 ->
     ``cfg_scale``, or (power) ``1 + (cfg_scale - 1) * (1 - cos((i / n) ** power * pi)) / 2`` as RAR computes it
-    (from 1 at i = 0; power 0 = constant)."""
+    (1 at i = 0 for a power > 0; power 0: ``cfg_scale`` throughout)."""
     if schedule == "power":
         return 1.0 + (cfg_scale - 1.0) * (1.0 - math.cos((i / n) ** power * math.pi)) / 2
     if schedule == "constant" or n < 2:
