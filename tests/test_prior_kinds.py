@@ -329,3 +329,26 @@ def test_pipeline_passes_the_kind_and_its_sampling_on():
     ar = stage_configs(load_config(PipelineConfig, ["--train", "--order", "random", "--order_anneal_end", "0.9"]))
     assert (ar["prior"].model.order, ar["prior"].model.order_anneal_end) == ("random", 0.9)
 
+
+
+def test_training_passes_the_run_progress_to_the_prior(stage2, tmp_path, monkeypatch):
+    """train_prior.py hands each step's progress (steps done / the run's steps) to forward, resumed runs included."""
+    from vqgen.models.priors.ar import ARPrior
+    from vqgen.train import prior_task
+    seen = []
+    original = ARPrior._training_orders
+
+    def record(self, batch, progress, device):
+        seen.append(progress)
+        return original(self, batch, progress, device)
+    monkeypatch.setattr(ARPrior, "_training_orders", record)
+    flags = ["--shards", str(stage2 / "shards"), "--attn_layers_dim", "16", "--attn_layers_depth", "1",
+             "--attn_layers_heads", "2", "--no_wandb", "--batch_size", "64", "--order", "random",
+             "--sample_and_save_freq", "100", "--output_dir", str(tmp_path / "p"), "--max_steps", "4",
+             "--checkpointing_steps", "2"]
+    prior_task.run(load_config(PriorStageConfig, flags))
+    assert seen == [0.0, 0.25, 0.5, 0.75]
+    seen.clear()
+    (tmp_path / "p/checkpoints/checkpoint-4").rename(tmp_path / "p/checkpoints/.gone")   # resume from step 2
+    prior_task.run(load_config(PriorStageConfig, [*flags, "--resume", "latest"]))
+    assert seen == [0.5, 0.75]
