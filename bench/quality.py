@@ -473,7 +473,7 @@ def table(results: dict) -> str:
 def write_outputs(results: dict, out: Path, args) -> None:
     from vqgen.fsutil import atomic_write_bytes, atomic_write_json
     atomic_write_json(out / "results.json", results)
-    names = [f"{r}_{m}" for (r, m) in LABELS]
+    names = [f"{r}_{m}" for (r, m) in LABELS if m != "marginal"]   # marginal grids look like cond ones
     grid = side_by_side(out, names)
     md = [f"# Quality benchmark: Fashion-MNIST, {args.budget_minutes:g} min per row for stages 1-3 "
           f"(stage 1: {100 * args.stage1_share:.0f}%)", "", table(results), "",
