@@ -1,11 +1,11 @@
-"""Quality on real Fashion-MNIST: the original tool's recipe vs vqgen, same sizes, same wall-clock budget.
+"""Quality on real Fashion-MNIST: the original tool's recipe vs vqgen's prior kinds, same sizes, same budget.
 
-Rows (``--rows``): ``peer`` (GenerativeZoo's recipe on MONAI, bench/peer_recipe.py), ``peer_frozen`` (its bug fixed)
-and ``vqgen`` (its own scripts; scored unconditional and class-conditional). Each row gets ``--budget_minutes`` for
-stages 1-3 and is scored by one code path (vqgen.eval's) against the test split in the offline classifier's
-features; vqgen's sampling settings are chosen on a validation set carved from TRAIN, never the test split.
-Outputs in ``--out``: results.json, results.md, sample grids, each stage's run folder. Budget and scoring in full:
-docs/NOTES.md.
+Rows (``--rows``): ``peer`` (GenerativeZoo's recipe on MONAI, bench/peer_recipe.py), ``peer_frozen`` (its bug fixed),
+``vqgen`` (its own scripts, the raster AR prior), ``rar`` (``--order random``), ``maskgit8`` / ``maskgit16`` (one
+MaskGIT prior, 8 or 16 decoding steps). Each row gets ``--budget_minutes`` for stages 1-3; the vqgen rows of a run
+share one stage 1 + shards (``--reuse_tokenizer``: an earlier run's) and are charged its time. Scored by one code path
+(vqgen.eval's) against the test split in the offline classifier's features, in ``--modes`` null / marginal / cond;
+sampling settings are chosen on a validation set carved from TRAIN, never the test split. Details: docs/NOTES.md.
 
 Run: ``make bench-quality``; ``python bench/quality.py --budget_minutes 0.5 --samples 500`` checks the plumbing.
 """
@@ -55,12 +55,41 @@ TRAINING_ARGS = ("budget_minutes", "stage1_share", "calibration_steps", "vqvae_f
 STAGE1 = Stage("train_vqvae.py", "--n_epochs", "VQVAEStageConfig")
 PRIOR = Stage("train_prior.py", "--n_epochs_t", "PriorStageConfig")
 COND_GRID = ([{"cfg_scale": c, "temperature": t} for c in (1.5, 2.0, 3.0) for t in (0.8, 1.0)]
-             + [{"cfg_scale": c, "cfg_schedule": "linear", "temperature": t} for c in (3.0, 4.5) for t in (0.8, 1.0)])
+             + [{"cfg_scale": c, "cfg_schedule": "linear", "temperature": t} for c in (3.0, 4.5) for t in (0.8, 1.0)]
+             + [{"cfg_scale": c, "cfg_schedule": "power", "cfg_power": p} for c in (4.5, 8.0) for p in (1.0, 2.75)])
 NULL_GRID = [{"temperature": t, "top_k": k} for t in (0.9, 1.0) for k in (None, 64)]
+# MaskGIT: the choice temperature (Gumbel noise on the confidence) is its diversity knob
+MASKGIT_COND_GRID = [{"cfg_scale": c, "cfg_schedule": s, "choice_temperature": ct} for c in (2.0, 3.0, 4.5)
+                     for s in ("constant", "linear") for ct in (1.0, 4.5)]
+MASKGIT_NULL_GRID = [{"temperature": t, "choice_temperature": ct} for t in (0.9, 1.0) for ct in (1.0, 4.5)]
+MODES = ("null", "marginal", "cond")
+
+
+class PriorRow(NamedTuple):
+    """A vqgen row: its prior's extra train_prior.py flags, the run folder holding that prior (rows that differ in
+    sampling only share one), the sampling settings fixed for the row, and its label in the table."""
+    prior_flags: tuple[str, ...]
+    trained: str
+    fixed: dict
+    label: str
+
+    def grid(self, mode: str) -> list[dict]:
+        maskgit = "--prior_kind" in self.prior_flags
+        grid = (MASKGIT_NULL_GRID if maskgit else NULL_GRID) if mode == "null" else \
+            (MASKGIT_COND_GRID if maskgit else COND_GRID)
+        return [{**s, **self.fixed} for s in grid]
+
+
+VQGEN_ROWS = {"vqgen": PriorRow((), "vqgen", {}, "vqgen AR, raster order (today)"),
+              "rar": PriorRow(("--order", "random"), "rar", {}, "vqgen AR, random order (RAR)"),
+              "maskgit8": PriorRow(("--prior_kind", "maskgit"), "maskgit", {"decode_steps": 8}, "vqgen MaskGIT, 8 steps"),
+              "maskgit16": PriorRow(("--prior_kind", "maskgit"), "maskgit", {"decode_steps": 16},
+                                    "vqgen MaskGIT, 16 steps")}
+MODE_LABELS = {"null": "unconditional (null class)", "marginal": "unconditional (labels ~ class frequencies, CFG)",
+               "cond": "class-conditional"}
 LABELS = {("peer", "null"): "original recipe as GenerativeZoo runs it (unconditional)",
           ("peer_frozen", "null"): "original recipe, its VQ-VAE kept frozen while the prior trains",
-          ("vqgen", "null"): "vqgen, unconditional (null class)",
-          ("vqgen", "cond"): "vqgen, class-conditional"}
+          **{(row, mode): f"{spec.label}, {MODE_LABELS[mode]}" for row, spec in VQGEN_ROWS.items() for mode in MODES}}
 
 
 def parse_args(argv=None):
@@ -69,8 +98,12 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--budget_minutes", type=float, default=30.0, help="wall-clock minutes for stages 1-3 of each row")
     a("--stage1_share", type=float, default=1 / 3, help="share of the budget for stage 1 (the rest: stages 2+3)")
-    a("--rows", nargs="+", default=["peer", "peer_frozen", "vqgen"], choices=["peer", "peer_frozen", "vqgen"],
+    a("--rows", nargs="+", default=["peer", "peer_frozen", "vqgen"], choices=["peer", "peer_frozen", *VQGEN_ROWS],
       help="rows to run")
+    a("--modes", nargs="+", default=list(MODES), choices=MODES, help="how the vqgen rows are sampled and scored")
+    a("--reuse_tokenizer", default=None, metavar="ROW_DIR",
+      help="a vqgen row folder of an earlier run (<out>/vqgen): its stage-1 export and shards serve every vqgen row "
+           "here, each charged the stage-1 and extraction time recorded there (rows then differ in the prior only)")
     a("--out", default="runs/bench_quality", help="output folder")
     a("--data_dir", default="data", help="vqgen data folder (Fashion-MNIST: Debian's dataset-fashion-mnist is found "
                                          "by vqgen's registry)")
@@ -86,9 +119,12 @@ def parse_args(argv=None):
                                      "--out folder's name); --resample keeps the trained row's")
     a("--seed", type=int, default=0, help="seed of every row")
     a("--redo", action="store_true", help="recompute rows that already have results")
-    a("--resample", action="store_true", help="keep the vqgen row's trained models in --out and redo only its "
-                                             "choice of sampling settings and its sample scores (sampling levers)")
+    a("--resample", action="store_true", help="keep the vqgen rows' trained models in --out and redo only their "
+                                             "choice of sampling settings and their sample scores (sampling levers)")
     args = p.parse_args(argv)
+    if args.reuse_tokenizer and not (Path(args.reuse_tokenizer) / STAGE12_FILE).is_file():
+        p.error(f"--reuse_tokenizer {args.reuse_tokenizer}: no {STAGE12_FILE} there (a vqgen row folder of "
+                f"bench/quality.py holds it once its stages 1-2 are done)")
     if not (args.budget_minutes > 0 and 0 < args.stage1_share < 1 and args.samples >= 2 and args.val_samples >= 2
             and args.calibration_steps >= 11):
         p.error("need --budget_minutes > 0, 0 < --stage1_share < 1, --samples >= 2, --val_samples >= 2, "
@@ -212,23 +248,26 @@ def budgeted_stage(stage, flags: list[str], out: Path, budget_s: float, args, lo
             "train_s": budget_s if done < steps else done * per_step, "hard_stop": done < steps}
 
 
-def sample_images(prior, tok, n: int, setting: dict, conditional: bool, seed: int):
-    """(images (n, 1, 32, 32), asked labels or None): vqgen.models.sampling, as evaluate.py draws them."""
+def sample_images(prior, tok, n: int, setting: dict, mode: str, seed: int):
+    """(images (n, 1, 32, 32), asked labels or None, seconds spent sampling tokens), drawn as evaluate.py draws
+    them (vqgen.models.sampling) in ``mode`` (``--label_mode`` cycle for cond, frequencies for marginal; null: ``--unconditional``)."""
     from vqgen.config import SamplingConfig
     from vqgen.models.sampling import class_labels, decode_to_images, generate
-    labels = class_labels(prior, n, None) if conditional else None
+    labels = class_labels(prior, n, None, "frequencies" if mode == "marginal" else "cycle", seed,
+                          unconditional=mode == "null")
     g = torch.Generator().manual_seed(seed)
     kw = SamplingConfig(**setting).draw_kwargs()   # a grid entry names fields; the rest keep sample.py's defaults
-    toks = generate(prior, n, labels=labels, **{**kw, "cfg_scale": kw["cfg_scale"] if conditional else 1.0},
-                    generator=g, batch_size=512)
-    return decode_to_images(tok, toks, 500).clamp(-1, 1), labels
+    t = time.perf_counter()
+    toks = generate(prior, n, labels=labels, **kw, generator=g, batch_size=512)
+    secs = time.perf_counter() - t
+    return decode_to_images(tok, toks, 500).clamp(-1, 1), labels if mode != "null" else None, secs
 
 
-def pick_setting(ev: Evaluator, prior, tok, grid: list[dict], conditional: bool, args) -> tuple[dict, list]:
+def pick_setting(ev: Evaluator, prior, tok, grid: list[dict], mode: str, args) -> tuple[dict, list]:
     """The setting of ``grid`` with the lowest FID of ``--val_samples`` samples against the TRAIN validation set."""
     trials = []
     for s in grid:
-        imgs, labels = sample_images(prior, tok, args.val_samples, s, conditional, seed=args.seed + 1)
+        imgs, labels, _ = sample_images(prior, tok, args.val_samples, s, mode, seed=args.seed + 1)
         sc = ev.scores(ev.image_set(imgs, labels), ref=ev.val)
         trials.append({**s, **{f"val_{k}": sc[k] for k in ("fid", "precision", "recall")}})
     best = min(trials, key=lambda t: t["val_fid"])
@@ -243,42 +282,83 @@ def stage1_sizes(args) -> list[str]:
     return SIZES_VQ + (VQ_CODES if quantizer == "vq" else [])
 
 
-def train_vqgen_row(args, out: Path) -> dict:
-    """Stages 1-3 of the vqgen row in ``out/vqgen`` within the budget -> the row's timings."""
-    run = out / "vqgen"
-    run.mkdir(parents=True, exist_ok=True)
-    log = run / "stages.log"
+STAGE12_FILE = "stage12.json"   # in a vqgen row folder: where its tokenizer and shards are, and what they cost
+
+
+def train_stages12(args, run: Path, log: Path) -> dict:
+    """Stage 1 within its share of the budget, then the shards of both splits; recorded in ``run/stage12.json``."""
+    from vqgen.fsutil import atomic_write_json
     b1 = 60 * args.budget_minutes * args.stage1_share
-    common = ["--no_wandb", "--seed", str(args.seed)]
-    s1 = budgeted_stage(STAGE1, ["--dataset", DATASET, "--data_dir", args.data_dir, *common, *stage1_sizes(args),
-                                 *args.vqvae_flags.split()], run / "vqvae", b1, args, log)
+    s1 = budgeted_stage(STAGE1, ["--dataset", DATASET, "--data_dir", args.data_dir, "--no_wandb", "--seed",
+                                 str(args.seed), *stage1_sizes(args), *args.vqvae_flags.split()], run / "vqvae", b1, args, log)
     t2 = run_script("extract_codes.py", ["--dataset", DATASET, "--data_dir", args.data_dir, "--checkpoint",
                                          str(run / "vqvae/export"), "--split", "train", "test", "--output",
                                          str(run / "shards"), "--overwrite", "--no_progress"], log)
-    b3 = max(1.0, 60 * args.budget_minutes - b1 - t2)
-    # the bench chooses the sampling settings itself (pick_setting), on its own validation set
-    s3 = budgeted_stage(PRIOR, ["--shards", str(run / "shards"), *common, "--num_samples", "16", *SIZES_PRIOR,
-                                "--tune_sampling", "none", *args.prior_flags.split()], run / "prior", b3, args, log)
-    return {"stage1_s": s1["train_s"], "stage2_s": t2, "stage3_s": s3["train_s"], "stage1": s1, "stage3": s3}
+    rec = {"tokenizer": str((run / "vqvae/export").resolve()), "shards": str((run / "shards").resolve()),
+           "stage1_s": s1["train_s"], "stage2_s": t2, "stage1": s1, "vqvae_flags": args.vqvae_flags}
+    atomic_write_json(run / STAGE12_FILE, rec)
+    return rec
 
 
-def score_vqgen_row(ev: Evaluator, args, out: Path, timings: dict) -> dict:
+def train_vqgen_row(args, out: Path, spec: PriorRow, stage12: Path | None) -> dict:
+    """Stages 1-3 of a vqgen row in ``out/<spec.trained>`` within the budget -> the row's timings. ``stage12``: a
+    row folder whose stage 1 and shards this row reuses (and is charged for), or None to train its own."""
+    run = out / spec.trained
+    run.mkdir(parents=True, exist_ok=True)
+    log = run / "stages.log"
+    s12 = json.loads((stage12 / STAGE12_FILE).read_text()) if stage12 else train_stages12(args, run, log)
+    b3 = max(1.0, 60 * args.budget_minutes - s12["stage1_s"] - s12["stage2_s"])
+    # the bench chooses the sampling settings itself (pick_setting), on its own validation set: no --tune_sampling
+    s3 = budgeted_stage(PRIOR, ["--shards", s12["shards"], "--no_wandb", "--seed", str(args.seed), "--num_samples",
+                                "16", *SIZES_PRIOR, "--tune_sampling", "none", *spec.prior_flags,
+                                *args.prior_flags.split()], run / "prior", b3, args, log)
+    return {"stage1_s": s12["stage1_s"], "stage2_s": s12["stage2_s"], "stage3_s": s3["train_s"],
+            "stage1": s12["stage1"], "stage3": s3, "tokenizer": s12["tokenizer"],
+            "stages12_from": str(stage12.resolve()) if stage12 else None}
+
+
+def score_vqgen_row(ev: Evaluator, args, out: Path, row: str, timings: dict) -> dict:
     """The trained row's tokenizer scores, and its samples' scores at the settings chosen on the validation set."""
     from vqgen.models.prior import Prior
     from vqgen.models.vqvae import VQVAE
 
-    tok = VQVAE.from_export(out / "vqgen/vqvae/export").eval()
-    prior = Prior.from_export(out / "vqgen/prior/export").eval()
+    spec = VQGEN_ROWS[row]
+    tok = VQVAE.from_export(timings.get("tokenizer") or out / "vqgen/vqvae/export").eval()
+    prior = Prior.from_export(out / spec.trained / "prior/export").eval()
     res = {"timings": timings, "tokenizer": ev.tokenizer(tok), "samples": {}}
-    for mode, grid, cond in (("null", NULL_GRID, False), ("cond", COND_GRID, True)):
-        setting, trials = pick_setting(ev, prior, tok, grid, cond, args)
-        t = time.perf_counter()
-        imgs, labels = sample_images(prior, tok, args.samples, setting, cond, seed=args.seed)
-        secs = time.perf_counter() - t
+    for mode in args.modes:
+        setting, trials = pick_setting(ev, prior, tok, spec.grid(mode), mode, args)
+        imgs, labels, secs = sample_images(prior, tok, args.samples, setting, mode, seed=args.seed)
         res["samples"][mode] = {"setting": setting, "val_trials": trials, "sampling_s": secs,
-                                **ev.scores(ev.image_set(imgs, labels), with_labels=cond)}
-        save_grid(imgs[:64], out / f"samples_vqgen_{mode}.png")
+                                "images_per_s": args.samples / secs,
+                                **ev.scores(ev.image_set(imgs, labels), with_labels=labels is not None)}
+        save_grid(imgs[:64], out / f"samples_{row}_{mode}.png")
     return res
+
+
+def run_vqgen_rows(ev: Evaluator, args, out: Path, results: dict) -> None:
+    """Train (unless ``--resample``) and score the vqgen rows of ``--rows``; results are written after each."""
+    from vqgen.fsutil import atomic_write_json
+    stage12 = Path(args.reuse_tokenizer) if args.reuse_tokenizer else None
+    # priors trained before (an earlier run into --out): maskgit16 scores the prior maskgit8 trained
+    trained = {} if args.redo else {VQGEN_ROWS[r].trained: results[r]["timings"] for r in VQGEN_ROWS if r in results}
+    for row in [r for r in args.rows if r in VQGEN_ROWS]:
+        spec = VQGEN_ROWS[row]
+        if stage12 is None and not args.redo and (out / spec.trained / STAGE12_FILE).is_file():
+            stage12 = out / spec.trained                   # stage 1 and shards trained by an earlier run into --out
+        if args.resample:
+            timings = results[row]["timings"]
+        elif row in results and not args.redo:
+            continue
+        else:
+            if spec.trained not in trained:
+                trained[spec.trained] = train_vqgen_row(args, out, spec, stage12)
+            timings = trained[spec.trained]
+            stage12 = stage12 or out / spec.trained       # the next rows differ in the prior only
+            results[row] = {"timings": timings}
+            atomic_write_json(out / "results.json", results)   # trained: a failure while scoring keeps --resample open
+        results[row] = score_vqgen_row(ev, args, out, row, timings)
+        write_outputs(results, out, args)
 
 
 # ------------------------------------------------------------------------------------------------- peer rows
@@ -353,11 +433,11 @@ def side_by_side(out: Path, names: list[str]) -> Path | None:
 
 def table(results: dict) -> str:
     lines = ["| | stage-1 s | stages 2+3 s | PSNR | SSIM | usage | tokenizer floor | gFID | precision | recall | "
-             "confident | classes | sampling settings | sampling s |", "|" + "---|" * 14]
+             "confident | classes | sampling settings | sampling s | images/s |", "|" + "---|" * 15]
     if "real" in results and "fid" in results["real"]:
         r = results["real"]
         lines.append(f"| real train images | | | | | | | {r['fid']:.2f} | {r['precision']:.2f} | {r['recall']:.2f} "
-                     f"| | | | |")
+                     f"| | | | | |")
     name = results.get("config", {}).get("row_name")
     for (row, mode), label in LABELS.items():
         if row not in results or mode not in results[row]["samples"]:
@@ -370,14 +450,15 @@ def table(results: dict) -> str:
         lines.append(f"| {label} | {tm['stage1_s']:.0f} | {tm.get('stage2_s', 0) + tm['stage3_s']:.0f} | "
                      f"{tk['psnr']:.1f} | {tk['ssim']:.3f} | {100 * tk['codebook_usage']:.0f}% | "
                      f"{tk['floor_fid']:.2f} | {s['fid']:.2f} | {s['precision']:.2f} | {s['recall']:.2f} | "
-                     f"{100 * s['confident']:.0f}% | {s['coverage'] * 10:.0f} | {setting} | {s['sampling_s']:.0f} |")
+                     f"{100 * s['confident']:.0f}% | {s['coverage'] * 10:.0f} | {setting} | {s['sampling_s']:.0f} | "
+                     f"{s['images_per_s']:.0f} |" if "images_per_s" in s else " |")
     return "\n".join(lines)
 
 
 def write_outputs(results: dict, out: Path, args) -> None:
     from vqgen.fsutil import atomic_write_bytes, atomic_write_json
     atomic_write_json(out / "results.json", results)
-    names = [f"{r}_{m}" for (r, m) in LABELS]
+    names = [f"{r}_{m}" for (r, m) in LABELS if m != "marginal"]   # marginal grids look like cond ones
     grid = side_by_side(out, names)
     md = [f"# Quality benchmark: Fashion-MNIST, {args.budget_minutes:g} min per row for stages 1-3 "
           f"(stage 1: {100 * args.stage1_share:.0f}%)", "", table(results), "",
@@ -388,13 +469,14 @@ def write_outputs(results: dict, out: Path, args) -> None:
 
 
 def main(argv=None) -> dict:
-    from vqgen.fsutil import atomic_write_json
     args = parse_args(argv)
     out = Path(args.out)
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     if args.resample:
-        if "vqgen" not in results:
-            print(f"error: --resample needs a trained vqgen row in {out} (no results.json with one)", file=sys.stderr)
+        missing = [r for r in args.rows if r in VQGEN_ROWS and r not in results]
+        if missing or not any(r in VQGEN_ROWS for r in args.rows):
+            print(f"error: --resample needs a trained vqgen row in {out} (no results.json with "
+                  f"{', '.join(missing) or 'one'})", file=sys.stderr)
             sys.exit(2)
         # the saved models were trained with the saved settings: those describe the row (and the ablation table)
         vars(args).update({k: results["config"][k] for k in TRAINING_ARGS})
@@ -407,12 +489,7 @@ def main(argv=None) -> dict:
     peers = [r for r in args.rows if r.startswith("peer") and (args.redo or r not in results)]
     if peers and not args.resample:
         run_peer_rows(peers, ev, args, out, results)
-    if "vqgen" in args.rows and args.resample:
-        results["vqgen"] = score_vqgen_row(ev, args, out, results["vqgen"]["timings"])
-    elif "vqgen" in args.rows and (args.redo or "vqgen" not in results):
-        results["vqgen"] = {"timings": train_vqgen_row(args, out)}
-        atomic_write_json(out / "results.json", results)   # trained: a failure while scoring keeps --resample open
-        results["vqgen"] = score_vqgen_row(ev, args, out, results["vqgen"]["timings"])
+    run_vqgen_rows(ev, args, out, results)
     results["bench_seconds"] = time.perf_counter() - t0
     write_outputs(results, out, args)
     print(table(results), flush=True)

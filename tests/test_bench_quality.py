@@ -95,3 +95,26 @@ def test_stage1_sizes_give_the_codebook_size_to_vq_rows_only(flags, codes):
     assert ("--num_embeddings" in sizes) == ("fsq" not in flags and "lfq" not in flags)
     cfg = load_config(VQVAEStageConfig, ["--dataset", "digits", *sizes, *flags.split()])  # what the row runs
     assert cfg.model.codebook_size == codes and cfg.model.num_channels == [64, 64]
+def test_prior_rows_grids_fit_their_kind():
+    """Every validation-grid entry of every vqgen row is a valid sampling setting for the row's prior kind, and a
+    MaskGIT row's decoding steps are fixed in all of them."""
+    from vqgen.config import PriorStageConfig, SamplingConfig, check_kind_sampling, load_config
+    for row, spec in quality.VQGEN_ROWS.items():
+        kind = load_config(PriorStageConfig, ["--shards", "s", *spec.prior_flags]).model.prior_kind
+        for mode in quality.MODES:
+            grid = spec.grid(mode)
+            assert grid, (row, mode)
+            for setting in grid:
+                sc = SamplingConfig(**setting)
+                sc.check()
+                check_kind_sampling(kind, sc.draw_kwargs())
+                assert setting.get("decode_steps") == spec.fixed.get("decode_steps"), (row, setting)
+    assert quality.VQGEN_ROWS["maskgit8"].trained == quality.VQGEN_ROWS["maskgit16"].trained   # one training
+    assert {(r, m) for r in quality.VQGEN_ROWS for m in quality.MODES} <= set(quality.LABELS)
+
+
+def test_reuse_tokenizer_needs_a_row_folder(tmp_path):
+    out = tmp_path / "row"
+    r = subprocess.run([sys.executable, str(ROOT / "bench/quality.py"), "--out", str(out), "--rows", "rar",
+                        "--reuse_tokenizer", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "--reuse_tokenizer" in r.stderr and "stage12.json" in r.stderr and not out.exists()

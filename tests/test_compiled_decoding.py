@@ -56,6 +56,18 @@ def test_compiled_equals_eager_token_for_token(aot_eager, kw, rope):
     assert compiled.shape == (5, 3, 3) and torch.equal(eager, compiled)
 
 
+def test_compiled_equals_eager_for_random_order_priors_and_the_power_schedule(aot_eager):
+    """RAR: the target-aware position table reaches the compiled steps too; the power schedule's scales are tensors."""
+    torch.manual_seed(0)
+    p = build_prior(PriorConfig(vocab_size=16, latent_h=3, latent_w=3, attn_layers_dim=32, attn_layers_depth=2,
+                                attn_layers_heads=4, num_classes=3, order="random")).eval()
+    with torch.no_grad():
+        p.head.weight.mul_(20)
+        p.target_pos_emb.mul_(50)   # a table that matters: decoding without it would draw other tokens
+    eager, compiled = both(p, temperature=1.0, labels=[0, 1, 2, -1, 1], cfg_scale=3.0, cfg_schedule="power")
+    assert torch.equal(eager, compiled)
+
+
 def test_unconditional_and_bf16_autocast(aot_eager):
     eager, compiled = both(tiny(num_classes=0), temperature=1.0)
     assert torch.equal(eager, compiled)

@@ -358,3 +358,58 @@ def test_deepspeed_zero2_two_processes_save_resume_export(stage1, tmp_path):
     state = json.loads((tmp_path / "ds/checkpoints/checkpoint-6/vqgen_state.json").read_text())
     assert state["global_step"] == 6 and state["world_size"] == 2
     assert (tmp_path / "ds/export/model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------- prior kinds
+PRIOR_KIND_FLAGS = {"ar_random_order": ["--order", "random", "--order_anneal_start", "0.2", "--order_anneal_end",
+                                        "0.8"],
+                    "maskgit": ["--prior_kind", "maskgit", "--decode_steps", "3"]}
+
+
+def _kind_run(stage2, out: Path, kind: str, *extra: str) -> list[str]:
+    return [str(ROOT / "train_prior.py"), "--shards", str(stage2 / "shards"), "--checkpoint", str(stage2 / "tok"),
+            *TINY_PRIOR, "--batch_size", "128", "--checkpointing_steps", "2", "--sample_and_save_freq", "1",
+            *PRIOR_KIND_FLAGS[kind], "--output_dir", str(out), *extra]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("kind", list(PRIOR_KIND_FLAGS))
+def test_prior_kinds_two_processes_train_grid_export_resume(stage2, tmp_path, kind):
+    """Each prior kind on 2 processes: an epoch (6 steps of 2 x 128), its validation under the kind's own name, the
+    sample grid, the export (loaded by kind), then a second epoch resumed from the checkpoint."""
+    from vqgen.models.prior import load_prior
+    out = tmp_path / kind
+    proc = run([*cpu2(), *_kind_run(stage2, out, kind)])
+    assert "processes = 2" in proc.stdout + proc.stderr
+    assert_two_ranks_checkpoint(out / "checkpoints/checkpoint-6")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    name = "val/masked_bits_per_token" if kind == "maskgit" else "val/bits_per_token"
+    other = "val/bits_per_token" if kind == "maskgit" else "val/masked_bits_per_token"
+    assert any(name in r for r in rows) and not any(other in r for r in rows)
+    assert (out / "samples/samples_epoch0001.png").exists()
+    prior = load_prior(out / "export")
+    assert prior.config.prior_kind == ("maskgit" if kind == "maskgit" else "ar")
+    proc = run([*cpu2(), *_kind_run(stage2, out, kind, "--n_epochs_t", "2", "--resume", "latest")])
+    assert "resumed from" in proc.stdout + proc.stderr
+    state = json.loads((out / "checkpoints/checkpoint-12/vqgen_state.json").read_text())
+    assert state["global_step"] == 12 and state["world_size"] == 2
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("kind", list(PRIOR_KIND_FLAGS))
+def test_prior_kinds_deepspeed_zero2_save_resume_export(stage2, tmp_path, kind):
+    for mod in ("deepspeed", "transformers"):
+        if importlib.util.find_spec(mod) is None:
+            pytest.skip(f"{mod} not installed (accelerate's DeepSpeed integration needs both)")
+    base = [str(ACCELERATE), "launch", "--config_file", str(ROOT / "accelerate_configs/deepspeed_zero2.yaml"),
+            "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+            *_kind_run(stage2, tmp_path / "ds", kind, "--sample_and_save_freq", "100")]
+    first = run([*base, "--max_steps", "2"], DS_ACCELERATOR="cpu")
+    assert "processes = 2" in first.stdout + first.stderr
+    assert_two_ranks_checkpoint(tmp_path / "ds/checkpoints/checkpoint-2")
+    second = run([*base, "--max_steps", "4", "--resume", "latest"], DS_ACCELERATOR="cpu")
+    assert "resumed from" in second.stdout + second.stderr
+    assert json.loads((tmp_path / "ds/checkpoints/checkpoint-4/vqgen_state.json").read_text())["global_step"] == 4
+    assert (tmp_path / "ds/export/model.safetensors").exists()

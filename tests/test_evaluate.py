@@ -16,7 +16,7 @@ from vqgen.config import EvalConfig, ExtractConfig, PriorConfig, load_config
 from vqgen.errors import CheckpointError, ConfigError
 from vqgen.eval.evaluate import run as evaluate
 from vqgen.export import ExportMeta
-from vqgen.models.prior import build_prior
+from vqgen.models.prior import build_prior, load_prior
 from vqgen.models.vqvae import VQVAE, VQVAEConfig
 
 
@@ -84,6 +84,25 @@ def test_explicit_paths_and_no_sampling(run, clf_root, tmp_path):
          "--output", str(out), "--classifier_dir", str(clf_root), "--no_plots"]))
     assert json.loads(out.read_text())["tokenizer"]["num_images"] == 100
     assert "fid" not in res["prior"] and res["prior"]["bits_per_token"] > 0 and "plots" not in res
+
+
+def test_maskgit_prior_scored_under_its_own_name(run, clf_root, tmp_path, capsys):
+    """A MaskGIT prior: samples scored like any prior, null-class labels ask for no class, and its held-out score is
+    masked-token bits, never reported as bits/token."""
+    torch.manual_seed(0)
+    mg = build_prior(PriorConfig(vocab_size=16, latent_h=4, latent_w=4, attn_layers_dim=16, attn_layers_depth=1,
+                                 attn_layers_heads=2, num_classes=10, prior_kind="maskgit"))
+    sha = load_prior(run / "prior" / "export").export_meta.tokenizer_sha256
+    mg.export_to(tmp_path / "mg", meta=ExportMeta(tokenizer_sha256=sha))
+    out = tmp_path / "e.json"
+    assert cli("--checkpoint", run / "vqvae" / "export", "--checkpoint_t", tmp_path / "mg", "--shards", run / "shards",
+               "--dataset", "digits", "--num_samples", 16, "--max_images", 100, "--output", out, "--classifier_dir",
+               clf_root, "--no_plots", "--decode_steps", 3, "--unconditional") == 0
+    text = capsys.readouterr().out
+    p = json.loads(out.read_text())["prior"]
+    assert "bits_per_token" not in p and 0 < p["masked_bits_per_token"] < 8 and "sequences" not in p
+    assert p["decode_steps"] == 3 and not p["conditional"] and "label_accuracy" not in p["classifier"]
+    assert "masked-token bits" in text and "bits/token " not in text
 
 
 def test_identical_reconstruction_metrics_reference_is_perfect(run, clf_root, tmp_path):

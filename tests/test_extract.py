@@ -123,6 +123,7 @@ def test_two_ranks_exactly_once(tmp_path):
     assert names == ["train-r000-000000.tar", "train-r000-000001.tar", "train-r001-000000.tar",
                      "train-r001-000001.tar"]
     assert sorted(stored(tmp_path)) == list(range(27))
+    assert man.splits["train"].class_counts == [3] * 7 + [2] * 3          # labels i % 10, summed over the ranks
     with pytest.raises(ShardError, match="rank 2 did not finish"):
         merge(model, tmp_path, 3, 27)
 
@@ -168,6 +169,7 @@ def test_resume_after_sigkill(tmp_path):
         run_extract(model, ds, out, rank=rank, world_size=2)
     man = merge(model, out, 2, n)
     assert sorted(stored(out)) == list(range(n))  # every sample exactly once
+    assert sum(man.splits["train"].class_counts) == n   # the kept shards' labels were counted again on resume
     assert not list(out.glob(".*.tmp"))
     for name, st in before.items():  # complete shards were kept, not rewritten
         assert ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == st

@@ -168,7 +168,14 @@ def _check_resumed_checkpoints(out: Path) -> None:
     assert "checkpoint-999" not in names
 
 
-@pytest.mark.parametrize("stage", ["vqvae", "prior"])
+# The prior kinds' own randomness: AR random orders annealed over steps 4-20 of 40 (both sides of the kill), MaskGIT
+# masks.
+PRIOR_KINDS = {"prior": [], "prior_random_order": ["--order", "random", "--order_anneal_start", "0.1",
+                                                   "--order_anneal_end", "0.5"],
+               "prior_maskgit": ["--prior_kind", "maskgit"]}
+
+
+@pytest.mark.parametrize("stage", ["vqvae", *PRIOR_KINDS])
 def test_sigkill_then_resume_is_bitwise_exact(tmp_path, stage, stage2):
     rng = random.Random(f"{stage}-{os.getpid()}")  # a different kill moment on every run
     if stage == "vqvae":
@@ -177,7 +184,7 @@ def test_sigkill_then_resume_is_bitwise_exact(tmp_path, stage, stage2):
     else:
         mod, config, script = train_prior, PriorStageConfig, "train_prior.py"
         flags = ["--shards", str(stage2 / "shards"), *TINY_PRIOR, "--n_epochs_t", "2", "--max_steps", "40",
-                 "--checkpointing_steps", "2"]
+                 "--checkpointing_steps", "2", *PRIOR_KINDS[stage]]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     _kill_when_checkpointed([sys.executable, script, *flags, "--output_dir", str(cut)], cut, rng)
     _fake_half_written(cut)

@@ -136,8 +136,8 @@ def resolve_sampling(sc: SamplingConfig, num_classes: int, stored: dict | None,
     conditional = num_classes > 0 and not sc.unconditional
     mode = MODES[0] if conditional else MODES[1]
     setting = (stored or {}).get(mode) if sc.sampling_defaults == "stored" else None
-    kw, source = draw_settings(sc.temperature, sc.top_k, sc.top_p, sc.cfg_scale, sc.cfg_schedule, setting,
-                               conditional)
+    kw, source = draw_settings(sc.temperature, sc.top_k, sc.top_p, sc.cfg_scale, sc.cfg_schedule, sc.cfg_power,
+                               setting, conditional)
     by = {}
     for name, src in source.items():
         off = (name == "top_k" and kw[name] == 0) or (name == "top_p" and kw[name] >= 1.0)
@@ -146,4 +146,5 @@ def resolve_sampling(sc: SamplingConfig, num_classes: int, stored: dict | None,
              else "stored with the prior", "built-in": "built-in"}
     what = "class-conditional" if conditional else ("unconditional" if num_classes == 0 else
                                                     "unconditional (null class)")
-    return kw, f"sampling, {what}: " + "; ".join(f"{', '.join(v)} {label[k]}" for k, v in by.items())
+    line = f"sampling, {what}: " + "; ".join(f"{', '.join(v)} {label[k]}" for k, v in by.items())
+    return {**kw, **sc.kind_kwargs()}, line

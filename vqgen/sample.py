@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import SampleConfig, validate
+from .config import SampleConfig, check_kind_sampling, validate
 from .export import check_compatible
 from .fsutil import atomic_write_bytes
 from .generation import resolve_sampling
@@ -49,8 +49,10 @@ def run(cfg: SampleConfig) -> Path:
     device = resolve_device(cfg.device)
     keep_freed_memory()  # decoding batches reuse the last batch's freed activations (vqgen/perf.py)
     tok, prior = load_pair(cfg.checkpoint, cfg.checkpoint_t)
+    check_kind_sampling(prior.config.prior_kind, sc.kind_kwargs())  # e.g. --decode_steps for an AR prior: now
     tok, prior = tok.to(device), prior.to(device)
-    labels = class_labels(prior, sc.num_samples, sc.class_label, sc.unconditional)
+    labels = class_labels(prior, sc.num_samples, sc.class_label, sc.label_mode, sc.seed,
+                          unconditional=sc.unconditional)
     if labels is not None:
         labels = labels.to(device)
     draw, note = resolve_sampling(sc, prior.config.num_classes, prior.generation_config, prior.export_path)

@@ -9,9 +9,11 @@ from .flags import build_parser, flag, load_config, part, to_dict, to_yaml, vali
 from .kinds import Kind, ModelConfig, QuantizerKind
 from .parts import (
                     BUILTIN_SAMPLING,
+                    CFG_POWER,
                     CFG_SCHEDULES,
                     DISC_LOSSES,
                     DISC_NORMS,
+                    LABEL_MODES,
                     PRECISIONS,
                     SPLIT_RE,
                     VGG16_FILE,
@@ -26,7 +28,15 @@ from .parts import (
                     check_sampling_args,
                     draw_settings,
 )
-from .prior import PRIORS, PriorConfig
+from .prior import (
+                    KIND_SAMPLING,
+                    MASKGIT_CHOICE_TEMPERATURE,
+                    MASKGIT_DECODE_STEPS,
+                    PRIOR_ORDERS,
+                    PRIORS,
+                    PriorConfig,
+                    check_kind_sampling,
+)
 from .stages import (
                     CONFIG_FILE,
                     GRID_SAMPLING,
@@ -44,9 +54,12 @@ from .stages import (
 )
 from .tokenizer import QUANTIZERS, VQVAEConfig
 
-__all__ = ["BUILTIN_SAMPLING", "CFG_SCHEDULES", "CONFIG_FILE", "DISC_LOSSES", "DISC_NORMS", "VGG16_FILE", "DATASETS", "GRID_SAMPLING", "PIPELINE_TRAINING", "PRECISIONS", "PRIORS",
-           "PRIOR_LR", "PRIOR_WARMUP", "QUANTIZERS", "SPLIT_RE", "VQVAE_BATCH", "VQVAE_LR", "AugmentConfig", "DataConfig",
-           "DatasetSpec", "EvalConfig", "ExtractConfig", "GANConfig", "Kind", "ModelConfig", "PipelineConfig",
-           "PriorConfig", "PriorStageConfig", "QuantizerKind", "SampleConfig", "SamplingConfig", "ShardingConfig",
+__all__ = ["BUILTIN_SAMPLING", "CFG_POWER", "CFG_SCHEDULES", "CONFIG_FILE", "DATASETS", "DISC_LOSSES", "DISC_NORMS",
+           "GRID_SAMPLING", "KIND_SAMPLING", "LABEL_MODES", "MASKGIT_CHOICE_TEMPERATURE", "MASKGIT_DECODE_STEPS",
+           "PIPELINE_TRAINING", "PRECISIONS", "PRIORS", "PRIOR_LR", "PRIOR_ORDERS", "PRIOR_WARMUP", "QUANTIZERS",
+           "SPLIT_RE", "VGG16_FILE", "VQVAE_BATCH", "VQVAE_LR", "AugmentConfig", "DataConfig", "DatasetSpec",
+           "EvalConfig", "ExtractConfig", "GANConfig", "Kind", "ModelConfig", "PipelineConfig", "PriorConfig",
+           "PriorStageConfig", "QuantizerKind", "SampleConfig", "SamplingConfig", "ShardingConfig",
            "TokenReaderConfig", "TrainConfig", "TuneConfig", "VQVAEConfig", "VQVAEStageConfig", "build_parser",
-           "check_sampling_args", "draw_settings", "flag", "load_config", "part", "to_dict", "to_yaml", "validate"]
+           "check_kind_sampling", "check_sampling_args", "draw_settings", "flag", "load_config", "part", "to_dict",
+           "to_yaml", "validate"]

@@ -14,10 +14,13 @@ from typing import Any
 from ..errors import ConfigError
 from .datasets import DATASETS
 from .flags import flag
+from .prior import MASKGIT_CHOICE_TEMPERATURE, MASKGIT_DECODE_STEPS
 
 PRECISIONS = ("no", "fp16", "bf16")
 VIEW_MODES, TENCROP_VIEWS = ("tencrop", "random"), 10   # extract_codes.py --view_mode / --views (vqgen.data.views)
-CFG_SCHEDULES = ("constant", "linear")
+CFG_SCHEDULES = ("constant", "linear", "power")
+CFG_POWER = 2.75   # --cfg_power's built-in value: RAR-B's guidance_scale_pow
+LABEL_MODES = ("cycle", "frequencies")   # --label_mode: the class labels of a conditional prior's samples
 COMPILE_DECODING = False  # --compile's default (sample.py, evaluate.py, VQVAE_T.py): on once benchmarks show it pays
 SPLIT_RE = re.compile(r"^[A-Za-z0-9_]+$")   # split names: also parts of shard file names
 DISC_NORMS, DISC_LOSSES = ("batch", "group"), ("hinge",)
@@ -124,37 +127,45 @@ class TrainConfig:
 
 
 def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None, cfg_scale: float,
-                        cfg_schedule: str = "constant") -> None:
+                        cfg_schedule: str = "constant", cfg_power: float = CFG_POWER, decode_steps: int | None = None,
+                        choice_temperature: float | None = None) -> None:
     if not (temperature >= 0 and math.isfinite(temperature)):
         raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"top_k must be >= 1 (or unset), got {top_k}")
+    if top_k is not None and top_k < 0:
+        raise ConfigError(f"top_k must be >= 1 (0 or unset: no top-k filter), got {top_k}")
     if top_p is not None and not (0.0 < top_p <= 1.0):
         raise ConfigError(f"top_p must be in (0, 1] (or unset), got {top_p}")
     if not math.isfinite(cfg_scale):
         raise ConfigError(f"cfg_scale must be finite, got {cfg_scale}")
     if cfg_schedule not in CFG_SCHEDULES:
         raise ConfigError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, got {cfg_schedule!r}")
+    if not (cfg_power >= 0 and math.isfinite(cfg_power)):
+        raise ConfigError(f"cfg_power must be >= 0 (0 = constant guidance), got {cfg_power}")
+    if decode_steps is not None and decode_steps < 1:
+        raise ConfigError(f"decode_steps must be >= 1 (or unset: the prior's own), got {decode_steps}")
+    if choice_temperature is not None and not (choice_temperature >= 0 and math.isfinite(choice_temperature)):
+        raise ConfigError(f"choice_temperature must be >= 0 (or unset: the prior's own), got {choice_temperature}")
 
 
 # How tokens are drawn when neither a flag nor the prior's stored setting (generation_config.json) says otherwise.
 # A resolved setting spells every value out: no top-k filter is top_k 0, no nucleus filter top_p 1 (as in Hugging
 # Face's generation configs), because None means "not set" wherever settings are merged.
-BUILTIN_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_scale": 1.0, "cfg_schedule": "constant"}
+BUILTIN_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "cfg_scale": 1.0, "cfg_schedule": "constant",
+                    "cfg_power": CFG_POWER}
 UNCONDITIONAL_SAMPLING = ("temperature", "top_k", "top_p")   # what an unconditional setting holds (no guidance)
 SAMPLING_DEFAULTS = ("stored", "builtin")                    # --sampling_defaults
 _STORED = " (default: the prior's stored setting, else {})"
 
 
 def draw_settings(temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                  cfg_scale: float | None = None, cfg_schedule: str | None = None, stored: dict | None = None,
-                  conditional: bool = True) -> tuple[dict, dict]:
+                  cfg_scale: float | None = None, cfg_schedule: str | None = None, cfg_power: float | None = None,
+                  stored: dict | None = None, conditional: bool = True) -> tuple[dict, dict]:
     """The one rule for every sampler: a value given (not None) > the prior's stored setting for this mode (``stored``:
     generation_config.json's ``"conditional"`` or ``"unconditional"`` entry) > :data:`BUILTIN_SAMPLING`. Unconditional
     sampling has no guidance. Returns (every keyword argument of :func:`vqgen.models.sampling.generate` spelled out,
     ``top_k 0`` / ``top_p 1`` for no filter; where each came from: "given" | "stored" | "built-in")."""
     given = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg_scale": cfg_scale,
-             "cfg_schedule": cfg_schedule}
+             "cfg_schedule": cfg_schedule, "cfg_power": cfg_power}
     stored = stored or {}
     out, source = {}, {}
     for name, builtin in BUILTIN_SAMPLING.items():
@@ -166,10 +177,12 @@ def draw_settings(temperature: float | None = None, top_k: int | None = None, to
             out[name], source[name] = builtin, "built-in"
     out["top_k"] = 0 if out["top_k"] is None else out["top_k"]
     out["top_p"] = 1.0 if out["top_p"] is None else out["top_p"]
-    check_sampling_args(out["temperature"], out["top_k"] or None, out["top_p"], out["cfg_scale"], out["cfg_schedule"])
+    check_sampling_args(out["temperature"], out["top_k"] or None, out["top_p"], out["cfg_scale"], out["cfg_schedule"],
+                        out["cfg_power"])
     if not conditional:   # the null class alone: guidance would compare it with itself
-        out["cfg_scale"], out["cfg_schedule"] = 1.0, "constant"
-        source.pop("cfg_scale"), source.pop("cfg_schedule")
+        out["cfg_scale"], out["cfg_schedule"], out["cfg_power"] = 1.0, "constant", CFG_POWER
+        for name in ("cfg_scale", "cfg_schedule", "cfg_power"):
+            source.pop(name)
     return out, source
 
 
@@ -186,16 +199,28 @@ class SamplingConfig:
                                "filter)" + _STORED.format("none"))
     cfg_scale: float | None = flag(None, "classifier-free guidance scale (1 = off; conditional priors)"
                                    + _STORED.format(1))
-    cfg_schedule: str | None = flag(None, "guidance over the tokens: constant (--cfg_scale for every token) or linear "
-                                    "(1 at the first token -> --cfg_scale at the last: more varied samples at a given "
-                                    "scale)" + _STORED.format("constant"), choices=CFG_SCHEDULES)
+    cfg_schedule: str | None = flag(None, "guidance over the tokens (MaskGIT: over the decoding steps): constant "
+                                    "(--cfg_scale for every token), linear (1 at the first token -> --cfg_scale at the "
+                                    "last: more varied samples at a given scale) or power (RAR's: 1 + (scale - 1) * (1 "
+                                    "- cos((i / n) ** --cfg_power * pi)) / 2 at token i of n)"
+                                    + _STORED.format("constant"), choices=CFG_SCHEDULES)
+    cfg_power: float | None = flag(None, "exponent of --cfg_schedule power (RAR's guidance_scale_pow; 0 = constant, "
+                                   "higher = guidance later)" + _STORED.format(CFG_POWER))
+    decode_steps: int | None = flag(None, "MaskGIT priors: parallel decoding steps (default: the prior's own, "
+                                    f"{MASKGIT_DECODE_STEPS}); not for --prior_kind ar")
+    choice_temperature: float | None = flag(None, "MaskGIT priors: Gumbel noise on the confidence that picks which "
+                                            "tokens stay, decaying linearly to 0 over the steps (default: the prior's "
+                                            f"own, {MASKGIT_CHOICE_TEMPERATURE}); not for --prior_kind ar")
     unconditional: bool = flag(False, "sample a class-conditional prior unconditionally (its null class, no "
                                "guidance), with its stored unconditional setting")
     sampling_defaults: str = flag("stored", "where unset sampling values come from: stored = the prior export's "
                                   "generation_config.json (chosen on held-out data at the end of training), else the "
                                   "built-in defaults; builtin = the built-in defaults only", choices=SAMPLING_DEFAULTS)
-    class_label: int | None = flag(None, "class to generate (conditional priors; default: cycle through all "
-                                   "classes)")
+    class_label: int | None = flag(None, "class to generate (conditional priors; default: as --label_mode says)")
+    label_mode: str = flag("cycle", "class labels of a conditional prior's samples: cycle (0, 1, ..., C-1, 0, ...) or "
+                           "frequencies (drawn from the training split's class frequencies recorded with the prior, "
+                           "seeded by --seed, then guided: the data's mix of classes without choosing them; "
+                           "--unconditional: the null class)", choices=LABEL_MODES)
     seed: int = flag(0, "random seed (same seed -> same samples)")
     compile: bool = flag(COMPILE_DECODING, "decode with a compiled step (torch.compile, static KV cache: CUDA graphs "
                          "on GPU, Inductor on CPU; AR priors, others decode eagerly): the same tokens as eager "
@@ -207,8 +232,9 @@ class SamplingConfig:
         _positive(self, "num_samples", zero_ok=True)
         if self.top_k is not None and self.top_k < 0:
             raise ConfigError(f"--top_k must be >= 1 (0: no top-k filter), got {self.top_k}")
-        if self.unconditional and self.class_label is not None:
-            raise ConfigError("--unconditional and --class_label contradict each other: pass one of them")
+        if self.unconditional and (self.class_label is not None or self.label_mode != "cycle"):
+            raise ConfigError("--unconditional samples the null class: it contradicts --class_label and --label_mode "
+                              f"{self.label_mode}; pass one of them")
         if self.unconditional and self.cfg_scale not in (None, 1.0):
             raise ConfigError("--cfg_scale needs class labels: it has no effect with --unconditional (the null class "
                               "guided by itself)")
@@ -217,8 +243,16 @@ class SamplingConfig:
     def draw_kwargs(self) -> dict:
         """How to draw tokens, as :func:`vqgen.models.sampling.generate` takes it (every caller passes the same set):
         these values, the built-in defaults for those not set (a prior's stored setting:
-        :func:`vqgen.generation.resolve_sampling`)."""
-        return draw_settings(self.temperature, self.top_k, self.top_p, self.cfg_scale, self.cfg_schedule)[0]
+        :func:`vqgen.generation.resolve_sampling`), and the kind's own settings (None: the prior's own)."""
+        out = draw_settings(self.temperature, self.top_k, self.top_p, self.cfg_scale, self.cfg_schedule,
+                            self.cfg_power)[0]
+        check_sampling_args(**out, decode_steps=self.decode_steps, choice_temperature=self.choice_temperature)
+        return {**out, **self.kind_kwargs()}
+
+    def kind_kwargs(self) -> dict:
+        """The settings only some prior kinds read (MaskGIT's), None where not given: the prior's own."""
+        return {k: v for k, v in (("decode_steps", self.decode_steps),
+                                  ("choice_temperature", self.choice_temperature)) if v is not None}
 
 
 TUNE_MODES = ("auto", "none")

@@ -16,11 +16,28 @@ from .flags import flag
 from .kinds import Kind, ModelConfig, choices, describe
 
 PRIOR_NORMS, PRIOR_MLPS = ("layer", "rms"), ("gelu", "swiglu")
+PRIOR_ORDERS = ("raster", "random")       # --order of the AR prior in training
+# A MaskGIT prior's own sampling defaults (sample.py's --decode_steps / --choice_temperature when not given):
+# MaskGIT's 8 steps at 256 tokens and its choice temperature.
+MASKGIT_DECODE_STEPS, MASKGIT_CHOICE_TEMPERATURE = 8, 4.5
 
 # The prior registry: a kind is one line here, its settings in PriorConfig (flag(..., kind=NAME)) and its module.
 PRIORS: dict[str, Kind] = {
     "ar": Kind("vqgen.models.priors.ar:ARPrior", "GPT over the token grid in raster order, KV-cache sampling"),
+    "maskgit": Kind("vqgen.models.priors.maskgit:MaskGITPrior", "bidirectional transformer over masked tokens, "
+                    "parallel decoding in --decode_steps steps"),
 }
+# Sampling settings only some kinds take (a given one is refused for the other kinds: one error line).
+KIND_SAMPLING: dict[str, tuple[str, ...]] = {"maskgit": ("decode_steps", "choice_temperature")}
+
+
+def check_kind_sampling(kind: str, settings: dict) -> None:
+    """ConfigError when ``settings`` (sampling name -> value) sets one that a ``kind`` prior does not take."""
+    for name, value in settings.items():
+        owners = [k for k, names in KIND_SAMPLING.items() if name in names]
+        if value is not None and owners and kind not in owners:
+            raise ConfigError(f"--{name} is a sampling setting of --prior_kind {' / '.join(owners)}, but this prior "
+                              f"is '{kind}'")
 
 
 @dataclass(eq=False)  # ModelConfig.__eq__: the same model, however its flags were spelled
@@ -33,7 +50,7 @@ class PriorConfig(ModelConfig):
     RENAMED: ClassVar[dict] = {"dim": "attn_layers_dim", "depth": "attn_layers_depth", "heads": "attn_layers_heads",
                                "dropout": "attn_dropout", "norm": "prior_norm", "mlp": "prior_mlp"}
     ABSENT_MEANT: ClassVar[dict] = {"prior_kind": "ar", "prior_norm": "layer", "prior_mlp": "gelu", "rope": False,
-                                    "token_factors": 1, "factor_layers": 1}
+                                    "token_factors": 1, "factor_layers": 1, "order": "raster"}
 
     vocab_size: int = 0                 # the tokenizer's codebook size
     latent_h: int = 0
@@ -58,6 +75,15 @@ class PriorConfig(ModelConfig):
                               "meant for large vocabularies (2^14 codes and up); 1: off", metavar="K")
     factor_layers: int = flag(1, "with --token_factors > 1: Transformer blocks over (hidden state, embeddings of the "
                               "sub-tokens drawn so far) that predict a token's sub-tokens")
+    order: str = flag("raster", "token order in training: raster, or random (RAR: each sequence in a random "
+                      "permutation, with the position of the token to predict added to each input; the share of "
+                      "permuted sequences falls from 1 to 0 over --order_anneal_start..--order_anneal_end, so training "
+                      "ends in raster order; sampling is raster order with the KV cache)", choices=PRIOR_ORDERS,
+                      kind="ar")
+    order_anneal_start: float = flag(0.5, "--order random: fraction of the run's optimizer steps until which every "
+                                     "sequence is permuted (RAR: epoch 200 of 400)", kind="ar")
+    order_anneal_end: float = flag(0.75, "--order random: fraction of the run's optimizer steps from which none is "
+                                   "(linear in between; RAR: epoch 300 of 400)", kind="ar")
     mlp_ratio: float = 4.0
 
     @property
@@ -80,6 +106,18 @@ class PriorConfig(ModelConfig):
         total = max(1, (self.vocab_size - 1).bit_length())
         q, r = divmod(total, self.token_factors)
         return (q + 1,) * r + (q,) * (self.token_factors - r)
+    def random_order_share(self, progress: float | None) -> float:
+        """The share of training sequences drawn in a random order at ``progress`` (optimizer steps done / the
+        run's steps; None: 0): 1 until --order_anneal_start, then linearly down to 0 at --order_anneal_end (RAR's
+        ``get_rar_random_ratio``). 0 for --order raster."""
+        if self.order != "random":
+            return 0.0
+        p, start, end = progress or 0.0, self.order_anneal_start, self.order_anneal_end
+        if p < start:
+            return 1.0
+        if p >= end:
+            return 0.0
+        return 1.0 - (p - start) / (end - start)
 
     def build(self, vocab_size: int, latent_h: int, latent_w: int, num_classes: int) -> "PriorConfig":
         """These flags + what the shards say -> a validated config of the model to build."""
@@ -107,6 +145,10 @@ class PriorConfig(ModelConfig):
         need(1 <= self.token_factors <= 8 and self.factor_layers >= 1,
              f"--token_factors must be in [1, 8] and --factor_layers >= 1, got {self.token_factors}, "
              f"{self.factor_layers}")
+        need(self.order in PRIOR_ORDERS, f"--order must be one of {', '.join(PRIOR_ORDERS)}, got {self.order!r}")
+        need(0.0 <= self.order_anneal_start <= self.order_anneal_end <= 1.0,
+             f"need 0 <= --order_anneal_start <= --order_anneal_end <= 1, got {self.order_anneal_start} and "
+             f"{self.order_anneal_end}")
         need(not self.rope or self.head_dim % 4 == 0,
              f"--rope needs a head dimension (--attn_layers_dim / --attn_layers_heads = {self.head_dim}) divisible "
              f"by 4")

@@ -25,7 +25,7 @@ from .parts import (
     _positive,
     _precision,
 )
-from .prior import PriorConfig
+from .prior import PriorConfig, check_kind_sampling
 from .tokenizer import VQVAEConfig
 
 CONFIG_FILE = "config.yaml"   # a trainer's resolved config in its run folder (vqgen.run_dir.RunDir.CONFIG)
@@ -37,7 +37,8 @@ VQVAE_LR = 1e-3
 PRIOR_LR = 1e-3
 PRIOR_WARMUP = 100
 VQVAE_BATCH = 32
-GRID_SAMPLING = ("num_samples", "temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule")
+GRID_SAMPLING = ("num_samples", "temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule", "cfg_power",
+                 "decode_steps", "choice_temperature", "label_mode")
 SAMPLING_CHOICE = ("unconditional", "sampling_defaults")   # the scripts that sample a finished prior
 # Stage 2 and evaluate.py read the data the tokenizer export records unless these flags are given.
 _DATA_HELP = {name: f.metadata["help"] for name, f in DataConfig.__dataclass_fields__.items()}
@@ -116,7 +117,7 @@ class ExtractConfig:
 
 @dataclass
 class PriorStageConfig(_Trainer):
-    """Stage 3: train the autoregressive Transformer prior on token shards (``accelerate launch train_prior.py``)."""
+    """Stage 3: train the Transformer prior (AR or MaskGIT) on token shards (``accelerate launch train_prior.py``)."""
 
     PROG: ClassVar[str] = "train_prior.py"
     GROUP: ClassVar[str] = "input"
@@ -131,6 +132,8 @@ class PriorStageConfig(_Trainer):
     val_batches: int = flag(50, "max held-out batches per evaluation")
     prior_ema_decay: float = flag(0.0, "keep an EMA of the prior's weights with this decay (e.g. 0.999): validation, "
                                   "grids and the export use it; 0: off (opt-in)")
+    ignore_labels: bool = flag(False, "train an unconditional prior even when the shards carry class labels: all of "
+                               "its capacity for unconditional samples, as an unlabelled dataset gets")
     reader: TokenReaderConfig = part(TokenReaderConfig, title="token reader")
     model: PriorConfig = part(PriorConfig, title="prior (transformer)")
     # The prior's own defaults: warm-up + cosine decay and AdamW weight decay, as GPT training does.
@@ -150,6 +153,7 @@ class PriorStageConfig(_Trainer):
         if self.tuning.tune_sampling != "none" and self.tuning.tune_minutes >= self.train.timeout_minutes:
             raise ConfigError(f"--tune_minutes {self.tuning.tune_minutes:g} must stay below --timeout_minutes "
                               f"{self.train.timeout_minutes} (the other processes wait for the main one meanwhile)")
+        check_kind_sampling(self.model.prior_kind, self.sampling.kind_kwargs())
 
 
 @dataclass
@@ -271,3 +275,5 @@ class PipelineConfig:
     def check(self) -> None:
         if not (self.train or self.sample):
             raise ConfigError("nothing to do: pass --train, --sample or both")
+        if self.train and not self.checkpoint_t:   # the prior sampled is the one trained here
+            check_kind_sampling(self.prior.prior_kind, self.sampling.kind_kwargs())

@@ -72,7 +72,7 @@ def split_batches(ds, max_images: int | None, batch_size: int, rank: int = 0, wo
 def generate_batches(prior, tokenizer, cfg: EvalConfig, device, rank: int = 0, world_size: int = 1):
     """This process's generated images, decoded batch by batch: ``(global indices, images, asked labels | None)``."""
     sc, n = cfg.sampling, cfg.sampling.num_samples
-    labels = class_labels(prior, n, None, sc.unconditional)  # balanced: 0, 1, ..., C-1, 0, ... (None: null class)
+    labels = class_labels(prior, n, None, sc.label_mode, sc.seed, unconditional=sc.unconditional)  # None: null
     mine = torch.tensor(list(stream_stats.shard_indices(n, rank, world_size)), dtype=torch.long)
     g = torch.Generator(device=device).manual_seed(sc.seed + rank)
     for s in range(0, len(mine), GEN_CHUNK):

@@ -21,7 +21,7 @@ import torch
 
 from .. import metrics as M
 from .. import shards
-from ..config import EvalConfig, validate
+from ..config import EvalConfig, check_kind_sampling, validate
 from ..errors import CheckpointError, ConfigError
 from ..export import check_compatible
 from ..fsutil import atomic_write_json
@@ -90,14 +90,18 @@ def resolve_paths(cfg: EvalConfig) -> EvalInputs:
 @torch.no_grad()
 def bits_per_token(prior, manifest: shards.Manifest, split: str, batch_size: int, device,
                    verify: str = "full") -> dict:
-    """Mean cross-entropy of the prior on every token of ``split`` in the shards, in bits. ``verify``: the shard
-    checks of :mod:`vqgen.shards.reader` (``full``: sizes first, then each shard's sha256 as it is read)."""
+    """Mean cross-entropy of the prior on every token of ``split`` in the shards, in bits, under the prior's
+    ``nll_name``: ``bits_per_token`` for exact likelihoods; a MaskGIT prior's is ``masked_bits_per_token`` (the
+    masked tokens of fixed-seed masks given the rest: not comparable with bits/token). ``verify``: the shard checks
+    of :mod:`vqgen.shards.reader` (``full``: sizes first, then each shard's sha256 as it is read)."""
     shards.check_split(shards.TokenSplit.from_manifest(manifest, split), verify)
     loader = shards.make_token_loader(manifest, split, batch_size=batch_size, shuffle=False, num_workers=0,
                                       hflip=False, verify=verify)
     total, count = token_nll(prior, loader, device)
-    return {"bits_per_token": M.bits_per_token(total / max(1, count)), "tokens": count,
-            "sequences": count // max(1, prior.config.seq_len), "split": split}
+    out = {prior.nll_name: M.bits_per_token(total / max(1, count)), "tokens": count, "split": split}
+    if prior.exact_likelihood:   # every token scored: the count of sequences follows
+        out["sequences"] = count // max(1, prior.config.seq_len)
+    return out
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -128,6 +132,7 @@ def run(cfg: EvalConfig) -> dict:
         manifest = shards.Manifest.read(paths.shards)
     if prior is not None:
         check_compatible(tokenizer=tokenizer, prior=prior, shards=manifest)
+        check_kind_sampling(prior.config.prior_kind, cfg.sampling.kind_kwargs())
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -205,6 +210,7 @@ def prior_section(prior, tokenizer, space: FeatureSpace, real, dataset: str, man
         seconds["sampling_and_features"] = time.perf_counter() - t
         conditional = prior.config.num_classes > 0 and not sc.unconditional
         pm.update(num_samples=sc.num_samples, pr_k=cfg.pr_k, conditional=conditional, **sc.draw_kwargs(),
+                  label_mode=sc.label_mode,
                   **stream_stats.quality(real, fake, cfg.pr_k))
         if space.classifier is not None:
             pm["classifier"] = fake.classifier_stats(with_labels=conditional)

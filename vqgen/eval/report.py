@@ -24,7 +24,8 @@ def plot_loss_curves(runs: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    wanted = {"vqvae": ["loss", "recon_loss", "vq_loss", "val/mse"], "prior": ["loss", "bpt", "val/bits_per_token"]}
+    wanted = {"vqvae": ["loss", "recon_loss", "vq_loss", "val/mse"], "prior": ["loss", "bpt", "val/bits_per_token", "masked_bpt",
+                                                                             "val/masked_bits_per_token"]}
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, stage in zip(axes, ("vqvae", "prior")):
         rows = runs[stage].read_metrics() if stage in runs else []
@@ -86,7 +87,8 @@ def format_table(results: dict) -> str:
             rows.append(("tokenizer", label, v))
     p = results.get("prior") or {}
     for k, label in (("fid", "gFID"), ("inception_score", "IS"), ("precision", "precision"), ("recall", "recall"),
-                     ("bits_per_token", "bits/token")):
+                     ("bits_per_token", "bits/token"),
+                     ("masked_bits_per_token", "masked-token bits (MaskGIT; not bits/token)")):
         if k in p:
             v = _fmt(p[k]) + (f" ± {p['inception_score_std']:.2g}" if k == "inception_score" else "")
             rows.append(("prior", label, v))

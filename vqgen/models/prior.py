@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PRIORS, PriorConfig
+from ..config import CFG_POWER, PRIORS, PriorConfig
 from ..errors import CheckpointError, ConfigError
 from ..export import Export, Exportable
 from ..generation import read_generation_config, write_generation_config
@@ -54,6 +54,7 @@ class Prior(Exportable, nn.Module, HubMixin, tags=["image-generation", "token-pr
     # The sampling settings stored with the export (generation_config.json, vqgen.generation): what generate() uses
     # for a value not passed. None for a new model; set to None to sample with the built-in defaults.
     generation_config: dict | None = None
+    nll_name = "bits_per_token"   # what :func:`token_nll` in bits measures, as metrics name it
 
     def __init__(self, config: PriorConfig):
         super().__init__()
@@ -61,14 +62,17 @@ class Prior(Exportable, nn.Module, HubMixin, tags=["image-generation", "token-pr
         self.config = config
 
     # ---- the kind's contract ---------------------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> PriorOutput:
-        """``tokens (B, T)`` (or (B, h, w)), ``labels (B,)`` or None -> logits and their targets."""
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                progress: float | None = None) -> PriorOutput:
+        """``tokens (B, T)`` (or (B, h, w)), ``labels (B,)`` or None -> logits and their targets. ``progress``: the
+        share of the run's optimizer steps done, for schedules over training (the AR prior's ``--order random``)."""
         raise NotImplementedError
 
     def sample_tokens(self, labels: torch.Tensor, use_cfg: bool, cfg_scale: float, cfg_schedule: str,
-                      sample_kw: dict, **options) -> torch.Tensor:
+                      sample_kw: dict, cfg_power: float = CFG_POWER, **options) -> torch.Tensor:
         """Draw ``(B, T)`` tokens for ``labels`` (already (cond ‖ null) when ``use_cfg``: B = len(labels) // 2);
-        called by :func:`vqgen.models.sampling.generate` in eval and inference mode."""
+        called by :func:`vqgen.models.sampling.generate` in eval and inference mode. The guidance at step i of n is
+        ``guidance_at(cfg_scale, cfg_schedule, i, n, cfg_power)``."""
         raise NotImplementedError
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:

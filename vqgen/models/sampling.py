@@ -1,22 +1,23 @@
 """Drawing tokens from a prior of any kind, and decoding them to images.
 
 :func:`generate` handles labels, batching, eval/inference mode and autocast, then calls the prior kind's
-``sample_tokens``; the helpers below (logits filters, classifier-free guidance as one batch of cond ‖ null rows
-combined as ``uncond + scale * (cond - uncond)``, guidance schedules) are shared by every kind. ``linear`` ramps the
-scale from 1 at the first token to ``cfg_scale`` at the last (VAR's ramp): the layout stays diverse, the detail gets
-the full guidance. A token is drawn by the exponential race ``argmax(p / E)``, ``E ~ Exp(1)`` (a categorical draw
-without a host sync), so the compiled decode step and the eager one draw the same tokens from the same generator.
-Adapted from: gpt-fast / LlamaGen ``generate.py``; the linear CFG ramp from VAR ``models/var.py``.
+``sample_tokens``; the helpers below (logits filters, classifier-free guidance as one batch of cond ‖ null rows,
+guidance schedules: constant, linear, power) are shared by every kind. A token is drawn by the exponential race
+``argmax(p / E)``, ``E ~ Exp(1)`` (no host sync), so compiled and eager decoding draw the same tokens. Details:
+docs/NOTES.md.
+Adapted from: gpt-fast / LlamaGen ``generate.py``; the linear CFG ramp from VAR ``models/var.py``; the power ramp
+from RAR ``modeling/rar.py`` (``guidance_scale_pow``, after MDT).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ..config import SamplingConfig, draw_settings
+from ..config import CFG_POWER, SamplingConfig, check_kind_sampling, check_sampling_args, draw_settings
 from ..errors import ConfigError
 from ..generation import check_class_label
 from .prior import Prior
@@ -67,8 +68,12 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | N
     return torch.argmax(probs / noise, dim=-1)
 
 
-def guidance_at(cfg_scale: float, schedule: str, i: int, n: int) -> float:
-    """The CFG scale for token ``i`` of ``n``: ``cfg_scale`` throughout, or (linear) 1 -> ``cfg_scale``."""
+def guidance_at(cfg_scale: float, schedule: str, i: int, n: int, power: float = CFG_POWER) -> float:
+    """The CFG scale for token (or decoding step) ``i`` of ``n``: ``cfg_scale`` throughout, (linear) 1 ->
+    ``cfg_scale``, or (power) ``1 + (cfg_scale - 1) * (1 - cos((i / n) ** power * pi)) / 2`` as RAR computes it
+    (1 at i = 0 for a power > 0; power 0: ``cfg_scale`` throughout)."""
+    if schedule == "power":
+        return 1.0 + (cfg_scale - 1.0) * (1.0 - math.cos((i / n) ** power * math.pi)) / 2
     if schedule == "constant" or n < 2:
         return cfg_scale
     return 1.0 + (cfg_scale - 1.0) * i / (n - 1)
@@ -99,7 +104,8 @@ def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch
              temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
              cfg_scale: float | None = None, generator: torch.Generator | None = None,
              batch_size: int | None = None, autocast_dtype: torch.dtype | None = None,
-             cfg_schedule: str | None = None, compile: bool = False, **options) -> torch.Tensor:
+             cfg_schedule: str | None = None, cfg_power: float | None = None, compile: bool = False,
+             decode_steps: int | None = None, choice_temperature: float | None = None, **options) -> torch.Tensor:
     """Sample ``num_samples`` token grids -> LongTensor ``(N, latent_h, latent_w)`` on the CPU.
 
     labels: None (unconditional / null class), one class id for all, or N ids (-1 = null class).
@@ -108,8 +114,9 @@ def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch
         (:func:`vqgen.config.draw_settings`; ``top_k=0`` / ``top_p=1``: no filter).
     cfg_scale: classifier-free guidance; 1 = plain conditional sampling (the null half is skipped). It has no
         effect without class labels (cond and null rows are the same), so it is skipped there too.
-    cfg_schedule: "constant" (``cfg_scale`` for every token) or "linear" (1 at the first token -> ``cfg_scale`` at
-        the last).
+    cfg_schedule: "constant" (``cfg_scale`` for every token), "linear" (1 at the first token -> ``cfg_scale`` at
+        the last) or "power" (RAR's ramp, exponent ``cfg_power``); a MaskGIT prior ramps over its decoding steps.
+    decode_steps, choice_temperature: a MaskGIT prior's decoding (None: the prior's own); an error for other kinds.
     generator: a ``torch.Generator`` on the prior's device, for reproducible samples.
     autocast_dtype: e.g. ``torch.bfloat16`` to run under ``torch.autocast`` (caches in that dtype).
     compile: decode with the prior's compiled step (kinds with ``compiled_decoding``; others decode eagerly): the
@@ -117,16 +124,21 @@ def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch
         ``prior.release_caches()``. The same tokens as eager decoding up to float rounding.
     options: the prior kind's own (``use_cache=False``: the AR prior's reference path, the same tokens).
     """
+    kind_options = dict(decode_steps=decode_steps, choice_temperature=choice_temperature)
+    check_kind_sampling(prior.config.prior_kind, kind_options)
+    options.update({k: v for k, v in kind_options.items() if v is not None})
     if num_samples < 1:
         raise ConfigError(f"num_samples must be >= 1, got {num_samples}")
     cfg = prior.config
     device = next(prior.parameters()).device
     labels_all = _labels_tensor(prior, labels, num_samples)
+    # no guidance where it changes nothing: an unconditional prior, or only null-class rows (cond = null)
     conditional = cfg.num_classes > 0 and bool((labels_all != cfg.null_class).any())
     stored = (prior.generation_config or {}).get("conditional" if conditional else "unconditional")
-    kw, _ = draw_settings(temperature, top_k, top_p, cfg_scale, cfg_schedule, stored, conditional)
-    temperature, top_k, top_p, cfg_scale, cfg_schedule = (kw[k] for k in ("temperature", "top_k", "top_p",
-                                                                           "cfg_scale", "cfg_schedule"))
+    kw, _ = draw_settings(temperature, top_k, top_p, cfg_scale, cfg_schedule, cfg_power, stored, conditional)
+    check_sampling_args(**kw, **kind_options)
+    temperature, top_k, top_p, cfg_scale, cfg_schedule, cfg_power = (
+        kw[k] for k in ("temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule", "cfg_power"))
     use_cfg = cfg_scale != 1.0 and conditional
     bs = min(batch_size or num_samples, num_samples)
     sample_kw = dict(temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1.0 else None,
@@ -146,7 +158,8 @@ def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch
                 lab = labels_all[s: s + bs].to(device)
                 if use_cfg:
                     lab = torch.cat([lab, torch.full_like(lab, cfg.null_class)])   # (cond ‖ null)
-                toks = prior.sample_tokens(lab, use_cfg, cfg_scale, cfg_schedule, sample_kw, **options)
+                toks = prior.sample_tokens(lab, use_cfg, cfg_scale, cfg_schedule, sample_kw, cfg_power=cfg_power,
+                                           **options)
                 chunks.append(toks.cpu())
     finally:
         if not compile:
@@ -167,11 +180,24 @@ def decode_to_images(tokenizer, tokens: torch.Tensor, batch_size: int = 64) -> t
     return torch.cat(out)
 
 
-def class_labels(prior: Prior, n: int, class_label: int | None, unconditional: bool = False) -> torch.Tensor | None:
-    """``(n,)`` labels: ``class_label`` for all, else every class in turn; None (the null class) for an
-    unconditional prior or with ``unconditional``."""
+def class_labels(prior: Prior, n: int, class_label: int | None, mode: str = "cycle", seed: int = 0,
+                 class_counts: Sequence[int] | None = None, unconditional: bool = False) -> torch.Tensor | None:
+    """The ``(n,)`` labels to sample; None (the null class) for an unconditional prior or with ``unconditional``:
+    ``class_label`` for all, else as ``mode`` says (:data:`vqgen.config.LABEL_MODES`): cycle through the classes, or
+    draws from the training split's class frequencies (``class_counts``, default: recorded in the prior's export)
+    seeded by ``seed``."""
     k = prior.config.num_classes
     check_class_label(SamplingConfig(class_label=class_label, unconditional=unconditional), k)
     if class_label is not None:
         return torch.full((n,), class_label, dtype=torch.long)
-    return torch.arange(n) % k if k and not unconditional else None
+    if not k or unconditional:
+        return None
+    if mode == "frequencies":
+        counts = class_counts if class_counts is not None else (prior.export_meta.shards or {}).get("class_counts")
+        if not counts or len(counts) != k or sum(counts) <= 0:
+            raise ConfigError("--label_mode frequencies: this prior records no class frequencies of its training "
+                              "split (shards extracted before vqgen counted them: re-extract them, or use --label_mode "
+                              "cycle / --unconditional)")
+        g = torch.Generator().manual_seed(seed)
+        return torch.multinomial(torch.tensor(counts, dtype=torch.float64), n, replacement=True, generator=g)
+    return torch.arange(n) % k

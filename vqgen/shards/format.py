@@ -137,7 +137,8 @@ class SplitInfo:
     ``order_seed``: a map-style source was encoded in the permutation of its indices seeded by this (None: in
     source order, as streams are). ``skipped_unreadable``: keys of source images that could not be decoded.
     ``views``: token maps per sample (one per augmented view of the image; how they were made is in
-    ``transforms["views"]``); 1 = the plain layout."""
+    ``transforms["views"]``); 1 = the plain layout. ``class_counts``: samples per class (labelled datasets; None in
+    manifests written before vqgen counted them)."""
 
     total: int
     shards: list[ShardInfo]
@@ -146,6 +147,7 @@ class SplitInfo:
     order_seed: int | None = None
     skipped_unreadable: list[int] = field(default_factory=list)
     views: int = 1
+    class_counts: list[int] | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -163,6 +165,8 @@ class SplitInfo:
             out["skipped_unreadable"] = self.skipped_unreadable
         if self.views != 1:
             out["views"] = self.views
+        if self.class_counts is not None:
+            out["class_counts"] = self.class_counts
         return out
 
 

@@ -101,6 +101,7 @@ class RankShardWriter:
         # [key, shard number open when it was skipped]: unreadable source images, recorded instead of written; an
         # entry is valid once that shard is committed (or the rank completes)
         self.skipped: list[list[int]] = []
+        self.class_counts: dict[int, int] = {}  # label -> samples written (labels >= 0); recorded when complete
 
     # -- resume
     def resume(self) -> int:
@@ -132,7 +133,15 @@ class RankShardWriter:
         self.shards = kept
         if rec is not None and len(kept) != len(rec.get("shards", [])):
             self._save_part()
+        self.class_counts = {}
+        for s in kept:   # the labels of the samples kept (only a resumed rank reads them: its own shards)
+            for label in _shard_labels(self.out / s["name"]):
+                self._count(label)
         return sum(s["count"] for s in kept)
+
+    def _count(self, label: int) -> None:
+        if label >= 0:
+            self.class_counts[label] = self.class_counts.get(label, 0) + 1
 
     def done_keys(self) -> list[int]:
         """Keys of the samples already stored or recorded as skipped (after :meth:`resume`; tar headers only)."""
@@ -157,6 +166,7 @@ class RankShardWriter:
             sample["tokens_flip.npy"] = self._npy(tokens_flip)
         self._writer.write(sample)
         self._written += 1
+        self._count(int(label))
 
     def _npy(self, a: np.ndarray) -> bytes:
         # Same bytes as np.save, without its per-call header formatting (much cheaper for small arrays).
@@ -186,6 +196,8 @@ class RankShardWriter:
         rec = {"settings": self.settings, "complete": self.complete, "shards": self.shards}
         if self.skipped:
             rec["skipped"] = self.skipped
+        if self.complete:   # the samples' labels, for the split's class frequencies (manifest: class_counts)
+            rec["class_counts"] = {str(k): v for k, v in sorted(self.class_counts.items())}
         return rec
 
     def close(self) -> dict:
@@ -223,6 +235,7 @@ def merge_manifest(out_dir: str | os.PathLike, split: str, world_size: int, head
     out = Path(out_dir)
     shards: list[ShardInfo] = []
     skipped: list[int] = []
+    counts: list[int] | None = [0] * header.num_classes if header.num_classes > 0 else None
     for r in range(world_size):
         rec = read_json(part_path(out, split, r))
         if rec is None or not rec.get("complete"):
@@ -230,6 +243,13 @@ def merge_manifest(out_dir: str | os.PathLike, split: str, world_size: int, head
                              f"{part_path(out, split, r).name}); rerun the same command to resume")
         shards.extend(ShardInfo(**s) for s in rec["shards"])
         skipped += [e[0] for e in rec.get("skipped", [])]
+        rank_counts = rec.get("class_counts")   # absent: a part written before vqgen counted classes
+        if counts is not None and rank_counts is not None:
+            for label, c in rank_counts.items():
+                if int(label) < len(counts):
+                    counts[int(label)] += int(c)
+        elif rank_counts is None:
+            counts = None
     stale = [p.name for p in (out / PARTS_DIR).glob(f"{split}-r*.json") if int(p.stem.rsplit("-r", 1)[1]) >= world_size]
     if stale:
         raise ShardError(f"{out} holds parts of an extraction with more ranks ({', '.join(sorted(stale))}); "
@@ -244,7 +264,14 @@ def merge_manifest(out_dir: str | os.PathLike, split: str, world_size: int, head
         raise ShardError(f"{out / MANIFEST_NAME} names another tokenizer; pass --overwrite to replace it")
     splits = {**(old.splits if old is not None else {}),
               split: SplitInfo(total=total, shards=shards, transforms=transforms, hflip=bool(hflip),
-                               order_seed=order_seed, skipped_unreadable=sorted(skipped), views=int(views))}
+                               order_seed=order_seed, skipped_unreadable=sorted(skipped), views=int(views),
+                               class_counts=counts)}
     manifest = dataclasses.replace(header, splits=splits, path=out)
     manifest.write(out)
     return manifest
+
+
+def _shard_labels(path: Path) -> list[int]:
+    """The ``cls`` labels of one shard's samples, in order."""
+    with tarfile.open(path, mode="r:") as tf:
+        return [int(tf.extractfile(m).read()) for m in tf if m.isreg() and m.name.endswith(".cls")]

@@ -1,4 +1,4 @@
-"""Stage 3: train the autoregressive Transformer prior on token shards (``accelerate launch train_prior.py``).
+"""Stage 3: train the Transformer prior (any ``--prior_kind``) on token shards (``accelerate launch train_prior.py``).
 
 Reads only the shards written by stage 2 (never images, never the encoder): vocabulary, sequence length and
 class count come from the shard manifest. The tokenizer export is loaded on the main process only to decode
@@ -62,11 +62,13 @@ class PriorTask(StageTask):
         self._history: list[ResumePoint] = []  # interrupted runs of epoch self._history_epoch under other specs
         self._history_epoch: int | None = None
         self.ema = None  # --prior_ema_decay: an AveragedModel of the weights (bind), in every checkpoint
+        self._loop: TrainLoop | None = None
 
     def work(self) -> Work:
         return Work("tokens", self.model.config.seq_len, self.model.flops_per_token())
 
     def bind(self, loop: TrainLoop, prepared: list) -> None:
+        self._loop = loop  # its step count drives schedules over the run (--order random's annealing)
         if self.cfg.prior_ema_decay > 0:
             self.ema = WeightsEMA(loop, self.cfg.prior_ema_decay)
 
@@ -134,11 +136,17 @@ class PriorTask(StageTask):
     def _labels(self, labels: torch.Tensor):
         return labels if self.conditional else None
 
+    def progress(self) -> float:
+        """Optimizer steps done / the run's steps: a function of the step, so a resumed run sees the same values."""
+        loop = self._loop
+        return loop.state.global_step / max(1, loop.total_steps) if loop is not None else 0.0
+
     def compute_loss(self, model, batch):
         tokens, labels = batch
-        out = model(tokens, self._labels(labels))  # call forward: DDP syncs gradients through it
+        out = model(tokens, self._labels(labels), progress=self.progress())  # forward: DDP syncs gradients through it
         loss = token_cross_entropy(out.logits, out.targets)
-        return loss, {"bpt": loss.detach() / math.log(2)}  # bits/token; a tensor until the loop logs it
+        # bits per scored token; a tensor until the loop logs it (MaskGIT scores the masked tokens only)
+        return loss, {"bpt" if self.model.exact_likelihood else "masked_bpt": loss.detach() / math.log(2)}
 
     @torch.no_grad()
     def validation_bits(self, loop: TrainLoop) -> float | None:
@@ -164,12 +172,14 @@ class PriorTask(StageTask):
         metrics = {}
         bpt = self.validation_bits(loop)
         if bpt is not None:
-            metrics["val/bits_per_token"] = bpt
+            metrics[f"val/{self.model.nll_name}"] = bpt   # MaskGIT: masked-token bits, not bits/token
         tok = self.tokenizer(loop.accelerator.device)
         if tok is not None:
             model = self.sampling_model(loop)
             n = self.cfg.sampling.num_samples
-            labels = class_labels(model, n, None)  # balanced over the classes; None when unconditional
+            sc = self.cfg.sampling
+            # default: balanced over the classes; None when unconditional
+            labels = class_labels(model, n, None, sc.label_mode, self.cfg.train.seed, self.class_counts())
             labels = labels.to(loop.accelerator.device) if labels is not None else None
             self.sample_grid(loop, model, tok, self.cfg.sampling.draw_kwargs(), labels,
                              loop.run.samples / f"samples_epoch{epoch + 1:04d}.png")
@@ -182,9 +192,14 @@ class PriorTask(StageTask):
         tokens = generate(model, n, labels=labels, **draw, generator=g)
         save_image_grid(decode_to_images(tok, tokens, n), path, nrow=int(math.ceil(math.sqrt(n))), min_cell=48)
 
+    def class_counts(self) -> list[int] | None:
+        """Samples per class of the training split (the manifest's; None: unlabelled, or not counted)."""
+        return self.manifest.split(self.cfg.split).class_counts if self.conditional else None
+
     def export(self, loop: TrainLoop) -> None:
         shards_used = {k: getattr(self.manifest, k) for k in ("dataset", "codebook_size", "latent_h", "latent_w",
                                                               "num_classes")}
+        shards_used["class_counts"] = self.class_counts()   # sample.py --label_mode frequencies draws from these
         meta = ExportMeta(stage="prior", step=loop.state.global_step, metrics=self.last_metrics,
                           tokenizer_sha256=self.tokenizer_sha, tokenizer_path=self.tokenizer_path, shards=shards_used)
         sha = self.sampling_model(loop).export_to(loop.run.export, meta=meta)
@@ -248,8 +263,8 @@ def run(cfg: PriorStageConfig) -> TrainLoop:
         print(f"note: the tokenizer recorded in the manifest ({tok_path}) is not on disk and --checkpoint is not "
               f"given: training runs, but no sample grids are written", flush=True)
         tok_path = None
-    config = cfg.model.build(vocab_size=manifest.codebook_size, latent_h=manifest.latent_h,
-                             latent_w=manifest.latent_w, num_classes=max(0, manifest.num_classes))
+    config = cfg.model.build(vocab_size=manifest.codebook_size, latent_h=manifest.latent_h, latent_w=manifest.latent_w,
+                             num_classes=0 if cfg.ignore_labels else max(0, manifest.num_classes))
     set_seed(cfg.train.seed)
     model = build_prior(config)
     record = {"stage": "prior", "model": config.to_dict(), "tokenizer_sha256": tokenizer_sha}
