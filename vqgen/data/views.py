@@ -14,15 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config.parts import TENCROP_VIEWS, VIEW_MODES
+from ..hashing import mix64
 from .augment import CROP_SCALE
-
-
-def _splitmix(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser (Steele, Lea, Flood 2014) on uint64."""
-    with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
 
 
 class MultiView:
@@ -54,8 +47,8 @@ class MultiView:
             return np.tile(top, (B, 1)), np.tile(left, (B, 1)), np.tile(flip, (B, 1))
         k = np.asarray(keys, dtype=np.uint64)[:, None] * np.uint64(N) + np.arange(N, dtype=np.uint64)   # (B, N)
         with np.errstate(over="ignore"):
-            base = _splitmix(k + np.uint64(self.seed + 1) * np.uint64(0x9E3779B97F4A7C15))
-            draws = [_splitmix(base + np.uint64(i)) for i in range(3)]
+            base = mix64(k + np.uint64(self.seed + 1) * np.uint64(0x9E3779B97F4A7C15))
+            draws = [mix64(base + np.uint64(i)) for i in range(3)]
         top, left = ((d >> np.uint64(11)) % np.uint64(room + 1) for d in draws[:2])
         return top.astype(np.int64), left.astype(np.int64), (draws[2] >> np.uint64(63)).astype(bool)
 

@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..hashing import mix64
+
 _ORDER, _DRAW, _JITTER, _FLIP, _VIEW = 1, 2, 3, 4, 5  # purposes of the seeded generators
 
 
@@ -74,14 +76,6 @@ class ResumePoint:
 
 def _rng(*parts: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]))
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: a well-mixed 64-bit hash of each uint64 (a per-position coin without an O(N) draw)."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
 
 
 class RankPlan:
@@ -152,7 +146,7 @@ class RankPlan:
             rng = _rng(self.spec.seed, self.epoch, self._flip_salt, purpose)
             self._keys[purpose] = np.uint64(int(rng.integers(1 << 63)))
         with np.errstate(over="ignore"):
-            return _mix64(positions.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + self._keys[purpose])
+            return mix64(positions.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + self._keys[purpose])
 
     def flips(self, positions: np.ndarray) -> np.ndarray:
         """Mirror coin per sample (see :meth:`_hash`)."""
