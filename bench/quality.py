@@ -118,6 +118,9 @@ def parse_args(argv=None):
     a("--row_name", default="", help="name of the vqgen row in the tables (bench/ablation_table.py; default: the "
                                      "--out folder's name); --resample keeps the trained row's")
     a("--seed", type=int, default=0, help="seed of every row")
+    a("--tokenizer_only", action="store_true", help="train stage 1 and the shards of one vqgen row within its share "
+      "of the budget and score the tokenizer only (a quantizer ablation's first pass; its folder then serves "
+      "--reuse_tokenizer of full rows)")
     a("--redo", action="store_true", help="recompute rows that already have results")
     a("--resample", action="store_true", help="keep the vqgen rows' trained models in --out and redo only their "
                                              "choice of sampling settings and their sample scores (sampling levers)")
@@ -336,6 +339,17 @@ def score_vqgen_row(ev: Evaluator, args, out: Path, row: str, timings: dict) -> 
     return res
 
 
+def score_tokenizer_row(ev: Evaluator, args, out: Path) -> dict:
+    """``--tokenizer_only``: stage 1 and the shards in ``out/vqgen`` (kept for ``--reuse_tokenizer``), scored."""
+    from vqgen.models.vqvae import VQVAE
+
+    run = out / "vqgen"
+    run.mkdir(parents=True, exist_ok=True)
+    s12 = json.loads((run / STAGE12_FILE).read_text()) if (run / STAGE12_FILE).exists() else \
+        train_stages12(args, run, run / "stages.log")
+    return {"timings": s12, "tokenizer": ev.tokenizer(VQVAE.from_export(s12["tokenizer"]).eval())}
+
+
 def run_vqgen_rows(ev: Evaluator, args, out: Path, results: dict) -> None:
     """Train (unless ``--resample``) and score the vqgen rows of ``--rows``; results are written after each."""
     from vqgen.fsutil import atomic_write_json
@@ -489,7 +503,10 @@ def main(argv=None) -> dict:
     peers = [r for r in args.rows if r.startswith("peer") and (args.redo or r not in results)]
     if peers and not args.resample:
         run_peer_rows(peers, ev, args, out, results)
-    run_vqgen_rows(ev, args, out, results)
+    if args.tokenizer_only:
+        results["tokenizer_only"] = score_tokenizer_row(ev, args, out)
+    else:
+        run_vqgen_rows(ev, args, out, results)
     results["bench_seconds"] = time.perf_counter() - t0
     write_outputs(results, out, args)
     print(table(results), flush=True)

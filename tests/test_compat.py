@@ -36,7 +36,7 @@ def test_old_exports_load_under_the_new_names():
     assert tok.decode_indices(tokens).shape == (3, 1, 16, 16)
 
 
-def test_old_run_folder_resumes_exactly(tmp_path):
+def test_old_run_folder_resumes_where_it_stopped(tmp_path):
     run = tmp_path / "vqvae"
     shutil.copytree(OLD / "vqvae_run", run)
     argv = ["--output_dir", str(run), "--data_dir", str(tmp_path / "data"), "--resume", "latest", "--max_steps", "5"]
@@ -46,8 +46,10 @@ def test_old_run_folder_resumes_exactly(tmp_path):
     got = load_file(str(run / "export" / "model.safetensors"))
     want = load_file(str(OLD / "vqvae_after_5_steps" / "model.safetensors"))   # the old code, uninterrupted
     assert got.keys() == want.keys()
+    # the old code ran on another CPU: its kernels may round differently (AVX-512 / AMX), so equal to float rounding;
+    # a resume that lost the optimizer, RNG or data position differs by a learning-rate-sized step (~1e-3)
     for k in want:
-        assert torch.equal(got[k], want[k]), k
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_old_prior_record_counts_as_the_same_model(tmp_path):

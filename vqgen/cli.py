@@ -7,6 +7,7 @@ and :func:`vqgen.preflight.check` passed, so ``--help`` and a wrong input answer
 from __future__ import annotations
 
 import importlib
+import os
 import re
 import sys
 from typing import Any, Callable, Sequence
@@ -28,12 +29,16 @@ def _strip_worker_traceback(msg: str) -> str:
     return msg
 
 
-def _leave_process_group() -> None:
-    """After a user error raised on every rank: leave the process group, so each rank exits with status 2 (a rank
-    that exits inside it is aborted by gloo's threads and the launcher reports a crash)."""
+def _exit_if_distributed(status: int) -> None:
+    """After a user error raised on every rank of a multi-process job: end this rank now with ``status``. A normal
+    interpreter exit runs gloo's/NCCL's C++ destructors, which may abort ("terminate called without an active
+    exception", SIGABRT) and the launcher reports a crash instead of the user error."""
     dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        release_all()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def run_cli(run: Callable[[Any], object] | str, config_cls: type, argv: Sequence[str] | None = None) -> int:
@@ -46,9 +51,9 @@ def run_cli(run: Callable[[Any], object] | str, config_cls: type, argv: Sequence
     """
     prog = getattr(config_cls, "PROG", None) or "vqgen"
     try:
+        cfg = load_config(config_cls, argv)  # --help and flag errors end here, before any heavy import
         from . import preflight
 
-        cfg = load_config(config_cls, argv)
         preflight.check(cfg)
         if isinstance(run, str):
             module, _, name = run.partition(":")
@@ -56,7 +61,7 @@ def run_cli(run: Callable[[Any], object] | str, config_cls: type, argv: Sequence
         run(cfg)
     except VQGenError as e:
         print(f"{prog}: error: {_strip_worker_traceback(str(e))}", file=sys.stderr, flush=True)
-        _leave_process_group()
+        _exit_if_distributed(2)
         return 2
     except Exception as e:  # noqa: BLE001 - only a full disk is handled here; anything else keeps its traceback
         if not is_disk_full(e):
@@ -66,6 +71,7 @@ def run_cli(run: Callable[[Any], object] | str, config_cls: type, argv: Sequence
               f"{str(e).splitlines()[0] if str(e) else 'no space left'}); vqgen replaces files atomically, so the "
               f"previous checkpoints, exports and shards are intact. Free some space and rerun (training: "
               f"--resume latest)", file=sys.stderr, flush=True)
+        _exit_if_distributed(2)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr, flush=True)

@@ -292,6 +292,20 @@ def open_input(cfg: ExtractConfig, split: str, tok, state):
     return dataset, info
 
 
+def _claim_output(cfg: ExtractConfig, dataset: str, tokenizer_sha256: str, state):
+    """(the shard folder, its lock): one writer per shard folder until the manifest is written; ``--overwrite``
+    clears it, otherwise what it holds must come from this tokenizer and dataset (checked on every rank)."""
+    out = Path(cfg.output_dir or Path("shards") / re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset).strip("._"))
+    folder_lock = hold_folder(out)
+    if cfg.overwrite:
+        if state.is_main_process:
+            shards.clear_output(out)
+    else:
+        shards.check_output(out, tokenizer_sha256, dataset)  # every rank: a failure must not leave others waiting
+    state.wait_for_everyone()
+    return out, folder_lock
+
+
 def run(cfg: ExtractConfig) -> shards.Manifest | None:
     """Extract every split of ``cfg.split``; returns the manifest on the main process (None elsewhere)."""
     from .data.streaming import StreamedImages
@@ -314,14 +328,7 @@ def run(cfg: ExtractConfig) -> shards.Manifest | None:
     if data.image_size not in (None, tok.image_size):
         raise ConfigError(f"--image_size {data.image_size} differs from the tokenizer's image size {tok.image_size}; "
                           f"leave it out to use the tokenizer's")
-    out = Path(cfg.output_dir or Path("shards") / re.sub(r"[^A-Za-z0-9_.-]+", "_", data.dataset).strip("._"))
-    folder_lock = hold_folder(out)  # one writer per shard folder, until the manifest is written
-    if cfg.overwrite:
-        if state.is_main_process:
-            shards.clear_output(out)
-    else:
-        shards.check_output(out, export.sha256, data.dataset)  # every rank: a failure must not leave others waiting
-    state.wait_for_everyone()
+    out, folder_lock = _claim_output(cfg, data.dataset, export.sha256, state)
 
     manifest = None
     views = MultiView(sharding.views, sharding.view_mode, tok.image_size, sharding.order_seed) \

@@ -100,6 +100,14 @@ def _labels_tensor(prior: Prior, labels, num_samples: int) -> torch.Tensor:
     return prior.resolve_labels(lab, num_samples, torch.device("cpu"))
 
 
+def _settings(prior: Prior, conditional: bool, given: dict, kind_options: dict) -> dict:
+    """The draw settings of one ``generate`` call: given > the prior's stored setting for this mode > built-in."""
+    stored = (prior.generation_config or {}).get("conditional" if conditional else "unconditional")
+    kw, _ = draw_settings(**given, stored=stored, conditional=conditional)
+    check_sampling_args(**kw, **kind_options)
+    return kw
+
+
 def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch.Tensor | None = None,
              temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
              cfg_scale: float | None = None, generator: torch.Generator | None = None,
@@ -109,19 +117,13 @@ def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch
     """Sample ``num_samples`` token grids -> LongTensor ``(N, latent_h, latent_w)`` on the CPU.
 
     labels: None (unconditional / null class), one class id for all, or N ids (-1 = null class).
-    temperature, top_k, top_p, cfg_scale, cfg_schedule: None takes the prior's stored setting for this mode
-        (``prior.generation_config``, loaded with its export), else the built-in default
-        (:func:`vqgen.config.draw_settings`; ``top_k=0`` / ``top_p=1``: no filter).
-    cfg_scale: classifier-free guidance; 1 = plain conditional sampling (the null half is skipped). It has no
-        effect without class labels (cond and null rows are the same), so it is skipped there too.
-    cfg_schedule: "constant" (``cfg_scale`` for every token), "linear" (1 at the first token -> ``cfg_scale`` at
-        the last) or "power" (RAR's ramp, exponent ``cfg_power``); a MaskGIT prior ramps over its decoding steps.
+    temperature, top_k, top_p, cfg_scale, cfg_schedule, cfg_power: None takes the prior's stored setting for this
+        mode (``prior.generation_config``), else the built-in default (:func:`vqgen.config.draw_settings`;
+        ``top_k=0`` / ``top_p=1``: no filter). Guidance (cond ‖ null rows) is skipped at scale 1 and without labels.
     decode_steps, choice_temperature: a MaskGIT prior's decoding (None: the prior's own); an error for other kinds.
-    generator: a ``torch.Generator`` on the prior's device, for reproducible samples.
-    autocast_dtype: e.g. ``torch.bfloat16`` to run under ``torch.autocast`` (caches in that dtype).
-    compile: decode with the prior's compiled step (kinds with ``compiled_decoding``; others decode eagerly): the
-        first call per (batch, dtype) compiles; the caches and graphs stay for the next call until
-        ``prior.release_caches()``. The same tokens as eager decoding up to float rounding.
+    generator: a ``torch.Generator`` on the prior's device; autocast_dtype: e.g. ``torch.bfloat16`` (caches too).
+    compile: the prior's compiled decode step (kinds with ``compiled_decoding``; others decode eagerly), compiled
+        once per (batch, dtype); caches and graphs stay until ``prior.release_caches()``. The same tokens as eager.
     options: the prior kind's own (``use_cache=False``: the AR prior's reference path, the same tokens).
     """
     kind_options = dict(decode_steps=decode_steps, choice_temperature=choice_temperature)
@@ -134,15 +136,13 @@ def generate(prior: Prior, num_samples: int, labels: int | Sequence[int] | torch
     labels_all = _labels_tensor(prior, labels, num_samples)
     # no guidance where it changes nothing: an unconditional prior, or only null-class rows (cond = null)
     conditional = cfg.num_classes > 0 and bool((labels_all != cfg.null_class).any())
-    stored = (prior.generation_config or {}).get("conditional" if conditional else "unconditional")
-    kw, _ = draw_settings(temperature, top_k, top_p, cfg_scale, cfg_schedule, cfg_power, stored, conditional)
-    check_sampling_args(**kw, **kind_options)
-    temperature, top_k, top_p, cfg_scale, cfg_schedule, cfg_power = (
-        kw[k] for k in ("temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule", "cfg_power"))
+    kw = _settings(prior, conditional, dict(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
+                                            cfg_schedule=cfg_schedule, cfg_power=cfg_power), kind_options)
+    cfg_scale, cfg_schedule, cfg_power = kw["cfg_scale"], kw["cfg_schedule"], kw["cfg_power"]
     use_cfg = cfg_scale != 1.0 and conditional
     bs = min(batch_size or num_samples, num_samples)
-    sample_kw = dict(temperature=temperature, top_k=top_k or None, top_p=top_p if top_p < 1.0 else None,
-                     generator=generator)  # the filters' "off" is None
+    sample_kw = dict(temperature=kw["temperature"], top_k=kw["top_k"] or None,
+                     top_p=kw["top_p"] if kw["top_p"] < 1.0 else None, generator=generator)  # the filters' "off": None
     if autocast_dtype is not None:
         options.setdefault("cache_dtype", autocast_dtype)
     compile = compile and prior.compiled_decoding

@@ -13,6 +13,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ...config import CFG_POWER, PriorConfig
 from ...errors import ConfigError
@@ -70,7 +71,8 @@ class ARPrior(Prior):
             pos = self._raster_pos(slice(0, t))
         else:                                                       # input i holds token orders[i-1], predicts orders[i]
             src = torch.cat([torch.zeros_like(orders[:, :1]), orders[:, : t - 1] + 1], dim=1)   # (B, t)
-            pos = self.pos_emb[0][src] + self.target_pos_emb[0][orders[:, :t]]                 # (B, t, dim)
+            # F.embedding, not pos_emb[0][src]: indexing's backward sums repeated rows in a varying order on CPU
+            pos = F.embedding(src, self.pos_emb[0]) + F.embedding(orders[:, :t], self.target_pos_emb[0])  # (B, t, dim)
         return self.drop(x + pos)
 
     def _raster_pos(self, index: slice | torch.Tensor) -> torch.Tensor:
