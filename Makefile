@@ -23,8 +23,8 @@ $(STAMP): pyproject.toml
 
 # The demo: the whole pipeline on the offline digits dataset (sklearn's 1797 real handwritten digits, 16x16),
 # through the one-command front end, then the evaluation (offline classifier features). Small model sizes so that
-# it finishes in at most 5 minutes on 2 CPU cores; rerunning skips finished stages. Values: configs/digits_demo.yaml
-# (no sampling flags: the prior's training stores the settings it chose, which the sampling and evaluate.py use).
+# it finishes in about 5 minutes on 2 CPU cores (292 s without AMX); rerunning skips finished stages. Values:
+# configs/digits_demo.yaml (bench/demo_time.py compares it with faster candidates: docs/RESULTS.md section 6).
 DEMO_CONFIG := configs/digits_demo.yaml
 
 demo: $(STAMP)
@@ -69,7 +69,7 @@ bench-gpu: $(STAMP)
 	$(PY) bench/gpu.py --json gpu_bench.json
 
 # `make demo` candidates side by side (seconds per stage + the demo's metrics) and the start-up times.
-BENCH_DEMO_FLAGS ?= --candidates shipped before
+BENCH_DEMO_FLAGS ?= --candidates shipped no_dropout batch128_20ep
 bench-demo: $(STAMP)
 	$(PY) bench/demo_time.py $(BENCH_DEMO_FLAGS)
 	$(PY) bench/first_step.py
