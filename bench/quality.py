@@ -501,7 +501,7 @@ def main(argv=None) -> dict:
     results["real"] = ev.real_floor()
     results["config"] = vars(args)
     peers = [r for r in args.rows if r.startswith("peer") and (args.redo or r not in results)]
-    if peers and not args.resample:
+    if peers and not args.resample and not args.tokenizer_only:   # a quantizer row scores vqgen's tokenizer only
         run_peer_rows(peers, ev, args, out, results)
     if args.tokenizer_only:
         results["tokenizer_only"] = score_tokenizer_row(ev, args, out)
