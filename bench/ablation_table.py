@@ -5,7 +5,8 @@
 Each folder's results.json holds a vqgen row run with its own ``--vqvae_flags`` / ``--prior_flags`` (recorded in
 its config) and named by its ``--row_name`` (else the folder's name); the table shows those flags, the steps each
 stage got in the budget, the tokenizer metrics (codebook size, usage and perplexity on the test split) and the
-unconditional / class-conditional sample metrics, so levers compare at equal wall-clock time.
+unconditional / class-conditional sample metrics, so levers compare at equal wall-clock time. A ``--tokenizer_only``
+run (a quantizer ablation's first pass) fills the tokenizer columns and leaves the prior's blank.
 """
 
 from __future__ import annotations
@@ -18,21 +19,29 @@ from pathlib import Path
 
 def row(folder: Path) -> str:
     res = json.loads((folder / "results.json").read_text())
-    if "vqgen" not in res:
+    r = res.get("vqgen") or res.get("tokenizer_only")
+    if r is None:
         sys.exit(f"error: {folder}/results.json holds no vqgen row")
-    cfg, r = res["config"], res["vqgen"]
-    tk, tm, s = r["tokenizer"], r["timings"], r["samples"]
+    cfg, tk, tm = res["config"], r["tokenizer"], r["timings"]
     flags = cfg.get("vqvae_flags") or "(defaults)"
     if cfg.get("prior_flags"):
         flags += f" / prior: {cfg['prior_flags']}"
-    u, c = s["null"], s["cond"]
     name = cfg.get("row_name") or folder.name
     codes = tk.get("codebook_size", "")                     # results of earlier runs: no size, no perplexity
     ppl = f"{tk['perplexity']:.0f}" if "perplexity" in tk else ""
-    return (f"| {name} | `{flags}` | {tm['stage1']['steps']} / {tm['stage3']['steps']} | {tk['psnr']:.2f} | "
+    prior_steps = tm["stage3"]["steps"] if "stage3" in tm else "-"
+    return (f"| {name} | `{flags}` | {tm['stage1']['steps']} / {prior_steps} | {tk['psnr']:.2f} | "
             f"{tk['ssim']:.3f} | {codes} | {100 * tk['codebook_usage']:.1f}% | {ppl} | {tk['floor_fid']:.2f} | "
-            f"{u['fid']:.2f} | {u['precision']:.2f} / {u['recall']:.2f} | {c['fid']:.2f} | "
-            f"{c['precision']:.2f} / {c['recall']:.2f} | {100 * c['confident']:.0f}% |")
+            f"{samples_cells(r.get('samples', {}))} |")
+
+
+def samples_cells(s: dict) -> str:
+    """The five sample columns; blank for a mode the run did not score (a tokenizer-only run: all five)."""
+    u, c = s.get("null"), s.get("cond")
+    cells = [f"{u['fid']:.2f}", f"{u['precision']:.2f} / {u['recall']:.2f}"] if u else ["", ""]
+    cells += [f"{c['fid']:.2f}", f"{c['precision']:.2f} / {c['recall']:.2f}", f"{100 * c['confident']:.0f}%"] \
+        if c else ["", "", ""]
+    return " | ".join(cells)
 
 
 def main(argv=None) -> str:

@@ -70,6 +70,21 @@ def test_quantizer_rows_are_named_and_show_codes_usage_perplexity(tmp_path):
     assert "| 0.800 | 4096 | 99.5% | 3803 | 5.00 |" in lines[3]
 
 
+def test_tokenizer_only_rows_leave_the_prior_columns_blank(tmp_path):
+    """A quantizer ablation's first pass (``--tokenizer_only``) has a tokenizer and no prior: same columns, blank."""
+    full = _results(tmp_path / "vq", "", "", 27.0)
+    tok = {"psnr": 27.6, "ssim": 0.94, "codebook_usage": 1.0, "floor_fid": 0.8, "codebook_size": 1000,
+           "perplexity": 812.4}
+    res = {"config": {"vqvae_flags": "--quantizer fsq --fsq_levels 8 5 5 5", "prior_flags": "", "row_name": "fsq1000"},
+           "tokenizer_only": {"tokenizer": tok, "timings": {"stage1": {"steps": 8493}, "stage1_s": 600.0}}}
+    (tmp_path / "fsq").mkdir()
+    (tmp_path / "fsq" / "results.json").write_text(json.dumps(res))
+    lines = ablation_table.main([str(full), str(tmp_path / "fsq")]).splitlines()
+    assert len({line.count("|") for line in lines}) == 1
+    assert lines[3] == ("| fsq1000 | `--quantizer fsq --fsq_levels 8 5 5 5` | 8493 / - | 27.60 | 0.940 | 1000 | "
+                        "100.0% | 812 | 0.80 |  |  |  |  |  |")
+
+
 def test_ablation_table_refuses_a_folder_without_results(tmp_path):
     a = _results(tmp_path / "base", "", "", 21.5)
     r = subprocess.run([sys.executable, str(ROOT / "bench/ablation_table.py"), str(a), str(tmp_path / "nope")],
