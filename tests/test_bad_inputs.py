@@ -267,3 +267,27 @@ def test_scripts_help_runs():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(proc.stdout.splitlines()) == len(SCRIPTS)
+
+
+def test_error_line_is_one_write(monkeypatch):
+    """Ranks of a job share an unbuffered stderr: the error line and its newline go out in one write, so two ranks'
+    lines cannot interleave into one (print() writes them separately)."""
+    from vqgen.errors import VQGenError
+
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+
+        def flush(self):
+            pass
+
+    def fail(cfg):
+        raise VQGenError("no shards there")
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    assert run_cli(fail, SampleConfig, ["--checkpoint", "nowhere"]) == 2   # the preflight's error or fail()'s
+    assert len(writes) == 1 and writes[0].startswith("sample.py: error: ") and writes[0].count("\n") == 1
+    assert writes[0].endswith("\n")

@@ -29,6 +29,13 @@ def _strip_worker_traceback(msg: str) -> str:
     return msg
 
 
+def _error_line(text: str) -> None:
+    """One write of the line and its newline: ranks of a job share stderr unbuffered, and print() writes the text
+    and the newline separately, so two ranks' lines could interleave into one."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def _exit_if_distributed(status: int) -> None:
     """After a user error raised on every rank of a multi-process job: end this rank now with ``status``. A normal
     interpreter exit runs gloo's/NCCL's C++ destructors, which may abort ("terminate called without an active
@@ -60,17 +67,17 @@ def run_cli(run: Callable[[Any], object] | str, config_cls: type, argv: Sequence
             run = getattr(importlib.import_module(module), name)
         run(cfg)
     except VQGenError as e:
-        print(f"{prog}: error: {_strip_worker_traceback(str(e))}", file=sys.stderr, flush=True)
+        _error_line(f"{prog}: error: {_strip_worker_traceback(str(e))}")
         _exit_if_distributed(2)
         return 2
     except Exception as e:  # noqa: BLE001 - only a full disk is handled here; anything else keeps its traceback
         if not is_disk_full(e):
             raise
         where = getattr(e, "filename", None)
-        print(f"{prog}: error: disk full while writing{f' {where}' if where else ''} ({e.__class__.__name__}: "
-              f"{str(e).splitlines()[0] if str(e) else 'no space left'}); vqgen replaces files atomically, so the "
-              f"previous checkpoints, exports and shards are intact. Free some space and rerun (training: "
-              f"--resume latest)", file=sys.stderr, flush=True)
+        _error_line(f"{prog}: error: disk full while writing{f' {where}' if where else ''} ({e.__class__.__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else 'no space left'}); vqgen replaces files atomically, so "
+                    f"the previous checkpoints, exports and shards are intact. Free some space and rerun (training: "
+                    f"--resume latest)")
         _exit_if_distributed(2)
         return 2
     except KeyboardInterrupt:
