@@ -269,7 +269,7 @@ def test_scripts_help_runs():
     assert len(proc.stdout.splitlines()) == len(SCRIPTS)
 
 
-def test_error_line_is_one_write(monkeypatch):
+def test_error_line_is_one_write(monkeypatch, tmp_path):
     """Ranks of a job share an unbuffered stderr: the error line and its newline go out in one write, so two ranks'
     lines cannot interleave into one (print() writes them separately)."""
     from vqgen.errors import VQGenError
@@ -285,9 +285,9 @@ def test_error_line_is_one_write(monkeypatch):
             pass
 
     def fail(cfg):
-        raise VQGenError("no shards there")
+        raise VQGenError("the run's own error")
 
     monkeypatch.setattr(sys, "stderr", Recorder())
-    assert run_cli(fail, SampleConfig, ["--checkpoint", "nowhere"]) == 2   # the preflight's error or fail()'s
-    assert len(writes) == 1 and writes[0].startswith("sample.py: error: ") and writes[0].count("\n") == 1
-    assert writes[0].endswith("\n")
+    argv = ["--dataset", "digits", "--output_dir", str(tmp_path / "run")]   # passes the preflight: fail() is reached
+    assert run_cli(fail, VQVAEStageConfig, argv) == 2
+    assert writes == ["train_vqvae.py: error: the run's own error\n"]
